@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create the virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow bench demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch/torchvision first, pinned, so pip takes the builds available offline
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 -m slow -q
+
+bench: $(STAMP)
+	$(PY) experiments/benchmarks/inverse_solvers.py
+	$(PY) experiments/benchmarks/logdet_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

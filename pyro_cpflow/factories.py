@@ -1,0 +1,110 @@
+"""Factories in Pyro's style: ``cpflow(input_dim, ...)`` and friends."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pyro.distributions.conditional import ConditionalComposeTransformModule
+from pyro.distributions.torch_transform import ComposeTransformModule
+
+from .actnorm import ActNorm
+from .nn import ICNN, PICNN
+from .potential import ConvexPotential
+from .transforms import ConditionalCPFlow, CPFlow
+
+__all__ = ["conditional_cpflow", "conditional_cpflow_stack", "cpflow", "cpflow_stack"]
+
+
+def _potential_options(input_dim: int, alpha: float, quadratic_rank: int | None) -> dict:
+    rank = min(input_dim, 64) if quadratic_rank is None else quadratic_rank
+    return {"input_dim": input_dim, "alpha": alpha, "quadratic_rank": rank}
+
+
+def cpflow(
+    input_dim: int,
+    hidden_dims: Sequence[int] = (64, 64),
+    augmented: bool = True,
+    activation: str = "gaussian_softplus",
+    alpha: float = 1e-2,
+    quadratic_rank: int | None = None,
+    **options,
+) -> CPFlow:
+    """A :class:`~pyro_cpflow.transforms.CPFlow` on an (input-augmented) ICNN.
+
+    :param input_dim: event dimension ``d``.
+    :param hidden_dims: ICNN widths.
+    :param augmented: input-augmented ICNN (Huang et al. 2021, eq. 7).
+    :param activation: ``"gaussian_softplus"`` or ``"softplus"``.
+    :param alpha: strong-convexity floor of the potential.
+    :param quadratic_rank: columns of the learnable factor ``L`` (default ``min(d, 64)``).
+    :param options: :class:`~pyro_cpflow.transforms.FlowOptions` (``logdet``, tolerances...).
+
+    >>> flow = cpflow(3, hidden_dims=(8, 8), logdet="exact")
+    >>> flow.inv(flow(torch.randn(4, 3))).shape
+    torch.Size([4, 3])
+    """
+    network = ICNN(input_dim, hidden_dims, augmented=augmented, activation=activation)
+    potential = ConvexPotential(network, **_potential_options(input_dim, alpha, quadratic_rank))
+    return CPFlow(potential, **options)
+
+
+def conditional_cpflow(
+    input_dim: int,
+    context_dim: int,
+    hidden_dims: Sequence[int] = (64, 64),
+    augmented: bool = True,
+    activation: str = "gaussian_softplus",
+    alpha: float = 1e-2,
+    quadratic_rank: int | None = None,
+    **options,
+) -> ConditionalCPFlow:
+    """A :class:`~pyro_cpflow.transforms.ConditionalCPFlow` on an (input-augmented) PICNN.
+
+    Arguments as in :func:`cpflow`, plus the context dimension.
+
+    >>> flow = conditional_cpflow(3, context_dim=5, hidden_dims=(8, 8))
+    >>> flow.condition(torch.randn(5))(torch.randn(4, 3)).shape
+    torch.Size([4, 3])
+    """
+    network = PICNN(input_dim, context_dim, hidden_dims, augmented=augmented, activation=activation)
+    potential = ConvexPotential(network, **_potential_options(input_dim, alpha, quadratic_rank))
+    return ConditionalCPFlow(potential, **options)
+
+
+def cpflow_stack(input_dim: int, num_blocks: int, **kwargs) -> ComposeTransformModule:
+    """``num_blocks`` CP-Flow blocks with a data-initialised :class:`ActNorm` between them.
+
+    Keyword arguments go to :func:`cpflow`. The result is a ``ComposeTransformModule``
+    (``cache_size=1``); use ``stack.inv`` for the density direction.
+
+    >>> stack = cpflow_stack(2, num_blocks=2, hidden_dims=(8, 8))
+    >>> [type(t).__name__ for t in stack]
+    ['CPFlow', 'ActNorm', 'CPFlow']
+    """
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    parts: list = []
+    for block in range(num_blocks):
+        if block:
+            parts.append(ActNorm(input_dim))
+        parts.append(cpflow(input_dim, **kwargs))
+    return ComposeTransformModule(parts, cache_size=1)
+
+
+def conditional_cpflow_stack(
+    input_dim: int, context_dim: int, num_blocks: int, **kwargs
+) -> ConditionalComposeTransformModule:
+    """Conditional counterpart of :func:`cpflow_stack` (ActNorm is unconditional).
+
+    >>> stack = conditional_cpflow_stack(2, 3, num_blocks=2, hidden_dims=(8, 8))
+    >>> stack.condition(torch.randn(3))(torch.randn(5, 2)).shape
+    torch.Size([5, 2])
+    """
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    parts: list = []
+    for block in range(num_blocks):
+        if block:
+            parts.append(ActNorm(input_dim))
+        parts.append(conditional_cpflow(input_dim, context_dim, **kwargs))
+    return ConditionalComposeTransformModule(parts, cache_size=1)

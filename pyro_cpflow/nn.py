@@ -1,0 +1,280 @@
+r"""Input-convex neural networks.
+
+An input-convex neural network (ICNN, Amos et al. 2017) is a scalar network
+:math:`g(x)` that is convex in :math:`x` for every value of its parameters. Each
+hidden layer computes
+
+.. math::
+
+    z_{k+1} = s\bigl(P_k z_k + W_k x + b_k\bigr),
+
+where :math:`P_k` has non-negative entries and :math:`s` is convex and
+non-decreasing; a non-negative combination of convex functions, composed with a
+convex non-decreasing function, stays convex. Here :math:`P_k = \mathrm{softplus}(A_k)
+/ \mathrm{fan\_in}` (no clamping, smooth gradients) and :math:`s` is a twice
+differentiable member of the softplus family, so the Hessian of the potential
+exists everywhere.
+
+The *input-augmented* ICNN of CP-Flow (Huang et al. 2021, eq. 7) makes half of
+every hidden layer a fresh convex feature of the input, :math:`s(L_k x + c_k)`.
+
+The partially input-convex network (:class:`PICNN`) is convex in :math:`x` for every
+context :math:`c` and arbitrary in :math:`c`: the context drives gates and offsets
+of the convex path through an ordinary network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ACTIVATIONS",
+    "ICNN",
+    "PICNN",
+    "PositiveLinear",
+    "gaussian_softplus",
+    "get_activation",
+]
+
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def gaussian_softplus(x: Tensor) -> Tensor:
+    r"""Gaussian softplus :math:`s(x) = x\,\Phi(x) + \varphi(x)`.
+
+    Convex and increasing, with :math:`s' = \Phi` and :math:`s'' = \varphi > 0`, so it
+    is smooth to every order. It equals :math:`\mathbb{E}[\max(0, x + \varepsilon)]`
+    for :math:`\varepsilon \sim \mathcal{N}(0, 1)`.
+
+    >>> [round(v, 4) for v in gaussian_softplus(torch.tensor([-50.0, 0.0, 50.0])).tolist()]
+    [0.0, 0.3989, 50.0]
+    """
+    cdf = 0.5 * (1.0 + torch.erf(x * _INV_SQRT_2))
+    pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return x * cdf + pdf
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "softplus": F.softplus,
+    "gaussian_softplus": gaussian_softplus,
+}
+
+
+def get_activation(name: str) -> Callable[[Tensor], Tensor]:
+    """Look up a convex, non-decreasing, twice differentiable activation by name."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+class PositiveLinear(nn.Module):
+    r"""Linear map with non-negative weights :math:`\mathrm{softplus}(A) / \mathrm{fan\_in}`.
+
+    Dividing by the fan-in keeps activations of order one however wide the layer.
+
+    >>> layer = PositiveLinear(3, 2)
+    >>> bool((layer.weight >= 0).all())
+    True
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.raw_weight = nn.Parameter(torch.empty(out_features, in_features))
+        # softplus(raw) spread around log 2, as with a default-initialised Linear
+        nn.init.uniform_(self.raw_weight, -1.0, 1.0)
+
+    @property
+    def weight(self) -> Tensor:
+        return F.softplus(self.raw_weight) / self.in_features
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.linear(z, self.weight)
+
+
+def _check_dims(input_dim: int, hidden_dims: Sequence[int], augmented: bool) -> None:
+    if input_dim < 1:
+        raise ValueError(f"input_dim must be positive, got {input_dim}")
+    if len(hidden_dims) == 0 or any(h < 1 for h in hidden_dims):
+        raise ValueError(f"hidden_dims must be a non-empty list of positive ints, got {hidden_dims}")
+    if augmented and any(h < 2 for h in hidden_dims):
+        raise ValueError("an augmented network needs hidden widths of at least 2")
+
+
+class ICNN(nn.Module):
+    r"""Fully input-convex network :math:`g: \mathbb{R}^d \to \mathbb{R}`.
+
+    .. math::
+
+        z_1 = s(W_0 x + b_0), \quad
+        z_{k+1} = s(P_k z_k + W_k x + b_k), \quad
+        g(x) = p^\top z_K + w^\top x + b,
+
+    with non-negative :math:`P_k, p` (:class:`PositiveLinear`). With
+    ``augmented=True`` half of each hidden layer after the first is
+    :math:`s(L_k x + c_k)`, a convex feature computed directly from the input.
+
+    :param input_dim: dimension :math:`d` of :math:`x`.
+    :param hidden_dims: widths of the hidden layers.
+    :param augmented: use the input-augmented architecture.
+    :param activation: a name in :data:`ACTIVATIONS`.
+
+    >>> net = ICNN(2, [16, 16], augmented=True)
+    >>> net(torch.randn(5, 2)).shape
+    torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dims: Sequence[int] = (64, 64),
+        augmented: bool = True,
+        activation: str = "gaussian_softplus",
+    ) -> None:
+        super().__init__()
+        hidden_dims = list(hidden_dims)
+        _check_dims(input_dim, hidden_dims, augmented)
+        self.input_dim = input_dim
+        self.augmented = augmented
+        self.activation = get_activation(activation)
+        self.first = nn.Linear(input_dim, hidden_dims[0])
+        self.convex_paths = nn.ModuleList()
+        self.input_paths = nn.ModuleList()
+        self.augment_paths = nn.ModuleList()
+        for width_in, width in zip(hidden_dims[:-1], hidden_dims[1:]):
+            convex_width = width - width // 2 if augmented else width
+            self.convex_paths.append(PositiveLinear(width_in, convex_width))
+            self.input_paths.append(nn.Linear(input_dim, convex_width))
+            if augmented:
+                self.augment_paths.append(nn.Linear(input_dim, width // 2))
+        self.output_convex = PositiveLinear(hidden_dims[-1], 1)
+        self.output_input = nn.Linear(input_dim, 1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Evaluate :math:`g(x)` for ``x`` of shape ``(N, d)``; returns shape ``(N,)``."""
+        if context is not None:
+            raise ValueError("ICNN takes no context; use PICNN for a conditional potential")
+        s = self.activation
+        z = s(self.first(x))
+        for k, (convex, direct) in enumerate(zip(self.convex_paths, self.input_paths)):
+            z_new = s(convex(z) + direct(x))
+            if self.augmented:
+                z_new = torch.cat([z_new, s(self.augment_paths[k](x))], dim=-1)
+            z = z_new
+        return (self.output_convex(z) + self.output_input(x)).squeeze(-1)
+
+
+class PICNN(nn.Module):
+    r"""Partially input-convex network :math:`g(x, c)`, convex in :math:`x` for every :math:`c`.
+
+    A context path :math:`u_0 = c,\ u_{k+1} = \tanh(V_k u_k + a_k)` is an ordinary
+    network. The convex path is
+
+    .. math::
+
+        z_{k+1} = s\Bigl(P_k\bigl(z_k \odot \mathrm{softplus}(G_k u_k)\bigr)
+                  + W_k\bigl(x \odot (H_k u_k + 1)\bigr) + U_k u_k + b_k\Bigr),
+
+    with non-negative :math:`P_k`. For fixed :math:`c` the gate on :math:`z_k` is
+    non-negative and the term in :math:`x` is linear, so convexity in :math:`x` holds
+    as in the :class:`ICNN`. With ``augmented=True`` half of each hidden layer after
+    the first is :math:`s(W'_k(x \odot (H'_k u_k + 1)) + U'_k u_k + b'_k)`.
+
+    :param input_dim: dimension of the convex input :math:`x`.
+    :param context_dim: dimension of the context :math:`c`.
+    :param hidden_dims: widths of the hidden layers (of both paths).
+    :param augmented: use the input-augmented architecture.
+    :param activation: a name in :data:`ACTIVATIONS`.
+
+    >>> net = PICNN(2, 3, [16, 16])
+    >>> net(torch.randn(5, 2), torch.randn(5, 3)).shape
+    torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        context_dim: int,
+        hidden_dims: Sequence[int] = (64, 64),
+        augmented: bool = True,
+        activation: str = "gaussian_softplus",
+    ) -> None:
+        super().__init__()
+        hidden_dims = list(hidden_dims)
+        _check_dims(input_dim, hidden_dims, augmented)
+        if context_dim < 1:
+            raise ValueError(f"context_dim must be positive, got {context_dim}")
+        self.input_dim = input_dim
+        self.context_dim = context_dim
+        self.augmented = augmented
+        self.activation = get_activation(activation)
+        context_widths = [context_dim] + hidden_dims
+        self.context_layers = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(context_widths[:-1], context_widths[1:])
+        )
+        self.layers = nn.ModuleList()
+        self.augment_layers = nn.ModuleList()
+        widths_in = [None] + hidden_dims
+        widths_out = hidden_dims + [1]
+        for k, (width_in, width) in enumerate(zip(widths_in, widths_out)):
+            hidden = k < len(hidden_dims)
+            first_or_output = width_in is None or not hidden
+            convex_width = width if (first_or_output or not augmented) else width - width // 2
+            self.layers.append(_PICNNLayer(input_dim, context_widths[k], width_in, convex_width))
+            if hidden and augmented and width_in is not None:
+                self.augment_layers.append(
+                    _PICNNLayer(input_dim, context_widths[k], None, width // 2)
+                )
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Evaluate :math:`g(x, c)` for ``x`` ``(N, d)`` and ``context`` ``(N, c)``; returns ``(N,)``."""
+        if context is None:
+            raise ValueError("PICNN needs a context tensor")
+        s = self.activation
+        u = context
+        contexts = [u]
+        for layer in self.context_layers:
+            u = torch.tanh(layer(u))
+            contexts.append(u)
+        z = None
+        last = len(self.layers) - 1
+        for k, layer in enumerate(self.layers):
+            pre = layer(x, contexts[k], z)
+            if k == last:
+                return pre.squeeze(-1)
+            z_new = s(pre)
+            if self.augmented and k > 0:
+                z_new = torch.cat([z_new, s(self.augment_layers[k - 1](x, contexts[k]))], dim=-1)
+            z = z_new
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _PICNNLayer(nn.Module):
+    """One pre-activation of the PICNN convex path (see :class:`PICNN`)."""
+
+    def __init__(self, input_dim: int, context_width: int, convex_in: int | None, width: int) -> None:
+        super().__init__()
+        self.input_gate = nn.Linear(context_width, input_dim)
+        nn.init.zeros_(self.input_gate.weight)
+        nn.init.ones_(self.input_gate.bias)
+        self.input_weight = nn.Linear(input_dim, width, bias=False)
+        self.context_offset = nn.Linear(context_width, width)
+        if convex_in is not None:
+            self.convex_gate = nn.Linear(context_width, convex_in)
+            self.convex_weight = PositiveLinear(convex_in, width)
+
+    def forward(self, x: Tensor, u: Tensor, z: Tensor | None = None) -> Tensor:
+        pre = self.input_weight(x * self.input_gate(u)) + self.context_offset(u)
+        if z is not None:
+            pre = pre + self.convex_weight(z * F.softplus(self.convex_gate(u)))
+        return pre

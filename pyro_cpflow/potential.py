@@ -1,0 +1,122 @@
+r"""The strongly convex potential whose gradient is a CP-Flow.
+
+.. math::
+
+    F(x) = \sigma\, g(x) + \tfrac12\, x^\top\bigl((\alpha + \beta) I + L L^\top\bigr) x,
+
+with :math:`g` an (P)ICNN, :math:`\sigma = \mathrm{softplus}(\cdot) > 0` a learnable
+scale that starts small, :math:`\beta = \mathrm{softplus}(\cdot) \ge 0` learnable,
+:math:`L \in \mathbb{R}^{d \times r}` learnable and :math:`\alpha > 0` a fixed floor.
+Hence :math:`\nabla^2 F \succeq \alpha I` everywhere: :math:`\nabla F` is invertible
+and its Jacobian is symmetric positive definite.
+
+The :math:`L L^\top` term makes every affine map :math:`x \mapsto A x` with
+:math:`A \succ \alpha I` exactly representable. :math:`L` starts non-zero, because
+:math:`L = 0` is a stationary point of :math:`L \mapsto L L^\top x`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ConvexPotential", "inverse_softplus"]
+
+
+def inverse_softplus(y: float) -> float:
+    """The :math:`x` with :math:`\\mathrm{softplus}(x) = y`, for ``y > 0``."""
+    if y <= 0:
+        raise ValueError(f"softplus takes only positive values, got {y}")
+    return y + math.log(-math.expm1(-y))
+
+
+class ConvexPotential(nn.Module):
+    r"""Strongly convex potential :math:`F(x) = \sigma g(x) + \frac12 x^\top Q x`.
+
+    :param network: an :class:`~pyro_cpflow.nn.ICNN` or :class:`~pyro_cpflow.nn.PICNN`
+        (anything mapping ``(x, context)`` to a value convex in ``x``).
+    :param input_dim: dimension :math:`d`.
+    :param alpha: fixed strong-convexity floor :math:`\alpha > 0`.
+    :param quadratic_rank: number of columns :math:`r` of :math:`L` (``0`` disables it).
+    :param initial_scale: starting value of :math:`\sigma`.
+    :param initial_factor_std: standard deviation of the entries of
+        :math:`L \sqrt r`, so that :math:`L L^\top \approx` ``initial_factor_std**2 * I``.
+
+    The quadratic starts at :math:`Q \approx I`, so :math:`\nabla F` starts near the
+    identity.
+
+    >>> from pyro_cpflow.nn import ICNN
+    >>> potential = ConvexPotential(ICNN(3, [8, 8]), 3)
+    >>> x = torch.randn(4, 3)
+    >>> potential.gradient(x).shape
+    torch.Size([4, 3])
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        input_dim: int,
+        alpha: float = 1e-2,
+        quadratic_rank: int | None = None,
+        initial_scale: float = 0.1,
+        initial_factor_std: float = 0.3,
+    ) -> None:
+        super().__init__()
+        if not alpha > 0:
+            raise ValueError(f"alpha must be positive (it bounds the Hessian below), got {alpha}")
+        rank = input_dim if quadratic_rank is None else quadratic_rank
+        if not 0 <= rank <= input_dim:
+            raise ValueError(f"quadratic_rank must lie in [0, {input_dim}], got {rank}")
+        self.network = network
+        self.input_dim = input_dim
+        self.alpha = float(alpha)
+        self.raw_scale = nn.Parameter(torch.tensor(inverse_softplus(initial_scale)))
+        start_beta = max(1.0 - alpha - (initial_factor_std**2 if rank else 0.0), 1e-3)
+        self.raw_beta = nn.Parameter(torch.tensor(inverse_softplus(start_beta)))
+        factor = torch.randn(input_dim, rank) * (initial_factor_std / math.sqrt(max(rank, 1)))
+        self.factor = nn.Parameter(factor)
+
+    @property
+    def scale(self) -> Tensor:
+        """:math:`\\sigma`, the weight of the network term."""
+        return F.softplus(self.raw_scale)
+
+    @property
+    def beta(self) -> Tensor:
+        """:math:`\\beta`, the learnable isotropic curvature above the floor."""
+        return F.softplus(self.raw_beta)
+
+    def quadratic_matrix(self) -> Tensor:
+        """The dense :math:`Q = (\\alpha + \\beta) I + L L^\\top`, shape ``(d, d)``."""
+        eye = torch.eye(self.input_dim, dtype=self.factor.dtype, device=self.factor.device)
+        return (self.alpha + self.beta) * eye + self.factor @ self.factor.T
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """:math:`F(x)` for ``x`` of shape ``(N, d)`` (and ``context`` ``(N, c)``); returns ``(N,)``."""
+        quadratic = (self.alpha + self.beta) * (x * x).sum(-1)
+        if self.factor.shape[1]:
+            quadratic = quadratic + (x @ self.factor).pow(2).sum(-1)
+        return self.scale * self.network(x, context) + 0.5 * quadratic
+
+    def gradient(self, x: Tensor, context: Tensor | None = None, create_graph: bool = False) -> Tensor:
+        """:math:`\\nabla F(x)` for ``x`` of shape ``(N, d)``.
+
+        With ``create_graph=True`` the result stays differentiable (with respect to the
+        parameters, and to ``x`` when ``x`` requires grad); Hessian-vector products
+        are then available through :func:`~pyro_cpflow.linalg.hessian_vector_product`.
+        """
+        with torch.enable_grad():
+            leaf = x if x.requires_grad else x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(
+                self(leaf, context).sum(), leaf, create_graph=create_graph
+            )
+        return grad
+
+    def initial_inverse_guess(self, y: Tensor) -> Tensor:
+        """:math:`Q^{-1} y`: the inverse of the quadratic part, a good start for solvers."""
+        with torch.no_grad():
+            chol = torch.linalg.cholesky(self.quadratic_matrix())
+            return torch.cholesky_solve(y.reshape(-1, self.input_dim).T, chol).T.reshape(y.shape)
