@@ -10,6 +10,9 @@ r"""Inverting the gradient map of a strongly convex potential.
   :math:`\phi_y` guarantees descent. Convergence is quadratic near the solution.
 * ``method="lbfgs"``: one batch-wide :class:`torch.optim.LBFGS` with strong-Wolfe line
   search on :math:`\sum_i \phi_{y_i}(x_i)`, the approach of the CP-Flow reference code.
+  Its line search compares summed objective values, so it stalls once the per-sample
+  improvements fall below the resolution of the sum (residuals around ``1e-6`` in
+  float64 for a batch of a thousand); use it with a loose ``tol``.
 
 Both stop when every sample satisfies :math:`|\nabla F(x) - y|_\infty \le` ``tol``.
 :func:`invert_gradient_map` makes the result differentiable by the implicit function

@@ -1,0 +1,159 @@
+"""The convex inverse solver: round trips, far points, failure reports, implicit gradients."""
+
+import warnings
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from pyro_cpflow.inverse import (
+    NonConvergenceError,
+    NonConvergenceWarning,
+    invert_gradient_map,
+    solve_gradient_equation,
+)
+from pyro_cpflow.nn import ICNN
+from pyro_cpflow.potential import ConvexPotential
+
+
+def _potential(d, alpha=1e-2, randomize=0.0, seed=0):
+    torch.manual_seed(seed)
+    potential = ConvexPotential(ICNN(d, [32, 32], augmented=True), d, alpha=alpha)
+    with torch.no_grad():
+        for p in potential.parameters():
+            p.add_(randomize * torch.randn_like(p))
+    return potential
+
+
+def _ill_conditioned(d):
+    """Curvature from 1e-3 (the floor) to about 1e3: condition number ~1e6."""
+    potential = _potential(d, alpha=1e-3, randomize=2.0, seed=3)
+    with torch.no_grad():
+        potential.raw_beta.fill_(-30.0)
+        potential.factor.zero_()
+        potential.factor[0, 0] = 30.0
+        potential.raw_scale.fill_(3.0)
+    return potential
+
+
+@pytest.mark.parametrize("d", [1, 3, 10])
+def test_round_trip(d):
+    potential = _potential(d, randomize=2.0)
+    x = 3 * torch.randn(64, d)
+    y = potential.gradient(x)
+    x_hat, report = solve_gradient_equation(potential, y)
+    assert report.all_converged
+    assert (x_hat - x).abs().max() < 1e-8
+
+
+@pytest.mark.parametrize("d", [1, 3, 10])
+def test_round_trip_lbfgs(d):
+    """Batch-wide L-BFGS stalls near sqrt(eps) (its line search compares summed values)."""
+    potential = _potential(d, randomize=2.0)
+    x = 3 * torch.randn(64, d)
+    y = potential.gradient(x)
+    x_hat, report = solve_gradient_equation(potential, y, method="lbfgs", tol=1e-4, max_iter=500)
+    assert report.all_converged
+    assert (x_hat - x).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("randomize", [0.0, 3.0])
+def test_round_trip_far_points(randomize):
+    d = 5
+    potential = _potential(d, randomize=randomize)
+    x = torch.randn(200, d) * torch.logspace(-2, 3, 200)[:, None]
+    y = potential.gradient(x)
+    assert y.abs().max() > 1e3
+    x_hat, report = solve_gradient_equation(potential, y, initial=potential.initial_inverse_guess(y))
+    assert report.all_converged
+    assert (x_hat - x).abs().max() < 1e-8
+    assert report.iterations.max() <= 30
+
+
+def test_round_trip_ill_conditioned():
+    d = 6
+    potential = _ill_conditioned(d)
+    x = 5 * torch.randn(100, d)
+    y = potential.gradient(x)
+    hessian = torch.autograd.functional.hessian(lambda v: potential(v[None])[0], x[0])
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    assert eigenvalues.max() / eigenvalues.min() > 1e5
+    x_hat, report = solve_gradient_equation(potential, y, tol=1e-12)
+    assert report.all_converged
+    assert (x_hat - x).abs().max() < 1e-8
+
+
+def test_newton_converges_quadratically():
+    potential = _potential(4, randomize=2.0)
+    y = potential.gradient(torch.randn(50, 4) * 5)
+    _, loose = solve_gradient_equation(potential, y, tol=1e-4)
+    _, tight = solve_gradient_equation(potential, y, tol=1e-12)
+    # eight more orders of magnitude cost only a few more Newton steps
+    assert int(tight.iterations.max()) - int(loose.iterations.max()) <= 3
+
+
+def test_non_convergence_is_reported():
+    potential = _potential(4, randomize=2.0)
+    y = potential.gradient(torch.randn(10, 4) * 50)
+    with pytest.warns(NonConvergenceWarning, match="did not converge"):
+        _, report = solve_gradient_equation(potential, y, max_iter=1, initial=torch.zeros_like(y))
+    assert not report.all_converged
+    with pytest.raises(NonConvergenceError):
+        solve_gradient_equation(potential, y, max_iter=1, initial=torch.zeros_like(y), on_failure="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        solve_gradient_equation(potential, y, max_iter=1, initial=torch.zeros_like(y), on_failure="ignore")
+
+
+def test_bad_input_gets_clear_errors():
+    potential = _potential(3)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        solve_gradient_equation(potential, torch.tensor([[0.0, float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        solve_gradient_equation(potential, torch.tensor([[0.0, float("inf"), 1.0]]))
+    with pytest.raises(ValueError, match="shape"):
+        solve_gradient_equation(potential, torch.zeros(3))
+    with pytest.raises(ValueError, match="floating-point"):
+        solve_gradient_equation(potential, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown method"):
+        solve_gradient_equation(potential, torch.zeros(2, 3), method="bisection")
+    with pytest.raises(ValueError, match="initial"):
+        solve_gradient_equation(potential, torch.zeros(2, 3), initial=torch.zeros(1, 3))
+
+
+def test_implicit_gradient_in_y_matches_inverse_hessian():
+    potential = _potential(3, randomize=2.0)
+    y = torch.randn(4, 3, requires_grad=True)
+    x, _ = invert_gradient_map(potential, y)
+    jacobian_rows = [torch.autograd.grad(x[:, i].sum(), y, retain_graph=True)[0] for i in range(3)]
+    jacobian = torch.stack(jacobian_rows, dim=1)  # (N, 3, 3): dx_i / dy_j per sample
+    for n in range(4):
+        hessian = torch.autograd.functional.hessian(lambda v: potential(v[None])[0], x[n].detach())
+        assert torch.allclose(jacobian[n], torch.linalg.inv(hessian), atol=1e-8)
+
+
+def test_implicit_gradients_pass_gradcheck():
+    """Gradients in y and in every parameter, against finite differences."""
+    torch.manual_seed(0)
+    potential = ConvexPotential(ICNN(2, [4, 4], augmented=True), 2)
+    with torch.no_grad():
+        for p in potential.parameters():
+            p.add_(torch.randn_like(p))
+    names = [name for name, _ in potential.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in potential.parameters()]
+    y = torch.randn(3, 2, requires_grad=True)
+
+    def inverse(y, *values):
+        state = dict(zip(names, values))
+        x, report = invert_gradient_map(lambda v: functional_call(potential, state, (v,)), y, tol=1e-13)
+        return x
+
+    assert torch.autograd.gradcheck(inverse, (y, *params), atol=1e-6, rtol=1e-5)
+
+
+def test_no_graph_without_grad_mode():
+    potential = _potential(2)
+    y = torch.randn(3, 2, requires_grad=True)
+    with torch.no_grad():
+        x, _ = invert_gradient_map(potential, y)
+    assert not x.requires_grad
