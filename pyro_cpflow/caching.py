@@ -64,6 +64,14 @@ class VersionedCacheMixin:
             self._cache_store(x, y)
         return x
 
+    def __getstate__(self) -> dict:
+        # copies and pickles start with an empty cache: the cached pair may hold a graph
+        state = super().__getstate__()  # type: ignore[misc]
+        if "_cached_x_y" in state:
+            state["_cached_x_y"] = None, None
+        state.pop("_cached_stamp", None)
+        return state
+
     def clear_cache(self) -> None:
         """Forget the cached pair and its parameter stamp."""
         if self._cache_size == 1:

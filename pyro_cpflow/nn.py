@@ -118,7 +118,7 @@ class ICNN(nn.Module):
 
         z_1 = s(W_0 x + b_0), \quad
         z_{k+1} = s(P_k z_k + W_k x + b_k), \quad
-        g(x) = p^\top z_K + w^\top x + b,
+        g(x) = p^\top z_K + w^\top x,
 
     with non-negative :math:`P_k, p` (:class:`PositiveLinear`). With
     ``augmented=True`` half of each hidden layer after the first is
@@ -158,7 +158,8 @@ class ICNN(nn.Module):
             if augmented:
                 self.augment_paths.append(nn.Linear(input_dim, width // 2))
         self.output_convex = PositiveLinear(hidden_dims[-1], 1)
-        self.output_input = nn.Linear(input_dim, 1)
+        # no bias: a constant does not change the gradient map, so it would never train
+        self.output_input = nn.Linear(input_dim, 1, bias=False)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate :math:`g(x)` for ``x`` of shape ``(N, d)``; returns shape ``(N,)``."""
@@ -185,7 +186,8 @@ class PICNN(nn.Module):
         z_{k+1} = s\Bigl(P_k\bigl(z_k \odot \mathrm{softplus}(G_k u_k)\bigr)
                   + W_k\bigl(x \odot (H_k u_k + 1)\bigr) + U_k u_k + b_k\Bigr),
 
-    with non-negative :math:`P_k`. For fixed :math:`c` the gate on :math:`z_k` is
+    with non-negative :math:`P_k` (the output layer has no offset :math:`U_K u_K + b_K`,
+    which would not change the gradient in :math:`x`). For fixed :math:`c` the gate on :math:`z_k` is
     non-negative and the term in :math:`x` is linear, so convexity in :math:`x` holds
     as in the :class:`ICNN`. With ``augmented=True`` half of each hidden layer after
     the first is :math:`s(W'_k(x \odot (H'_k u_k + 1)) + U'_k u_k + b'_k)`.
@@ -230,7 +232,10 @@ class PICNN(nn.Module):
             hidden = k < len(hidden_dims)
             first_or_output = width_in is None or not hidden
             convex_width = width if (first_or_output or not augmented) else width - width // 2
-            self.layers.append(_PICNNLayer(input_dim, context_widths[k], width_in, convex_width))
+            # the output's offset would be constant in x: no effect on the gradient map
+            self.layers.append(
+                _PICNNLayer(input_dim, context_widths[k], width_in, convex_width, offset=hidden)
+            )
             if hidden and augmented and width_in is not None:
                 self.augment_layers.append(
                     _PICNNLayer(input_dim, context_widths[k], None, width // 2)
@@ -262,19 +267,23 @@ class PICNN(nn.Module):
 class _PICNNLayer(nn.Module):
     """One pre-activation of the PICNN convex path (see :class:`PICNN`)."""
 
-    def __init__(self, input_dim: int, context_width: int, convex_in: int | None, width: int) -> None:
+    def __init__(
+        self, input_dim: int, context_width: int, convex_in: int | None, width: int, offset: bool = True
+    ) -> None:
         super().__init__()
         self.input_gate = nn.Linear(context_width, input_dim)
         nn.init.zeros_(self.input_gate.weight)
         nn.init.ones_(self.input_gate.bias)
         self.input_weight = nn.Linear(input_dim, width, bias=False)
-        self.context_offset = nn.Linear(context_width, width)
+        self.context_offset = nn.Linear(context_width, width) if offset else None
         if convex_in is not None:
             self.convex_gate = nn.Linear(context_width, convex_in)
             self.convex_weight = PositiveLinear(convex_in, width)
 
     def forward(self, x: Tensor, u: Tensor, z: Tensor | None = None) -> Tensor:
-        pre = self.input_weight(x * self.input_gate(u)) + self.context_offset(u)
+        pre = self.input_weight(x * self.input_gate(u))
+        if self.context_offset is not None:
+            pre = pre + self.context_offset(u)
         if z is not None:
             pre = pre + self.convex_weight(z * F.softplus(self.convex_gate(u)))
         return pre

@@ -2,16 +2,17 @@ r"""The strongly convex potential whose gradient is a CP-Flow.
 
 .. math::
 
-    F(x) = \sigma\, g(x) + \tfrac12\, x^\top\bigl((\alpha + \beta) I + L L^\top\bigr) x,
+    F(x) = \sigma\, g(x) + \tfrac12\, x^\top\bigl((\alpha + \beta) I + L L^\top\bigr) x + b^\top x,
 
 with :math:`g` an (P)ICNN, :math:`\sigma = \mathrm{softplus}(\cdot) > 0` a learnable
 scale that starts small, :math:`\beta = \mathrm{softplus}(\cdot) \ge 0` learnable,
-:math:`L \in \mathbb{R}^{d \times r}` learnable and :math:`\alpha > 0` a fixed floor.
+:math:`L \in \mathbb{R}^{d \times r}` and :math:`b \in \mathbb{R}^d` learnable, and
+:math:`\alpha > 0` a fixed floor.
 Hence :math:`\nabla^2 F \succeq \alpha I` everywhere: :math:`\nabla F` is invertible
 and its Jacobian is symmetric positive definite.
 
-The :math:`L L^\top` term makes every affine map :math:`x \mapsto A x` with
-:math:`A \succ \alpha I` exactly representable. :math:`L` starts non-zero, because
+The :math:`L L^\top` and :math:`b` terms make every affine map :math:`x \mapsto A x + b`
+with :math:`A \succ \alpha I` symmetric exactly representable, hence every Gaussian. :math:`L` starts non-zero, because
 :math:`L = 0` is a stationary point of :math:`L \mapsto L L^\top x`.
 """
 
@@ -34,7 +35,7 @@ def inverse_softplus(y: float) -> float:
 
 
 class ConvexPotential(nn.Module):
-    r"""Strongly convex potential :math:`F(x) = \sigma g(x) + \frac12 x^\top Q x`.
+    r"""Strongly convex potential :math:`F(x) = \sigma g(x) + \frac12 x^\top Q x + b^\top x`.
 
     :param network: an :class:`~pyro_cpflow.nn.ICNN` or :class:`~pyro_cpflow.nn.PICNN`
         (anything mapping ``(x, context)`` to a value convex in ``x``).
@@ -78,6 +79,7 @@ class ConvexPotential(nn.Module):
         self.raw_beta = nn.Parameter(torch.tensor(inverse_softplus(start_beta)))
         factor = torch.randn(input_dim, rank) * (initial_factor_std / math.sqrt(max(rank, 1)))
         self.factor = nn.Parameter(factor)
+        self.shift = nn.Parameter(torch.zeros(input_dim))
 
     @property
     def scale(self) -> Tensor:
@@ -99,7 +101,7 @@ class ConvexPotential(nn.Module):
         quadratic = (self.alpha + self.beta) * (x * x).sum(-1)
         if self.factor.shape[1]:
             quadratic = quadratic + (x @ self.factor).pow(2).sum(-1)
-        return self.scale * self.network(x, context) + 0.5 * quadratic
+        return self.scale * self.network(x, context) + 0.5 * quadratic + x @ self.shift
 
     def gradient(self, x: Tensor, context: Tensor | None = None, create_graph: bool = False) -> Tensor:
         """:math:`\\nabla F(x)` for ``x`` of shape ``(N, d)``.
@@ -116,7 +118,8 @@ class ConvexPotential(nn.Module):
         return grad
 
     def initial_inverse_guess(self, y: Tensor) -> Tensor:
-        """:math:`Q^{-1} y`: the inverse of the quadratic part, a good start for solvers."""
+        """:math:`Q^{-1} (y - b)`: the inverse of the affine part, a good start for solvers."""
         with torch.no_grad():
             chol = torch.linalg.cholesky(self.quadratic_matrix())
-            return torch.cholesky_solve(y.reshape(-1, self.input_dim).T, chol).T.reshape(y.shape)
+            rows = (y - self.shift).reshape(-1, self.input_dim)
+            return torch.cholesky_solve(rows.T, chol).T.reshape(y.shape)

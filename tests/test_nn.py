@@ -119,7 +119,7 @@ def test_potential_starts_near_identity_and_represents_spd_affine_maps():
     potential = ConvexPotential(ICNN(D, [16, 16]), D)
     x = torch.randn(100, D)
     assert (potential.gradient(x) - x).abs().mean() < 0.5
-    # with the network switched off, grad F(x) = Q x for the learnable SPD Q
+    # with the network switched off, grad F(x) = Q x + b for the learnable SPD Q and b
     target = torch.randn(D, D)
     target = target @ target.T + 0.5 * torch.eye(D)
     factor = torch.linalg.cholesky(target - (potential.alpha + 0.1) * torch.eye(D))
@@ -127,7 +127,8 @@ def test_potential_starts_near_identity_and_represents_spd_affine_maps():
         potential.raw_scale.fill_(-50.0)
         potential.raw_beta.fill_(0.1 + torch.log(-torch.expm1(torch.tensor(-0.1))).item())
         potential.factor.copy_(factor)
-    assert torch.allclose(potential.gradient(x), x @ target, atol=1e-12)
+        potential.shift.copy_(torch.arange(D))
+    assert torch.allclose(potential.gradient(x), x @ target + torch.arange(D), atol=1e-12)
 
 
 def test_quadratic_factor_starts_nonzero():

@@ -1,0 +1,270 @@
+"""Generic checks of every CP-Flow transform, in the style of Pyro's and zuko's flow tests."""
+
+import copy
+import io
+
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.distributions.transforms import iterated
+
+from pyro_cpflow import (
+    ActNorm,
+    CPFlow,
+    InverseCPFlow,
+    conditional_cpflow,
+    conditional_cpflow_stack,
+    cpflow,
+    cpflow_stack,
+)
+
+D, C = 3, 2
+SMALL = {"hidden_dims": (8, 8), "logdet": "exact"}
+
+
+def _randomize(module, scale=0.5):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "loc" in name or "log_scale" in name:  # ActNorm: leave it data-initialised
+                continue
+            p.add_(scale * torch.randn_like(p))
+
+
+def _initialise_actnorms(transform, data):
+    """Run one forward pass so that data-initialised ActNorms are set."""
+    with torch.no_grad():
+        transform(data)
+
+
+def _build(name):
+    """A transform (bound to a context for conditional ones) and the module owning its parameters."""
+    context = torch.randn(C)
+    if name in ("cpflow", "cpflow.inv"):
+        owner = cpflow(D, **SMALL)
+    elif name in ("conditional", "conditional.inv"):
+        owner = conditional_cpflow(D, C, **SMALL)
+    elif name in ("stack", "stack.inv"):
+        owner = cpflow_stack(D, num_blocks=2, **SMALL)
+    elif name == "conditional-stack":
+        owner = conditional_cpflow_stack(D, C, num_blocks=2, **SMALL)
+    elif name == "iterated":
+        owner = iterated(2, cpflow, D, **SMALL)
+    else:
+        raise KeyError(name)
+    _randomize(owner)
+    transform = owner.condition(context) if hasattr(owner, "condition") else owner
+    if name.endswith(".inv"):
+        transform = transform.inv
+    _initialise_actnorms(transform, 2 * torch.randn(50, D) + 1)
+    return transform, owner
+
+
+NAMES = ["cpflow", "cpflow.inv", "conditional", "conditional.inv", "stack", "stack.inv",
+         "conditional-stack", "iterated"]
+
+
+def _jacobian(transform, x):
+    return torch.stack(
+        [torch.autograd.functional.jacobian(lambda v: transform._call(v[None])[0]
+                                            if hasattr(transform, "_call") else transform(v[None])[0], xi)
+         for xi in x]
+    )
+
+
+def _fresh_forward(transform, x):
+    """y = t(x), bypassing every cache."""
+    transform.clear_cache()
+    y = transform(x)
+    transform.clear_cache()
+    return y
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_log_abs_det_jacobian_matches_autograd(name):
+    transform, _ = _build(name)
+    x = torch.randn(5, D)
+    y = _fresh_forward(transform, x)
+    jacobian = torch.stack([
+        torch.autograd.functional.jacobian(lambda v: _fresh_forward(transform, v[None])[0], xi)
+        for xi in x
+    ])
+    expected = torch.linalg.slogdet(jacobian)[1]
+    assert torch.allclose(transform.log_abs_det_jacobian(x, y), expected, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inverse_round_trip(name):
+    transform, _ = _build(name)
+    x = 2 * torch.randn(4, 5, D)
+    y = _fresh_forward(transform, x)
+    transform.clear_cache()
+    assert torch.allclose(transform.inv(y), x, atol=1e-8)
+    # and the cache returns the exact pair
+    assert transform.inv(transform(x)) is x
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("batch_shape", [(), (3,), (3, 4)])
+def test_sample_and_log_prob_shapes(name, batch_shape):
+    transform, _ = _build(name)
+    base = dist.Normal(torch.zeros(batch_shape + (D,)), 1.0).to_event(1)
+    q = dist.TransformedDistribution(base, [transform])
+    z = q.rsample((2,))
+    assert z.shape == (2,) + batch_shape + (D,)
+    log_prob = q.log_prob(z)
+    assert log_prob.shape == (2,) + batch_shape
+    assert torch.isfinite(log_prob).all()
+    # scoring a fresh point (not the cached sample) agrees with the cached path
+    fresh = z.detach().clone()
+    assert torch.allclose(q.log_prob(fresh), log_prob, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_optimizer_steps_change_every_parameter(name):
+    transform, owner = _build(name)
+    base = dist.Normal(torch.zeros(D), 1.0).to_event(1)
+    q = dist.TransformedDistribution(base, [transform])
+    params = [p for p in owner.parameters()]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    data = torch.randn(64, D) * 0.5 + 1.0
+    for _ in range(3):
+        optimizer.zero_grad()
+        (-q.log_prob(data).mean()).backward()
+        optimizer.step()
+    unchanged = [i for i, (p, b) in enumerate(zip(params, before)) if torch.equal(p.detach(), b)]
+    assert not unchanged, [n for i, (n, _) in enumerate(owner.named_parameters()) if i in unchanged]
+
+
+def test_context_broadcasts_from_the_right():
+    flow = conditional_cpflow(D, C, **SMALL)
+    _randomize(flow)
+    context = torch.randn(4, C)
+    x = torch.randn(6, 4, D)
+    y = flow.condition(context)(x)
+    for i in range(4):
+        assert torch.allclose(y[:, i], flow.condition(context[i])(x[:, i]), atol=1e-12)
+    ld = flow.condition(context).log_abs_det_jacobian(x, y)
+    assert ld.shape == (6, 4)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        flow.condition(torch.randn(5, C))(x)
+
+
+def test_bad_input_gets_clear_errors():
+    flow = cpflow(D, **SMALL)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 3\)"):
+        flow(torch.randn(4, D + 1))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        flow(torch.tensor([[0.0, float("nan"), 0.0]]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        flow.inv(torch.tensor([[0.0, float("inf"), 0.0]]))
+    with pytest.raises(ValueError, match="dtype"):
+        flow(torch.randn(4, D, dtype=torch.float32))
+    with pytest.raises(TypeError, match="tensor"):
+        flow([0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="logdet must be one of"):
+        flow.logdet = "approximate"
+    cflow = conditional_cpflow(D, C, **SMALL)
+    with pytest.raises(ValueError, match="context must have shape"):
+        cflow.condition(torch.randn(4, C + 1))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cflow.condition(torch.tensor([float("nan"), 0.0]))
+
+
+def test_inverse_is_a_module_sharing_parameters():
+    flow = cpflow(D, **SMALL)
+    inverse = flow.inv
+    assert isinstance(inverse, torch.nn.Module) and isinstance(inverse, InverseCPFlow)
+    assert inverse.inv is flow and flow.inv is inverse
+    assert {id(p) for p in inverse.parameters()} == {id(p) for p in flow.parameters()}
+    # no submodule cycle: the flow's own state holds only its parameters
+    assert not any(k.startswith("_inverse") for k in flow.state_dict())
+    conditional = conditional_cpflow(D, C, **SMALL)
+    assert isinstance(conditional.inv, torch.nn.Module)
+    assert len(list(conditional.inv.parameters())) == len(list(conditional.parameters()))
+
+
+def test_cache_is_not_stale_after_an_optimizer_step():
+    """Pyro issue #2564: score the same data tensor again after updating the parameters."""
+    flow = cpflow(D, **SMALL)
+    p = dist.TransformedDistribution(dist.Normal(torch.zeros(D), 1.0).to_event(1), [flow.inv])
+    data = torch.randn(32, D)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = -p.log_prob(data).mean()
+        loss.backward()  # would raise "backward through the graph a second time" if stale
+        optimizer.step()
+    with torch.no_grad():
+        assert torch.allclose(flow(data), flow._call(data))
+    # while unchanged parameters keep the cache
+    y = flow(data)
+    assert flow(data) is y
+    flow.clear_cache()
+    assert flow(data) is not y
+
+
+def test_with_cache_and_deepcopy_and_state_dict_round_trip(tmp_path):
+    flow = cpflow(D, **SMALL)
+    _randomize(flow)
+    uncached = flow.with_cache(0)
+    x = torch.randn(4, D)
+    assert uncached(x) is not uncached(x)
+    assert torch.allclose(uncached(x), flow(x))
+    assert flow.with_cache(1) is flow
+    clone = copy.deepcopy(flow)
+    assert torch.allclose(clone(x), flow(x))
+    assert clone.inv.inv is clone
+    assert all(a is not b for a, b in zip(clone.parameters(), flow.parameters()))
+    buffer = io.BytesIO()
+    torch.save(flow.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = cpflow(D, **SMALL)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.allclose(fresh(x), flow(x))
+
+
+def test_actnorm_state_survives_state_dict():
+    stack = cpflow_stack(D, num_blocks=2, **SMALL)
+    data = 5 * torch.randn(100, D) + 2
+    with torch.no_grad():
+        stack(data)
+    norm = stack[1]
+    assert isinstance(norm, ActNorm) and bool(norm.initialized)
+    fresh = cpflow_stack(D, num_blocks=2, **SMALL)
+    fresh.load_state_dict(stack.state_dict())
+    assert bool(fresh[1].initialized)
+    assert torch.allclose(fresh[1].loc, norm.loc)
+
+
+def test_actnorm_initialises_in_either_direction():
+    data = 3 * torch.randn(500, D) - 1
+    forward = ActNorm(D)
+    y = forward(data)
+    assert torch.allclose(y.mean(0), torch.zeros(D), atol=1e-10)
+    assert torch.allclose(y.std(0, unbiased=False), torch.ones(D), atol=1e-10)
+    backward = ActNorm(D)
+    x = backward.inv(data)
+    assert torch.allclose(x.mean(0), torch.zeros(D), atol=1e-10)
+    assert torch.allclose(x.std(0, unbiased=False), torch.ones(D), atol=1e-10)
+    with pytest.raises(ValueError, match="needs >= 2 samples"):
+        ActNorm(D)(torch.randn(1, D))
+
+
+def test_auto_mode_follows_dimension_and_training_state():
+    small = cpflow(2, hidden_dims=(8,), exact_max_dim=4)
+    large = cpflow(8, hidden_dims=(8,), exact_max_dim=4)
+    assert small.resolve_logdet(2) == "exact"
+    assert large.resolve_logdet(8) == "stochastic"
+    large.eval()
+    assert large.resolve_logdet(8) == "exact"
+    conditional = conditional_cpflow(8, C, hidden_dims=(8,), exact_max_dim=4)
+    assert conditional.resolve_logdet(8) == "stochastic"
+
+
+def test_factory_rejects_bad_options():
+    with pytest.raises(ValueError, match="num_blocks"):
+        cpflow_stack(D, num_blocks=0)
+    with pytest.raises(ValueError, match="on_failure"):
+        cpflow(D, on_failure="explode")
+    assert isinstance(cpflow(D), CPFlow)
