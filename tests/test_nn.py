@@ -98,10 +98,15 @@ def test_positive_linear_is_nonnegative_and_fan_in_scaled():
 def test_gaussian_softplus_derivatives():
     x = torch.linspace(-6, 6, 101, requires_grad=True)
     (d1,) = torch.autograd.grad(gaussian_softplus(x).sum(), x, create_graph=True)
-    (d2,) = torch.autograd.grad(d1.sum(), x)
+    (d2,) = torch.autograd.grad(d1.sum(), x, create_graph=True)
+    (d3,) = torch.autograd.grad(d2.sum(), x)
     normal = torch.distributions.Normal(0.0, 1.0)
-    assert torch.allclose(d1, normal.cdf(x.detach()))
-    assert torch.allclose(d2, normal.log_prob(x.detach()).exp())
+    value = x.detach()
+    assert torch.allclose(gaussian_softplus(value), value * normal.cdf(value) + normal.log_prob(value).exp())
+    assert torch.allclose(d1, normal.cdf(value))
+    assert torch.allclose(d2, normal.log_prob(value).exp())
+    assert torch.allclose(d3, -value * normal.log_prob(value).exp())
+    assert torch.autograd.gradgradcheck(gaussian_softplus, (torch.randn(5, requires_grad=True),))
 
 
 def test_bad_configuration_is_rejected():
