@@ -9,7 +9,7 @@ from pyro.distributions.torch_transform import ComposeTransformModule
 
 from .actnorm import ActNorm
 from .nn import ICNN, PICNN
-from .potential import ConvexPotential
+from .potential import ContextQuadratic, ConvexPotential
 from .transforms import ConditionalCPFlow, CPFlow
 
 __all__ = ["conditional_cpflow", "conditional_cpflow_stack", "cpflow", "cpflow_stack"]
@@ -56,18 +56,29 @@ def conditional_cpflow(
     activation: str = "gaussian_softplus",
     alpha: float = 1e-2,
     quadratic_rank: int | None = None,
+    context_quadratic_rank: int = 0,
     **options,
 ) -> ConditionalCPFlow:
     """A :class:`~pyro_cpflow.transforms.ConditionalCPFlow` on an (input-augmented) PICNN.
 
-    Arguments as in :func:`cpflow`, plus the context dimension.
+    Arguments as in :func:`cpflow`, plus the context dimension and
+    ``context_quadratic_rank``: when positive, the potential gains
+    :math:`\\tfrac12|L(c)^\\top x|^2 + b(c)^\\top x` with :math:`L(c)` of that rank
+    (:class:`~pyro_cpflow.potential.ContextQuadratic`).
 
     >>> flow = conditional_cpflow(3, context_dim=5, hidden_dims=(8, 8))
     >>> flow.condition(torch.randn(5))(torch.randn(4, 3)).shape
     torch.Size([4, 3])
     """
     network = PICNN(input_dim, context_dim, hidden_dims, augmented=augmented, activation=activation)
-    potential = ConvexPotential(network, **_potential_options(input_dim, alpha, quadratic_rank))
+    context_terms = (
+        ContextQuadratic(context_dim, input_dim, context_quadratic_rank)
+        if context_quadratic_rank > 0
+        else None
+    )
+    potential = ConvexPotential(
+        network, context_terms=context_terms, **_potential_options(input_dim, alpha, quadratic_rank)
+    )
     return ConditionalCPFlow(potential, **options)
 
 

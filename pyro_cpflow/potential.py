@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ConvexPotential", "inverse_softplus"]
+__all__ = ["ContextQuadratic", "ConvexPotential", "inverse_softplus"]
 
 
 def inverse_softplus(y: float) -> float:
@@ -32,6 +32,39 @@ def inverse_softplus(y: float) -> float:
     if y <= 0:
         raise ValueError(f"softplus takes only positive values, got {y}")
     return y + math.log(-math.expm1(-y))
+
+
+class ContextQuadratic(nn.Module):
+    r"""Context-dependent terms :math:`\tfrac12 |L(c)^\top x|^2 + b(c)^\top x`, convex in :math:`x`.
+
+    :math:`L(c) \in \mathbb{R}^{d \times r}` and :math:`b(c)` come from a one-hidden-layer
+    network of the context. Its output layer starts small but not zero: at
+    :math:`L(c) = 0` the gradient of :math:`L \mapsto |L^\top x|^2` vanishes.
+
+    >>> terms = ContextQuadratic(context_dim=3, input_dim=2, rank=2)
+    >>> terms(torch.randn(5, 2), torch.randn(5, 3)).shape
+    torch.Size([5])
+    """
+
+    def __init__(
+        self, context_dim: int, input_dim: int, rank: int, hidden_dim: int = 64, initial_std: float = 0.05
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be positive, got {rank}")
+        self.input_dim = input_dim
+        self.rank = rank
+        self.body = nn.Sequential(nn.Linear(context_dim, hidden_dim), nn.Tanh())
+        self.head = nn.Linear(hidden_dim, input_dim * rank + input_dim)
+        nn.init.normal_(self.head.weight, std=initial_std / math.sqrt(hidden_dim))
+        nn.init.normal_(self.head.bias, std=initial_std)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        out = self.head(self.body(context))
+        split = self.input_dim * self.rank
+        factor = out[:, :split].reshape(-1, self.input_dim, self.rank)
+        shift = out[:, split:]
+        return 0.5 * torch.einsum("nd,ndr->nr", x, factor).pow(2).sum(-1) + (x * shift).sum(-1)
 
 
 class ConvexPotential(nn.Module):
@@ -45,6 +78,8 @@ class ConvexPotential(nn.Module):
     :param initial_scale: starting value of :math:`\sigma`.
     :param initial_factor_std: standard deviation of the entries of
         :math:`L \sqrt r`, so that :math:`L L^\top \approx` ``initial_factor_std**2 * I``.
+    :param context_terms: optional :class:`ContextQuadratic` adding context-dependent
+        quadratic and linear terms (conditional potentials only).
 
     The quadratic starts at :math:`Q \approx I`, so :math:`\nabla F` starts near the
     identity.
@@ -64,6 +99,7 @@ class ConvexPotential(nn.Module):
         quadratic_rank: int | None = None,
         initial_scale: float = 0.1,
         initial_factor_std: float = 0.3,
+        context_terms: ContextQuadratic | None = None,
     ) -> None:
         super().__init__()
         if not alpha > 0:
@@ -80,6 +116,7 @@ class ConvexPotential(nn.Module):
         factor = torch.randn(input_dim, rank) * (initial_factor_std / math.sqrt(max(rank, 1)))
         self.factor = nn.Parameter(factor)
         self.shift = nn.Parameter(torch.zeros(input_dim))
+        self.context_terms = context_terms
 
     @property
     def scale(self) -> Tensor:
@@ -101,7 +138,10 @@ class ConvexPotential(nn.Module):
         quadratic = (self.alpha + self.beta) * (x * x).sum(-1)
         if self.factor.shape[1]:
             quadratic = quadratic + (x @ self.factor).pow(2).sum(-1)
-        return self.scale * self.network(x, context) + 0.5 * quadratic + x @ self.shift
+        value = self.scale * self.network(x, context) + 0.5 * quadratic + x @ self.shift
+        if self.context_terms is not None:
+            value = value + self.context_terms(x, context)
+        return value
 
     def gradient(self, x: Tensor, context: Tensor | None = None, create_graph: bool = False) -> Tensor:
         """:math:`\\nabla F(x)` for ``x`` of shape ``(N, d)``.

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyro_cpflow.nn import ICNN, PICNN, PositiveLinear, gaussian_softplus, get_activation
-from pyro_cpflow.potential import ConvexPotential
+from pyro_cpflow.potential import ContextQuadratic, ConvexPotential
 
 D, C = 4, 3
 CONTEXTS = 3
@@ -58,7 +58,8 @@ def test_convex_along_segments(name, randomized):
 def test_potential_hessian_eigenvalues_above_alpha(name, randomized):
     alpha = 0.05
     network = _networks()[name]()
-    potential = ConvexPotential(network, D, alpha=alpha)
+    terms = ContextQuadratic(C, D, rank=2) if isinstance(network, PICNN) else None
+    potential = ConvexPotential(network, D, alpha=alpha, context_terms=terms)
     if randomized:
         _randomize(potential)
     for context in _contexts(network):

@@ -43,6 +43,8 @@ def _build(name):
         owner = cpflow(D, **SMALL)
     elif name in ("conditional", "conditional.inv"):
         owner = conditional_cpflow(D, C, **SMALL)
+    elif name == "conditional-quadratic":
+        owner = conditional_cpflow(D, C, context_quadratic_rank=2, **SMALL)
     elif name in ("stack", "stack.inv"):
         owner = cpflow_stack(D, num_blocks=2, **SMALL)
     elif name == "conditional-stack":
@@ -59,8 +61,8 @@ def _build(name):
     return transform, owner
 
 
-NAMES = ["cpflow", "cpflow.inv", "conditional", "conditional.inv", "stack", "stack.inv",
-         "conditional-stack", "iterated"]
+NAMES = ["cpflow", "cpflow.inv", "conditional", "conditional.inv", "conditional-quadratic",
+         "stack", "stack.inv", "conditional-stack", "iterated"]
 
 
 def _jacobian(transform, x):
