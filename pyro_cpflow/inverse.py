@@ -33,6 +33,7 @@ from torch import Tensor
 from .linalg import conjugate_gradient, hessian_vector_product
 
 __all__ = [
+    "INVERSE_METHODS",
     "InverseReport",
     "NonConvergenceError",
     "NonConvergenceWarning",
@@ -171,6 +172,7 @@ def _lbfgs(
 
 
 _SOLVERS = {"newton-cg": _newton_cg, "lbfgs": _lbfgs}
+INVERSE_METHODS = tuple(_SOLVERS)
 
 
 def _check_batch(y: Tensor, dim: int) -> None:

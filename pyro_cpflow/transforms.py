@@ -34,7 +34,13 @@ from torch import Tensor
 from torch.distributions import Transform
 
 from .caching import VersionedCacheMixin, module_parameters_and_buffers
-from .inverse import InverseReport, NonConvergenceError, NonConvergenceWarning, invert_gradient_map
+from .inverse import (
+    INVERSE_METHODS,
+    InverseReport,
+    NonConvergenceError,
+    NonConvergenceWarning,
+    invert_gradient_map,
+)
 from .linalg import (
     CGResult,
     cholesky_logdet,
@@ -102,6 +108,8 @@ class FlowOptions:
             raise ValueError("num_probes and lanczos_steps must be positive")
         if on_failure not in ("warn", "raise", "ignore"):
             raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
+        if inverse_method not in INVERSE_METHODS:
+            raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {inverse_method!r}")
         self.logdet = logdet
         self.exact_max_dim = exact_max_dim
         self.num_probes = num_probes

@@ -269,4 +269,6 @@ def test_factory_rejects_bad_options():
         cpflow_stack(D, num_blocks=0)
     with pytest.raises(ValueError, match="on_failure"):
         cpflow(D, on_failure="explode")
+    with pytest.raises(ValueError, match="inverse_method"):
+        cpflow(D, inverse_method="bisection")
     assert isinstance(cpflow(D), CPFlow)
