@@ -84,32 +84,43 @@ def default_tolerance(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-5
 
 
-def _gradient_with_graph(potential: Potential, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _evaluate(potential: Potential, x: Tensor, context: Tensor | None) -> Tensor:
+    return potential(x) if context is None else potential(x, context)
+
+
+def _gradient_with_graph(
+    potential: Potential, x: Tensor, context: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(leaf, F(leaf), grad F(leaf))`` with a graph for Hessian-vector products in ``x``."""
     leaf = x.detach().requires_grad_(True)
-    value = potential(leaf)
+    value = _evaluate(potential, leaf, context)
     (grad,) = torch.autograd.grad(value.sum(), leaf, create_graph=True)
     return leaf, value, grad
 
 
 def _newton_cg(
-    potential: Potential, y: Tensor, x: Tensor, tol: float, max_iter: int
+    potential: Potential, y: Tensor, x: Tensor, context: Tensor | None, tol: float, max_iter: int
 ) -> tuple[Tensor, InverseReport]:
     n, d = y.shape
     eps = torch.finfo(y.dtype).eps
     iterations = torch.zeros(n, dtype=torch.long, device=y.device)
+    residual_inf = torch.zeros(n, dtype=y.dtype, device=y.device)
+    rows = torch.arange(n, device=y.device)  # samples still iterating: the others cost nothing
     products = 0
-    while True:
-        leaf, value, grad = _gradient_with_graph(potential, x)
-        residual = (grad - y).detach()
+    for newton_step in range(max_iter + 1):
+        x_rows, y_rows = x[rows], y[rows]
+        context_rows = None if context is None else context[rows]
+        leaf, value, grad = _gradient_with_graph(potential, x_rows, context_rows)
+        residual = (grad - y_rows).detach()
         res_inf = residual.abs().amax(-1)
-        active = res_inf > tol
-        if not bool(active.any()) or int(iterations.max()) >= max_iter:
+        residual_inf[rows] = res_inf
+        moving = res_inf > tol
+        if newton_step == max_iter or not bool(moving.any()):
             break
         forcing = torch.clamp(residual.norm(dim=-1).sqrt(), max=0.5)
         cg = conjugate_gradient(
             lambda v: hessian_vector_product(grad, leaf, v),
-            -residual,
+            torch.where(moving[:, None], -residual, 0.0),
             rtol=forcing,
             max_iter=2 * d,
         )
@@ -120,26 +131,29 @@ def _newton_cg(
         direction = torch.where(descent[:, None], direction, -residual)
         slope = torch.where(descent, slope, -(residual * residual).sum(-1))
         with torch.no_grad():
-            phi0 = value.detach() - (y * x).sum(-1)
-            step = torch.ones(n, dtype=y.dtype, device=y.device)
-            pending = active.clone()
+            phi0 = value.detach() - (y_rows * x_rows).sum(-1)
+            step = torch.ones_like(phi0)
+            pending = moving.clone()
             for _ in range(60):
-                trial = x + step[:, None] * direction
-                phi = potential(trial) - (y * trial).sum(-1)
+                trial = x_rows + step[:, None] * direction
+                phi = _evaluate(potential, trial, context_rows) - (y_rows * trial).sum(-1)
                 # round-off slack: near the solution phi changes below its resolution
                 slack = 64 * eps * (phi0.abs() + phi.abs())
                 pending = pending & ~(phi <= phi0 + 1e-4 * step * slope + slack)
                 if not bool(pending.any()):
                     break
                 step = torch.where(pending, 0.5 * step, step)
-            x = torch.where(active[:, None], x + step[:, None] * direction, x)
-        iterations = iterations + active.long()
-    report = InverseReport("newton-cg", iterations, products, res_inf, res_inf <= tol, tol)
+            x[rows] = torch.where(moving[:, None], x_rows + step[:, None] * direction, x_rows)
+        iterations[rows] += moving.long()
+        rows = rows[moving]
+    report = InverseReport(
+        "newton-cg", iterations, products, residual_inf, residual_inf <= tol, tol
+    )
     return x.detach(), report
 
 
 def _lbfgs(
-    potential: Potential, y: Tensor, x: Tensor, tol: float, max_iter: int
+    potential: Potential, y: Tensor, x: Tensor, context: Tensor | None, tol: float, max_iter: int
 ) -> tuple[Tensor, InverseReport]:
     variable = x.detach().clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
@@ -156,14 +170,14 @@ def _lbfgs(
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = (potential(variable) - (y * variable).sum(-1)).sum()
+        loss = (_evaluate(potential, variable, context) - (y * variable).sum(-1)).sum()
         loss.backward()
         evaluations[0] += 1
         return loss
 
     optimizer.step(closure)
     x = variable.detach()
-    grad = _gradient_with_graph(potential, x)[2].detach()
+    grad = _gradient_with_graph(potential, x, context)[2].detach()
     residual = (grad - y).abs().amax(-1)
     steps = optimizer.state[optimizer._params[0]].get("n_iter", 0)
     iterations = torch.full_like(residual, steps, dtype=torch.long)
@@ -205,6 +219,7 @@ def solve_gradient_equation(
     potential: Potential,
     y: Tensor,
     initial: Tensor | None = None,
+    context: Tensor | None = None,
     method: str = "newton-cg",
     tol: float | None = None,
     max_iter: int = 100,
@@ -212,8 +227,11 @@ def solve_gradient_equation(
 ) -> tuple[Tensor, InverseReport]:
     r"""Solve :math:`\nabla F(x_i) = y_i` for every row of ``y`` ``(N, d)``; no gradients.
 
-    :param potential: batched strongly convex potential ``(N, d) -> (N,)``.
+    :param potential: batched strongly convex potential ``(N, d) -> (N,)``, called as
+        ``potential(x)``, or ``potential(x, context)`` when a context is given.
     :param initial: starting points (default ``y``).
+    :param context: optional ``(N, c)`` rows passed to the potential; the solver
+        evaluates only the samples that have not converged yet, with their context rows.
     :param method: ``"newton-cg"`` or ``"lbfgs"`` (see the module docstring).
     :param tol: tolerance on :math:`|\nabla F(x) - y|_\infty` (default
         :func:`default_tolerance`).
@@ -238,8 +256,10 @@ def solve_gradient_equation(
     start = y.clone() if initial is None else initial.detach().clone()
     if start.shape != y.shape:
         raise ValueError(f"initial has shape {tuple(start.shape)}, expected {tuple(y.shape)}")
+    if context is not None and context.shape[0] != y.shape[0]:
+        raise ValueError(f"context has {context.shape[0]} rows, expected {y.shape[0]}")
     with torch.enable_grad():
-        x, report = _SOLVERS[method](potential, y, start, tol, max_iter)
+        x, report = _SOLVERS[method](potential, y, start, context, tol, max_iter)
     _report_failure(report, on_failure)
     return x, report
 
@@ -253,9 +273,12 @@ class _ImplicitCorrection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, residual: Tensor, solution: Tensor, potential: Potential, cg_rtol: float) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, residual: Tensor, solution: Tensor, potential: Potential, context: Tensor | None, cg_rtol: float
+    ) -> Tensor:
         ctx.save_for_backward(solution)
         ctx.potential = potential
+        ctx.context = None if context is None else context.detach()
         ctx.cg_rtol = cg_rtol
         return torch.zeros_like(residual)
 
@@ -263,27 +286,28 @@ class _ImplicitCorrection(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         (solution,) = ctx.saved_tensors
         with torch.enable_grad():
-            leaf, _, grad = _gradient_with_graph(ctx.potential, solution)
+            leaf, _, grad = _gradient_with_graph(ctx.potential, solution, ctx.context)
             result = conjugate_gradient(
                 lambda v: hessian_vector_product(grad, leaf, v),
                 grad_output,
                 rtol=ctx.cg_rtol,
                 max_iter=4 * solution.shape[-1],
             )
-        return -result.solution, None, None, None
+        return -result.solution, None, None, None, None
 
 
 def invert_gradient_map(
     potential: Potential,
     y: Tensor,
     initial: Tensor | None = None,
+    context: Tensor | None = None,
     **solver_options,
 ) -> tuple[Tensor, InverseReport]:
-    r"""Like :func:`solve_gradient_equation`, but differentiable in ``y`` and in the parameters.
+    r"""Like :func:`solve_gradient_equation`, but differentiable in ``y``, the context and the parameters.
 
     The returned :math:`x` carries the implicit gradients :math:`\partial x/\partial y =
     H^{-1}` and :math:`\partial x / \partial \theta = -H^{-1} \partial_\theta
-    \nabla F(x)`, computed in the backward pass by conjugate gradients with
+    \nabla F(x)` (likewise for the context), computed in the backward pass by conjugate gradients with
     Hessian-vector products at :math:`x`. Memory does not depend on the number of
     solver iterations.
 
@@ -295,14 +319,13 @@ def invert_gradient_map(
     >>> round(weight.grad.item(), 6)                     # d/dw (2 / w) = -2 / w^2
     -0.5
     """
-    solution, report = solve_gradient_equation(potential, y, initial, **solver_options)
+    solution, report = solve_gradient_equation(potential, y, initial, context, **solver_options)
     if not torch.is_grad_enabled():
         return solution, report
     with torch.enable_grad():
-        leaf = solution.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(potential(leaf).sum(), leaf, create_graph=True)
-        residual = grad - y
+        residual = _gradient_with_graph(potential, solution, context)[2] - y
     if not residual.requires_grad:
         return solution, report
     cg_rtol = 1e-12 if y.dtype == torch.float64 else 1e-6
-    return solution + _ImplicitCorrection.apply(residual, solution, potential, cg_rtol), report
+    correction = _ImplicitCorrection.apply(residual, solution, potential, context, cg_rtol)
+    return solution + correction, report

@@ -230,9 +230,10 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
         rows, context, batch = self._flatten(y, "y")
         options = self.options
         x, report = invert_gradient_map(
-            lambda points: self.potential(points, context),
+            self.potential,
             rows,
             initial=self.potential.initial_inverse_guess(rows),
+            context=context,
             method=options.inverse_method,
             tol=options.inverse_tol,
             max_iter=options.inverse_max_iter,

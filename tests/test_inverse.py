@@ -151,6 +151,33 @@ def test_implicit_gradients_pass_gradcheck():
     assert torch.autograd.gradcheck(inverse, (y, *params), atol=1e-6, rtol=1e-5)
 
 
+def test_implicit_gradients_in_the_context_pass_gradcheck():
+    from pyro_cpflow.nn import PICNN
+
+    torch.manual_seed(0)
+    potential = ConvexPotential(PICNN(2, 3, [4, 4]), 2)
+    y = torch.randn(3, 2, requires_grad=True)
+    context = torch.randn(3, 3, requires_grad=True)
+
+    def inverse(y, context):
+        return invert_gradient_map(potential, y, context=context, tol=1e-13)[0]
+
+    assert torch.autograd.gradcheck(inverse, (y, context), atol=1e-6, rtol=1e-5)
+
+
+def test_converged_samples_leave_the_batch():
+    """Easy samples stop after a few Newton steps while a hard one goes on."""
+    potential = _potential(3, randomize=2.0)
+    x = torch.randn(20, 3)
+    x[0] = 40.0
+    y = potential.gradient(x)
+    initial = y.clone()
+    initial[1:] = x[1:] + 1e-3  # nearly solved already
+    _, report = solve_gradient_equation(potential, y, initial=initial)
+    assert report.all_converged
+    assert int(report.iterations[1:].max()) < int(report.iterations[0])
+
+
 def test_no_graph_without_grad_mode():
     potential = _potential(2)
     y = torch.randn(3, 2, requires_grad=True)
