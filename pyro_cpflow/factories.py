@@ -82,6 +82,16 @@ def conditional_cpflow(
     return ConditionalCPFlow(potential, **options)
 
 
+def _interleave_actnorm(blocks: list, input_dim: int) -> list:
+    """``[b0, ActNorm, b1, ActNorm, ..., bK]``."""
+    if not blocks:
+        raise ValueError("num_blocks must be positive")
+    parts = [blocks[0]]
+    for block in blocks[1:]:
+        parts += [ActNorm(input_dim), block]
+    return parts
+
+
 def cpflow_stack(input_dim: int, num_blocks: int, **kwargs) -> ComposeTransformModule:
     """``num_blocks`` CP-Flow blocks with a data-initialised :class:`ActNorm` between them.
 
@@ -92,14 +102,8 @@ def cpflow_stack(input_dim: int, num_blocks: int, **kwargs) -> ComposeTransformM
     >>> [type(t).__name__ for t in stack]
     ['CPFlow', 'ActNorm', 'CPFlow']
     """
-    if num_blocks < 1:
-        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
-    parts: list = []
-    for block in range(num_blocks):
-        if block:
-            parts.append(ActNorm(input_dim))
-        parts.append(cpflow(input_dim, **kwargs))
-    return ComposeTransformModule(parts, cache_size=1)
+    blocks = [cpflow(input_dim, **kwargs) for _ in range(num_blocks)]
+    return ComposeTransformModule(_interleave_actnorm(blocks, input_dim), cache_size=1)
 
 
 def conditional_cpflow_stack(
@@ -111,11 +115,5 @@ def conditional_cpflow_stack(
     >>> stack.condition(torch.randn(3))(torch.randn(5, 2)).shape
     torch.Size([5, 2])
     """
-    if num_blocks < 1:
-        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
-    parts: list = []
-    for block in range(num_blocks):
-        if block:
-            parts.append(ActNorm(input_dim))
-        parts.append(conditional_cpflow(input_dim, context_dim, **kwargs))
-    return ConditionalComposeTransformModule(parts, cache_size=1)
+    blocks = [conditional_cpflow(input_dim, context_dim, **kwargs) for _ in range(num_blocks)]
+    return ConditionalComposeTransformModule(_interleave_actnorm(blocks, input_dim), cache_size=1)
