@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import conjugate_gradient, hessian_vector_product
+from .linalg import MatVec, conjugate_gradient, hessian_vector_product
 
 __all__ = [
     "INVERSE_METHODS",
@@ -99,7 +99,13 @@ def _gradient_with_graph(
 
 
 def _newton_cg(
-    potential: Potential, y: Tensor, x: Tensor, context: Tensor | None, tol: float, max_iter: int
+    potential: Potential,
+    y: Tensor,
+    x: Tensor,
+    context: Tensor | None,
+    tol: float,
+    max_iter: int,
+    preconditioner: MatVec | None,
 ) -> tuple[Tensor, InverseReport]:
     n, d = y.shape
     eps = torch.finfo(y.dtype).eps
@@ -123,6 +129,7 @@ def _newton_cg(
             torch.where(moving[:, None], -residual, 0.0),
             rtol=forcing,
             max_iter=2 * d,
+            preconditioner=preconditioner,
         )
         products += int(cg.iterations.max())
         direction = cg.solution
@@ -153,8 +160,15 @@ def _newton_cg(
 
 
 def _lbfgs(
-    potential: Potential, y: Tensor, x: Tensor, context: Tensor | None, tol: float, max_iter: int
+    potential: Potential,
+    y: Tensor,
+    x: Tensor,
+    context: Tensor | None,
+    tol: float,
+    max_iter: int,
+    preconditioner: MatVec | None,
 ) -> tuple[Tensor, InverseReport]:
+    del preconditioner  # L-BFGS builds its own curvature model
     variable = x.detach().clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
         [variable],
@@ -224,6 +238,7 @@ def solve_gradient_equation(
     tol: float | None = None,
     max_iter: int = 100,
     on_failure: str = "warn",
+    preconditioner: MatVec | None = None,
 ) -> tuple[Tensor, InverseReport]:
     r"""Solve :math:`\nabla F(x_i) = y_i` for every row of ``y`` ``(N, d)``; no gradients.
 
@@ -238,6 +253,8 @@ def solve_gradient_equation(
     :param max_iter: Newton steps, or L-BFGS iterations.
     :param on_failure: ``"warn"`` (:class:`NonConvergenceWarning`), ``"raise"``
         (:class:`NonConvergenceError`) or ``"ignore"`` when some sample misses ``tol``.
+    :param preconditioner: optional :math:`M^{-1} v` (rows) for the CG solves of the
+        Newton steps, e.g. :meth:`~pyro_cpflow.potential.ConvexPotential.quadratic_preconditioner`.
     :returns: the solutions ``(N, d)`` (detached) and an :class:`InverseReport`.
 
     >>> potential = lambda x: (x ** 2).sum(-1) + (x ** 4).sum(-1) / 4
@@ -259,7 +276,7 @@ def solve_gradient_equation(
     if context is not None and context.shape[0] != y.shape[0]:
         raise ValueError(f"context has {context.shape[0]} rows, expected {y.shape[0]}")
     with torch.enable_grad():
-        x, report = _SOLVERS[method](potential, y, start, context, tol, max_iter)
+        x, report = _SOLVERS[method](potential, y, start, context, tol, max_iter, preconditioner)
     _report_failure(report, on_failure)
     return x, report
 
@@ -274,10 +291,17 @@ class _ImplicitCorrection(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, residual: Tensor, solution: Tensor, potential: Potential, context: Tensor | None, cg_rtol: float
+        ctx,
+        residual: Tensor,
+        solution: Tensor,
+        potential: Potential,
+        context: Tensor | None,
+        preconditioner: MatVec | None,
+        cg_rtol: float,
     ) -> Tensor:
         ctx.save_for_backward(solution)
         ctx.potential = potential
+        ctx.preconditioner = preconditioner
         ctx.context = None if context is None else context.detach()
         ctx.cg_rtol = cg_rtol
         return torch.zeros_like(residual)
@@ -292,8 +316,9 @@ class _ImplicitCorrection(torch.autograd.Function):
                 grad_output,
                 rtol=ctx.cg_rtol,
                 max_iter=4 * solution.shape[-1],
+                preconditioner=ctx.preconditioner,
             )
-        return -result.solution, None, None, None, None
+        return -result.solution, None, None, None, None, None
 
 
 def invert_gradient_map(
@@ -327,5 +352,6 @@ def invert_gradient_map(
     if not residual.requires_grad:
         return solution, report
     cg_rtol = 1e-12 if y.dtype == torch.float64 else 1e-6
-    correction = _ImplicitCorrection.apply(residual, solution, potential, context, cg_rtol)
+    preconditioner = solver_options.get("preconditioner")
+    correction = _ImplicitCorrection.apply(residual, solution, potential, context, preconditioner, cg_rtol)
     return solution + correction, report

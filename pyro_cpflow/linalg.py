@@ -133,8 +133,9 @@ def conjugate_gradient(
     rtol: float | Tensor = 1e-6,
     atol: float = 0.0,
     max_iter: int | None = None,
+    preconditioner: MatVec | None = None,
 ) -> CGResult:
-    r"""Solve :math:`H_i w_i = b_i` for a batch of SPD :math:`H_i` by conjugate gradients.
+    r"""Solve :math:`H_i w_i = b_i` for a batch of SPD :math:`H_i` by (preconditioned) CG.
 
     Sample :math:`i` stops once :math:`|b_i - H_i w_i| \le \max(\text{rtol}\,|b_i|,
     \text{atol})`; from then on its iterate no longer changes, while the other samples
@@ -148,6 +149,8 @@ def conjugate_gradient(
     :param initial: optional ``(N, d)`` starting point (default zero).
     :param rtol: relative tolerance, a float or one value per sample ``(N,)``.
     :param max_iter: default ``2 d``.
+    :param preconditioner: optional batched :math:`M^{-1} v` for an SPD :math:`M \approx H`;
+        the iteration count then depends on the conditioning of :math:`M^{-1} H`.
 
     >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
     >>> result = conjugate_gradient(lambda v: v @ A, torch.ones(5, 2), rtol=1e-10)
@@ -158,6 +161,7 @@ def conjugate_gradient(
         raise ValueError(f"rhs must have shape (N, d), got {tuple(rhs.shape)}")
     n, d = rhs.shape
     max_iter = 2 * d if max_iter is None else max_iter
+    precondition = (lambda v: v) if preconditioner is None else preconditioner
     if initial is None:
         solution = torch.zeros_like(rhs)
         residual = rhs.clone()
@@ -165,9 +169,10 @@ def conjugate_gradient(
         solution = initial.clone()
         residual = rhs - matvec(solution)
     tolerance = torch.clamp(rtol * rhs.norm(dim=-1), min=atol)
-    direction = residual.clone()
-    residual_sq = (residual * residual).sum(-1)
-    active = residual_sq.sqrt() > tolerance
+    preconditioned = precondition(residual)
+    direction = preconditioned
+    inner = (residual * preconditioned).sum(-1)  # r^T M^{-1} r
+    active = residual.norm(dim=-1) > tolerance
     healthy = torch.ones(n, dtype=torch.bool, device=rhs.device)
     iterations = torch.zeros(n, dtype=torch.long, device=rhs.device)
     for _ in range(max_iter):
@@ -178,16 +183,17 @@ def conjugate_gradient(
         positive = curvature > 0
         healthy = healthy & (positive | ~active)
         active = active & positive
-        step = torch.where(active, _safe_divide(residual_sq, curvature), 0.0)
+        step = torch.where(active, _safe_divide(inner, curvature), 0.0)
         solution = solution + step[:, None] * direction
         residual = residual - step[:, None] * product
-        new_residual_sq = (residual * residual).sum(-1)
-        ratio = torch.where(active, _safe_divide(new_residual_sq, residual_sq), 0.0)
-        direction = torch.where(active[:, None], residual + ratio[:, None] * direction, direction)
-        residual_sq = torch.where(active, new_residual_sq, residual_sq)
+        preconditioned = precondition(residual)
+        new_inner = (residual * preconditioned).sum(-1)
+        ratio = torch.where(active, _safe_divide(new_inner, inner), 0.0)
+        direction = torch.where(active[:, None], preconditioned + ratio[:, None] * direction, direction)
+        inner = torch.where(active, new_inner, inner)
         iterations = iterations + active.long()
-        active = active & (residual_sq.sqrt() > tolerance)
-    residual_norm = residual_sq.sqrt()
+        active = active & (residual.norm(dim=-1) > tolerance)
+    residual_norm = residual.norm(dim=-1)
     converged = healthy & (residual_norm <= tolerance)
     return CGResult(solution, iterations, residual_norm, converged)
 
@@ -263,6 +269,7 @@ def logdet_gradient_surrogate(
     num_probes: int = 1,
     rtol: float = 1e-6,
     max_iter: int | None = None,
+    preconditioner: MatVec | None = None,
 ) -> tuple[Tensor, CGResult]:
     r"""A scalar per sample whose gradient estimates :math:`\partial \log\det H` without bias.
 
@@ -279,7 +286,7 @@ def logdet_gradient_surrogate(
     results = []
     for _ in range(num_probes):
         probe = rademacher(like.shape, like)
-        result = conjugate_gradient(matvec, probe, rtol=rtol, max_iter=max_iter)
+        result = conjugate_gradient(matvec, probe, rtol=rtol, max_iter=max_iter, preconditioner=preconditioner)
         results.append(result)
         surrogate = surrogate + (result.solution.detach() * matvec_with_graph(probe)).sum(-1)
     merged = CGResult(

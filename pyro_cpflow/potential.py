@@ -19,6 +19,7 @@ with :math:`A \succ \alpha I` symmetric exactly representable, hence every Gauss
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -157,9 +158,22 @@ class ConvexPotential(nn.Module):
             )
         return grad
 
+    def quadratic_preconditioner(self) -> Callable[[Tensor], Tensor]:
+        """:math:`v \\mapsto Q^{-1} v` for rows ``(N, d)``, from one Cholesky factorisation of :math:`Q`.
+
+        :math:`Q \\preceq \\nabla^2 F`, and :math:`Q` carries the curvature of the affine part
+        of the map, so it is a cheap preconditioner for conjugate gradients on :math:`H`.
+        """
+        with torch.no_grad():
+            chol = torch.linalg.cholesky(self.quadratic_matrix())
+
+        def solve(rows: Tensor) -> Tensor:
+            return torch.cholesky_solve(rows.T, chol).T
+
+        return solve
+
     def initial_inverse_guess(self, y: Tensor) -> Tensor:
         """:math:`Q^{-1} (y - b)`: the inverse of the affine part, a good start for solvers."""
         with torch.no_grad():
-            chol = torch.linalg.cholesky(self.quadratic_matrix())
             rows = (y - self.shift).reshape(-1, self.input_dim)
-            return torch.cholesky_solve(rows.T, chol).T.reshape(y.shape)
+            return self.quadratic_preconditioner()(rows).reshape(y.shape)

@@ -234,6 +234,7 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
             rows,
             initial=self.potential.initial_inverse_guess(rows),
             context=context,
+            preconditioner=self.potential.quadratic_preconditioner(),
             method=options.inverse_method,
             tol=options.inverse_tol,
             max_iter=options.inverse_max_iter,
@@ -272,6 +273,7 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
             num_probes=options.num_probes,
             rtol=options.cg_rtol,
             max_iter=options.cg_max_iter,
+            preconditioner=self.potential.quadratic_preconditioner(),
         )
         options.last_cg = cg
         options._warn_cg(cg)
