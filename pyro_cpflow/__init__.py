@@ -12,7 +12,8 @@ from .inverse import (
 from .linalg import CGResult, conjugate_gradient, stochastic_logdet
 from .nn import ICNN, PICNN, PositiveLinear, gaussian_softplus
 from .potential import ConvexPotential
-from .transforms import CPFlow, ConditionalCPFlow, ConditionedCPFlow, InverseCPFlow
+from .inverse_module import InverseTransformModule
+from .transforms import ConditionalCPFlow, ConditionedCPFlow, CPFlow, CPFlowStack
 
 __version__ = "0.1.0"
 
@@ -20,11 +21,12 @@ __all__ = [
     "ActNorm",
     "CGResult",
     "CPFlow",
+    "CPFlowStack",
     "ConditionalCPFlow",
     "ConditionedCPFlow",
     "ConvexPotential",
     "ICNN",
-    "InverseCPFlow",
+    "InverseTransformModule",
     "InverseReport",
     "NonConvergenceError",
     "NonConvergenceWarning",

@@ -17,11 +17,12 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 
 from .caching import VersionedCacheMixin, module_parameters_and_buffers
+from .inverse_module import ModuleInverseMixin
 
 __all__ = ["ActNorm"]
 
 
-class ActNorm(VersionedCacheMixin, TransformModule):
+class ActNorm(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
     r"""Elementwise affine map :math:`y = (x - \mu) e^{-s}` initialised from the first batch.
 
     :param input_dim: event dimension.

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pyro.distributions.conditional import ConditionalComposeTransformModule
-from pyro.distributions.torch_transform import ComposeTransformModule
 
 from .actnorm import ActNorm
-from .nn import ICNN, PICNN
+from .nn import DEFAULT_INPUT_GAIN, ICNN, PICNN
 from .potential import ContextQuadratic, ConvexPotential
-from .transforms import ConditionalCPFlow, CPFlow
+from .transforms import ConditionalCPFlow, CPFlow, CPFlowStack
 
 __all__ = ["conditional_cpflow", "conditional_cpflow_stack", "cpflow", "cpflow_stack"]
 
@@ -27,6 +26,7 @@ def cpflow(
     activation: str = "gaussian_softplus",
     alpha: float = 1e-2,
     quadratic_rank: int | None = None,
+    input_gain: float = DEFAULT_INPUT_GAIN,
     **options,
 ) -> CPFlow:
     """A :class:`~pyro_cpflow.transforms.CPFlow` on an (input-augmented) ICNN.
@@ -37,13 +37,17 @@ def cpflow(
     :param activation: ``"gaussian_softplus"`` or ``"softplus"``.
     :param alpha: strong-convexity floor of the potential.
     :param quadratic_rank: columns of the learnable factor ``L`` (default ``min(d, 64)``).
+    :param input_gain: initial sharpness of the network's input features (see
+        :class:`~pyro_cpflow.nn.ICNN`); it assumes roughly standardised inputs.
     :param options: :class:`~pyro_cpflow.transforms.FlowOptions` (``logdet``, tolerances...).
 
     >>> flow = cpflow(3, hidden_dims=(8, 8), logdet="exact")
     >>> flow.inv(flow(torch.randn(4, 3))).shape
     torch.Size([4, 3])
     """
-    network = ICNN(input_dim, hidden_dims, augmented=augmented, activation=activation)
+    network = ICNN(
+        input_dim, hidden_dims, augmented=augmented, activation=activation, input_gain=input_gain
+    )
     potential = ConvexPotential(network, **_potential_options(input_dim, alpha, quadratic_rank))
     return CPFlow(potential, **options)
 
@@ -57,6 +61,7 @@ def conditional_cpflow(
     alpha: float = 1e-2,
     quadratic_rank: int | None = None,
     context_quadratic_rank: int = 0,
+    input_gain: float = DEFAULT_INPUT_GAIN,
     **options,
 ) -> ConditionalCPFlow:
     """A :class:`~pyro_cpflow.transforms.ConditionalCPFlow` on an (input-augmented) PICNN.
@@ -70,7 +75,10 @@ def conditional_cpflow(
     >>> flow.condition(torch.randn(5))(torch.randn(4, 3)).shape
     torch.Size([4, 3])
     """
-    network = PICNN(input_dim, context_dim, hidden_dims, augmented=augmented, activation=activation)
+    network = PICNN(
+        input_dim, context_dim, hidden_dims, augmented=augmented, activation=activation,
+        input_gain=input_gain,
+    )
     context_terms = (
         ContextQuadratic(context_dim, input_dim, context_quadratic_rank)
         if context_quadratic_rank > 0
@@ -92,18 +100,18 @@ def _interleave_actnorm(blocks: list, input_dim: int) -> list:
     return parts
 
 
-def cpflow_stack(input_dim: int, num_blocks: int, **kwargs) -> ComposeTransformModule:
+def cpflow_stack(input_dim: int, num_blocks: int, **kwargs) -> CPFlowStack:
     """``num_blocks`` CP-Flow blocks with a data-initialised :class:`ActNorm` between them.
 
     Keyword arguments go to :func:`cpflow`. The result is a ``ComposeTransformModule``
-    (``cache_size=1``); use ``stack.inv`` for the density direction.
+    (``cache_size=1``) whose ``stack.inv``, for the density direction, is an ``nn.Module``.
 
     >>> stack = cpflow_stack(2, num_blocks=2, hidden_dims=(8, 8))
     >>> [type(t).__name__ for t in stack]
     ['CPFlow', 'ActNorm', 'CPFlow']
     """
     blocks = [cpflow(input_dim, **kwargs) for _ in range(num_blocks)]
-    return ComposeTransformModule(_interleave_actnorm(blocks, input_dim), cache_size=1)
+    return CPFlowStack(_interleave_actnorm(blocks, input_dim), cache_size=1)
 
 
 def conditional_cpflow_stack(

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "ACTIVATIONS",
+    "DEFAULT_INPUT_GAIN",
     "ICNN",
     "PICNN",
     "PositiveLinear",
@@ -127,6 +128,19 @@ class PositiveLinear(nn.Module):
         return F.linear(z, self.weight)
 
 
+DEFAULT_INPUT_GAIN = 4.0
+
+
+def _scale_init(layers: Sequence[nn.Module], gain: float) -> None:
+    """Multiply the initial weights and biases of ``layers`` by ``gain``."""
+    if not gain > 0:
+        raise ValueError(f"input_gain must be positive, got {gain}")
+    with torch.no_grad():
+        for layer in layers:
+            for parameter in layer.parameters(recurse=False):
+                parameter.mul_(gain)
+
+
 def _check_dims(input_dim: int, hidden_dims: Sequence[int], augmented: bool) -> None:
     if input_dim < 1:
         raise ValueError(f"input_dim must be positive, got {input_dim}")
@@ -153,6 +167,10 @@ class ICNN(nn.Module):
     :param hidden_dims: widths of the hidden layers.
     :param augmented: use the input-augmented architecture.
     :param activation: a name in :data:`ACTIVATIONS`.
+    :param input_gain: the layers reading :math:`x` start with PyTorch's default
+        initialisation times this gain. On standardised data, gain 1 leaves the features
+        so smooth that the potential is nearly quadratic and maximum likelihood stalls
+        near the Gaussian fit; gain 4 (measured on the 2-D toy sets) lets it bend.
 
     >>> net = ICNN(2, [16, 16], augmented=True)
     >>> net(torch.randn(5, 2)).shape
@@ -165,6 +183,7 @@ class ICNN(nn.Module):
         hidden_dims: Sequence[int] = (64, 64),
         augmented: bool = True,
         activation: str = "gaussian_softplus",
+        input_gain: float = DEFAULT_INPUT_GAIN,
     ) -> None:
         super().__init__()
         hidden_dims = list(hidden_dims)
@@ -185,6 +204,7 @@ class ICNN(nn.Module):
         self.output_convex = PositiveLinear(hidden_dims[-1], 1)
         # no bias: a constant does not change the gradient map, so it would never train
         self.output_input = nn.Linear(input_dim, 1, bias=False)
+        _scale_init([self.first, *self.input_paths, *self.augment_paths], input_gain)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate :math:`g(x)` for ``x`` of shape ``(N, d)``; returns shape ``(N,)``."""
@@ -222,6 +242,8 @@ class PICNN(nn.Module):
     :param hidden_dims: widths of the hidden layers (of both paths).
     :param augmented: use the input-augmented architecture.
     :param activation: a name in :data:`ACTIVATIONS`.
+    :param input_gain: as in :class:`ICNN`, for the hidden layers' terms in :math:`x`
+        and their context offsets (which place the features).
 
     >>> net = PICNN(2, 3, [16, 16])
     >>> net(torch.randn(5, 2), torch.randn(5, 3)).shape
@@ -235,6 +257,7 @@ class PICNN(nn.Module):
         hidden_dims: Sequence[int] = (64, 64),
         augmented: bool = True,
         activation: str = "gaussian_softplus",
+        input_gain: float = DEFAULT_INPUT_GAIN,
     ) -> None:
         super().__init__()
         hidden_dims = list(hidden_dims)
@@ -265,6 +288,8 @@ class PICNN(nn.Module):
                 self.augment_layers.append(
                     _PICNNLayer(input_dim, context_widths[k], None, width // 2)
                 )
+        for layer in [*self.layers[:-1], *self.augment_layers]:
+            _scale_init([layer.input_weight, layer.context_offset], input_gain)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate :math:`g(x, c)` for ``x`` ``(N, d)`` and ``context`` ``(N, c)``; returns ``(N,)``."""

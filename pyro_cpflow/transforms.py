@@ -29,11 +29,12 @@ from collections.abc import Iterable
 import torch
 from pyro.distributions import constraints
 from pyro.distributions.conditional import ConditionalTransformModule
-from pyro.distributions.torch_transform import TransformModule
+from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
 from torch import Tensor
 from torch.distributions import Transform
 
 from .caching import VersionedCacheMixin, module_parameters_and_buffers
+from .inverse_module import ModuleInverseMixin
 from .inverse import (
     INVERSE_METHODS,
     InverseReport,
@@ -56,7 +57,7 @@ __all__ = [
     "ConditionalCPFlow",
     "ConditionedCPFlow",
     "FlowOptions",
-    "InverseCPFlow",
+    "CPFlowStack",
     "LOGDET_MODES",
     "DEFAULT_EXACT_MAX_DIM",
 ]
@@ -285,7 +286,29 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
         return ConditionedCPFlow(self.potential, self.context, self.options, cache_size)
 
 
-class CPFlow(ConditionedCPFlow, TransformModule, FlowOptions):
+class CPFlowStack(ComposeTransformModule):
+    """A ``ComposeTransformModule`` whose ``inv`` is one too (see :func:`~pyro_cpflow.cpflow_stack`).
+
+    The inverse composes the parts' inverses in reverse order; with parts whose ``inv``
+    is an ``nn.Module`` it registers every parameter, and ``stack.inv.inv is stack``.
+    """
+
+    @property
+    def inv(self) -> "CPFlowStack":
+        inverse = self.__dict__.get("_inverse_module")
+        if inverse is None:
+            inverse = CPFlowStack([part.inv for part in reversed(self.parts)], self._cache_size)
+            inverse.__dict__["_inverse_module"] = self  # kept outside the module tree: no cycle
+            self.__dict__["_inverse_module"] = inverse
+        return inverse
+
+    def with_cache(self, cache_size: int = 1) -> "CPFlowStack":
+        if cache_size == self._cache_size:
+            return self
+        return CPFlowStack(self.parts, cache_size=cache_size)
+
+
+class CPFlow(ModuleInverseMixin, ConditionedCPFlow, TransformModule, FlowOptions):
     r"""Convex potential flow :math:`f = \nabla F`, a Pyro :class:`TransformModule`.
 
     Forward (sampling direction) is the cheap gradient map; the inverse runs the convex
@@ -309,69 +332,11 @@ class CPFlow(ConditionedCPFlow, TransformModule, FlowOptions):
         super().__init__(potential, None, None, cache_size)
         self._set_options(**options)
 
-    @property
-    def inv(self) -> "InverseCPFlow":
-        inverse = self.__dict__.get("_inverse_module")
-        if inverse is None:
-            inverse = InverseCPFlow(self)
-            self.__dict__["_inverse_module"] = inverse  # not a submodule: no cycle
-        return inverse
-
     def with_cache(self, cache_size: int = 1) -> ConditionedCPFlow:
         """``self``, or a parameter-sharing view with another cache size."""
         if cache_size == self._cache_size:
             return self
         return ConditionedCPFlow(self.potential, None, self, cache_size)
-
-
-class InverseCPFlow(TransformModule):
-    r"""The inverse :math:`(\nabla F)^{-1}` of a :class:`CPFlow`, as an ``nn.Module``.
-
-    Its forward runs the convex solver, its inverse is the gradient map, and it shares
-    the flow's parameters and cache (``flow.inv.inv is flow``). Use it for the density
-    direction, where training evaluates only :math:`\nabla F`:
-
-    >>> import pyro.distributions as dist
-    >>> from pyro_cpflow import cpflow
-    >>> flow = cpflow(2, hidden_dims=(16, 16))
-    >>> p = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [flow.inv])
-    >>> p.log_prob(torch.randn(7, 2)).shape
-    torch.Size([7])
-    """
-
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-    sign = +1
-
-    def __init__(self, flow: CPFlow) -> None:
-        super().__init__(cache_size=0)
-        self.flow = flow
-
-    @property
-    def inv(self) -> CPFlow:
-        return self.flow
-
-    def __call__(self, y: Tensor) -> Tensor:
-        return self.flow._inv_call(y)
-
-    def _inv_call(self, x: Tensor) -> Tensor:
-        return self.flow(x)
-
-    def _call(self, y: Tensor) -> Tensor:
-        return self.flow._inverse(y)
-
-    def _inverse(self, x: Tensor) -> Tensor:
-        return self.flow._call(x)
-
-    def log_abs_det_jacobian(self, y: Tensor, x: Tensor) -> Tensor:
-        return -self.flow.log_abs_det_jacobian(x, y)
-
-    def with_cache(self, cache_size: int = 1) -> Transform:
-        return self.flow.with_cache(cache_size).inv
-
-    def clear_cache(self) -> None:
-        self.flow.clear_cache()
 
 
 class ConditionalCPFlow(ConditionalTransformModule, FlowOptions):

@@ -11,7 +11,7 @@ from pyro.distributions.transforms import iterated
 from pyro_cpflow import (
     ActNorm,
     CPFlow,
-    InverseCPFlow,
+    InverseTransformModule,
     conditional_cpflow,
     conditional_cpflow_stack,
     cpflow,
@@ -176,11 +176,15 @@ def test_bad_input_gets_clear_errors():
 def test_inverse_is_a_module_sharing_parameters():
     flow = cpflow(D, **SMALL)
     inverse = flow.inv
-    assert isinstance(inverse, torch.nn.Module) and isinstance(inverse, InverseCPFlow)
+    assert isinstance(inverse, torch.nn.Module) and isinstance(inverse, InverseTransformModule)
     assert inverse.inv is flow and flow.inv is inverse
     assert {id(p) for p in inverse.parameters()} == {id(p) for p in flow.parameters()}
     # no submodule cycle: the flow's own state holds only its parameters
     assert not any(k.startswith("_inverse") for k in flow.state_dict())
+    stack = cpflow_stack(D, num_blocks=2, **SMALL)
+    assert isinstance(stack.inv, torch.nn.Module) and stack.inv.inv is stack
+    assert len(list(stack.inv.parameters())) == len(list(stack.parameters()))
+    assert isinstance(stack.with_cache(0).inv, torch.nn.Module)
     conditional = conditional_cpflow(D, C, **SMALL)
     assert isinstance(conditional.inv, torch.nn.Module)
     assert len(list(conditional.inv.parameters())) == len(list(conditional.parameters()))
