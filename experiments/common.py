@@ -1,0 +1,280 @@
+"""Helpers shared by the experiment scripts (``toy2d.py``, ``ot.py``).
+
+* command line: :func:`build_parser` (``--steps``, ``--batch-size``, ``--seed``,
+  ``--device``, ``--dtype``, ``--out-dir``, ``--quick``, ...) and :func:`setup_torch`;
+* training: :func:`fit_density`, maximum likelihood with Adam and a cosine learning
+  rate, a tqdm progress bar and an optional evaluation callback;
+* output: :func:`write_json`, :func:`markdown_table` and :func:`replace_markdown_section`
+  (each script owns one ``## ...`` section of ``experiments/RESULTS.md`` and
+  regenerates it from its JSON file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "EXPERIMENTS_DIR",
+    "RESULTS_DIR",
+    "RESULTS_MD",
+    "build_parser",
+    "count_parameters",
+    "environment",
+    "fit_density",
+    "format_command",
+    "link",
+    "markdown_table",
+    "progress",
+    "replace_markdown_section",
+    "seed_everything",
+    "setup_torch",
+    "standard_normal",
+    "stopwatch",
+    "write_json",
+]
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = EXPERIMENTS_DIR / "results"
+RESULTS_MD = EXPERIMENTS_DIR / "RESULTS.md"
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser(description: str, *, steps: int, batch_size: int, lr: float) -> argparse.ArgumentParser:
+    """The options every experiment takes, with the script's own defaults."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=steps, help="optimiser steps per model")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="fresh samples per step")
+    parser.add_argument("--lr", type=float, default=lr, help="peak Adam learning rate (cosine decay)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and probes")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (1 is fastest for these small problems on a shared machine)",
+    )
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="JSON and PNG output")
+    parser.add_argument(
+        "--results-md", type=lambda value: Path(value) if value else None, default=RESULTS_MD,
+        help="Markdown file whose section this script (re)writes; '' to skip",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
+    parser.add_argument("--no-progress", action="store_true", help="disable the progress bars")
+    parser.add_argument(
+        "--render-only", action="store_true",
+        help="no training: regenerate the Markdown section (and, for ot.py, the figure) from the JSON in --out-dir",
+    )
+    return parser
+
+
+def setup_torch(device: str, dtype: str, threads: int | None, seed: int) -> tuple[torch.device, torch.dtype]:
+    """Set the default dtype, CPU threads and seeds; return ``(device, dtype)``."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    torch_dtype = _DTYPES[dtype]
+    torch.set_default_dtype(torch_dtype)
+    if threads:
+        torch.set_num_threads(threads)
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    seed_everything(seed)
+    return torch_device, torch_dtype
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) through Pyro."""
+    pyro.set_rng_seed(seed)
+
+
+def format_command(script: str, argv: Sequence[str]) -> str:
+    """The shell command that reproduces a run, e.g. ``python experiments/ot.py --steps 10``."""
+    return " ".join(["python", f"experiments/{script}", *map(shlex.quote, argv)])
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and hardware, recorded next to the results."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ------------------------------------------------------------------------ training
+
+
+def standard_normal(dim: int, device: torch.device, dtype: torch.dtype) -> dist.Distribution:
+    """The base distribution :math:`N(0, I_d)` as a Pyro distribution with event dim 1."""
+    zeros = torch.zeros(dim, device=device, dtype=dtype)
+    return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def progress(total: int, desc: str, enabled: bool = True, leave: bool = False) -> tqdm:
+    """A tqdm bar on stderr (a no-op bar when ``enabled`` is false)."""
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=leave, dynamic_ncols=True)
+
+
+def fit_density(
+    module: nn.Module,
+    distribution: dist.Distribution,
+    sample_batch: Callable[[int], Tensor],
+    steps: int,
+    lr: float,
+    *,
+    final_lr_fraction: float = 0.01,
+    max_grad_norm: float | None = 100.0,
+    callback: Callable[[int], None] | None = None,
+    callback_every: int = 0,
+    desc: str = "fit",
+    show_progress: bool = True,
+) -> list[float]:
+    r"""Maximum likelihood: minimise :math:`-\frac1B\sum_i \log p(x_i)` over fresh batches.
+
+    Adam with a cosine decay from ``lr`` to ``lr * final_lr_fraction``. ``sample_batch(step)``
+    returns the batch of a step. ``callback(step)`` runs before the first step, every
+    ``callback_every`` steps and after the last one (``step`` counts steps done).
+    Returns the training losses.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+
+    def factor(step: int) -> float:
+        t = min(step / max(steps, 1), 1.0)
+        return final_lr_fraction + (1.0 - final_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    module.train()
+    losses: list[float] = []
+    if callback is not None:
+        callback(0)
+    with progress(steps, desc, show_progress) as bar:
+        for step in range(steps):
+            batch = sample_batch(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss = -distribution.log_prob(batch).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: non-finite loss {float(loss)} at step {step}")
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.update()
+            if step % 25 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            done = step + 1
+            if callback is not None and (done == steps or (callback_every and done % callback_every == 0)):
+                callback(done)
+    module.eval()
+    return losses
+
+
+@contextmanager
+def stopwatch() -> Iterator[dict[str, float]]:
+    """``with stopwatch() as t: ...`` then ``t["seconds"]`` holds the elapsed time."""
+    record = {"seconds": 0.0}
+    start = time.perf_counter()
+    try:
+        yield record
+    finally:
+        record["seconds"] = time.perf_counter() - start
+
+
+# -------------------------------------------------------------------------- output
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON (creating the folder); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
+    return path
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub Markdown table; ``align`` is one letter per column (``l``/``r``/``c``)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    marks = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = [
+        "| " + " | ".join(map(str, headers)) + " |",
+        "| " + " | ".join(marks[a] for a in align) + " |",
+    ]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def replace_markdown_section(path: Path, title: str, body: str) -> Path:
+    """Replace (or append) the ``## title`` section of a Markdown file, keeping the others."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Experiment results\n"
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def relative_to_repo(path: Path) -> str:
+    """``path`` relative to the repository root when possible (for links in Markdown)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(EXPERIMENTS_DIR.parent))
+    except ValueError:
+        return str(path)
+
+
+def link(path: str | Path, markdown_path: Path) -> str:
+    """A link to ``path`` (absolute, or relative to the repository root) from ``markdown_path``."""
+    target = Path(path)
+    if not target.is_absolute():
+        target = EXPERIMENTS_DIR.parent / target
+    return os.path.relpath(target, Path(markdown_path).resolve().parent)
+
+
+def script_argv() -> list[str]:
+    """The command-line arguments of this process (without the program name)."""
+    return list(sys.argv[1:])
