@@ -23,6 +23,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -m slow -q
 
+demo: $(STAMP)
+	$(PY) experiments/vae.py --dataset freyfaces --flow cpflow
+
 bench: $(STAMP)
 	$(PY) experiments/benchmarks/inverse_solvers.py
 	$(PY) experiments/benchmarks/logdet_step.py
