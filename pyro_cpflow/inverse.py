@@ -138,14 +138,20 @@ def _newton_cg(
         direction = torch.where(descent[:, None], direction, -residual)
         slope = torch.where(descent, slope, -(residual * residual).sum(-1))
         with torch.no_grad():
-            phi0 = value.detach() - (y_rows * x_rows).sum(-1)
+            value = value.detach()
+            linear = (y_rows * x_rows).sum(-1)
+            phi0 = value - linear
             step = torch.ones_like(phi0)
             pending = moving.clone()
             for _ in range(60):
                 trial = x_rows + step[:, None] * direction
-                phi = _evaluate(potential, trial, context_rows) - (y_rows * trial).sum(-1)
-                # round-off slack: near the solution phi changes below its resolution
-                slack = 64 * eps * (phi0.abs() + phi.abs())
+                trial_value = _evaluate(potential, trial, context_rows)
+                trial_linear = (y_rows * trial).sum(-1)
+                phi = trial_value - trial_linear
+                # round-off slack: near the solution phi changes below the rounding error of
+                # its terms, F(x) and y^T x, which can be much larger than phi itself
+                scale = value.abs() + linear.abs() + trial_value.abs() + trial_linear.abs()
+                slack = 64 * eps * scale
                 pending = pending & ~(phi <= phi0 + 1e-4 * step * slope + slack)
                 if not bool(pending.any()):
                     break

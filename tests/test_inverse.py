@@ -199,3 +199,16 @@ def test_quadratic_preconditioner_cuts_newton_work():
     assert plain.all_converged and fast.all_converged
     assert (fast_x - x).abs().max() < 1e-8
     assert fast.hessian_products * 3 < plain.hessian_products
+
+
+def test_line_search_tolerates_round_off_of_large_terms():
+    """F(x) and y^T x can be far larger than phi = F(x) - y^T x; Newton must still finish."""
+    potential = _potential(3, randomize=1.0)
+    with torch.no_grad():
+        potential.shift.fill_(1e5)  # adds b^T x to F and b to y: they cancel in phi
+    x = torch.randn(50, 3)
+    y = potential.gradient(x)
+    x_hat, report = solve_gradient_equation(potential, y, tol=1e-10)
+    assert report.all_converged, report.residual.max()
+    assert int(report.iterations.max()) <= 15
+    assert (x_hat - x).abs().max() < 1e-8
