@@ -9,12 +9,20 @@ graph that has already been freed. Every in-place update of a tensor (optimizer
 steps, ``load_state_dict``, ``copy_``) increments its version counter, so keying the
 cache on the parameters' versions as well as on the identity of ``x`` invalidates it
 exactly when it must.
+
+Two more things invalidate the pair: a change of grad mode (a pair computed under
+``torch.no_grad()`` has no graph, and returning it in grad mode would silently drop
+gradients), and a backward pass through the cached output (which frees its graph): a
+hook on the output forgets the pair as soon as a gradient flows through it. Subclasses
+may add further state to the key through :meth:`_cache_key_extra`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import weakref
+from collections.abc import Hashable, Iterable
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["VersionedCacheMixin", "module_parameters_and_buffers"]
@@ -33,8 +41,13 @@ class VersionedCacheMixin:
     def _cache_parameters(self) -> Iterable[Tensor]:
         raise NotImplementedError
 
-    def _cache_stamp(self) -> tuple[tuple[int, int], ...]:
-        return tuple((id(p), p._version) for p in self._cache_parameters())
+    def _cache_key_extra(self) -> Hashable:
+        """Further state whose change must invalidate the cache (none by default)."""
+        return None
+
+    def _cache_stamp(self) -> tuple:
+        versions = tuple((id(p), p._version) for p in self._cache_parameters())
+        return versions, torch.is_grad_enabled(), self._cache_key_extra()
 
     def _cache_lookup(self, key: Tensor, position: int) -> Tensor | None:
         cached = self._cached_x_y
@@ -42,9 +55,18 @@ class VersionedCacheMixin:
             return cached[1 - position]
         return None
 
-    def _cache_store(self, x: Tensor, y: Tensor) -> None:
+    def _cache_store(self, x: Tensor, y: Tensor, output: Tensor) -> None:
         self._cached_x_y = x, y
         self.__dict__["_cached_stamp"] = self._cache_stamp()
+        if output.requires_grad:
+            owner = weakref.ref(self)
+
+            def forget(grad: Tensor) -> None:
+                transform = owner()
+                if transform is not None and transform._cached_x_y[0] is x:
+                    transform.clear_cache()
+
+            output.register_hook(forget)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self._cache_size == 0:
@@ -52,7 +74,7 @@ class VersionedCacheMixin:
         y = self._cache_lookup(x, 0)
         if y is None:
             y = self._call(x)  # type: ignore[attr-defined]
-            self._cache_store(x, y)
+            self._cache_store(x, y, output=y)
         return y
 
     def _inv_call(self, y: Tensor) -> Tensor:
@@ -61,7 +83,7 @@ class VersionedCacheMixin:
         x = self._cache_lookup(y, 1)
         if x is None:
             x = self._inverse(y)  # type: ignore[attr-defined]
-            self._cache_store(x, y)
+            self._cache_store(x, y, output=x)
         return x
 
     def __getstate__(self) -> dict:

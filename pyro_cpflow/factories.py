@@ -14,9 +14,15 @@ from .transforms import ConditionalCPFlow, CPFlow, CPFlowStack
 __all__ = ["conditional_cpflow", "conditional_cpflow_stack", "cpflow", "cpflow_stack"]
 
 
-def _potential_options(input_dim: int, alpha: float, quadratic_rank: int | None) -> dict:
+_POTENTIAL_OPTIONS = ("initial_scale", "initial_factor_std")
+
+
+def _split_options(input_dim: int, alpha: float, quadratic_rank: int | None, options: dict) -> dict:
+    """Pop the :class:`~pyro_cpflow.potential.ConvexPotential` options out of ``options``."""
     rank = min(input_dim, 64) if quadratic_rank is None else quadratic_rank
-    return {"input_dim": input_dim, "alpha": alpha, "quadratic_rank": rank}
+    potential = {"input_dim": input_dim, "alpha": alpha, "quadratic_rank": rank}
+    potential.update({key: options.pop(key) for key in _POTENTIAL_OPTIONS if key in options})
+    return potential
 
 
 def cpflow(
@@ -39,7 +45,9 @@ def cpflow(
     :param quadratic_rank: columns of the learnable factor ``L`` (default ``min(d, 64)``).
     :param input_gain: initial sharpness of the network's input features (see
         :class:`~pyro_cpflow.nn.ICNN`); it assumes roughly standardised inputs.
-    :param options: :class:`~pyro_cpflow.transforms.FlowOptions` (``logdet``, tolerances...).
+    :param options: ``initial_scale`` and ``initial_factor_std`` of
+        :class:`~pyro_cpflow.potential.ConvexPotential`, and the
+        :class:`~pyro_cpflow.transforms.FlowOptions` (``logdet``, tolerances...).
 
     >>> flow = cpflow(3, hidden_dims=(8, 8), logdet="exact")
     >>> flow.inv(flow(torch.randn(4, 3))).shape
@@ -48,7 +56,7 @@ def cpflow(
     network = ICNN(
         input_dim, hidden_dims, augmented=augmented, activation=activation, input_gain=input_gain
     )
-    potential = ConvexPotential(network, **_potential_options(input_dim, alpha, quadratic_rank))
+    potential = ConvexPotential(network, **_split_options(input_dim, alpha, quadratic_rank, options))
     return CPFlow(potential, **options)
 
 
@@ -85,7 +93,7 @@ def conditional_cpflow(
         else None
     )
     potential = ConvexPotential(
-        network, context_terms=context_terms, **_potential_options(input_dim, alpha, quadratic_rank)
+        network, context_terms=context_terms, **_split_options(input_dim, alpha, quadratic_rank, options)
     )
     return ConditionalCPFlow(potential, **options)
 

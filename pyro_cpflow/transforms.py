@@ -193,6 +193,18 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
     def _cache_parameters(self) -> Iterable[Tensor]:
         return module_parameters_and_buffers(self.potential)
 
+    def _cache_key_extra(self) -> tuple:
+        options = self.options  # a cached inverse must follow the solver's settings
+        return options.inverse_method, options.inverse_tol, options.inverse_max_iter
+
+    def _needs_graph(self, rows: Tensor, context: Tensor | None) -> bool:
+        """Whether the result must be differentiable: grad mode and something requiring grad."""
+        if not torch.is_grad_enabled():
+            return False
+        if rows.requires_grad or (context is not None and context.requires_grad):
+            return True
+        return any(p.requires_grad for p in self.potential.parameters())
+
     def _flatten(self, x: Tensor, name: str) -> tuple[Tensor, Tensor | None, torch.Size]:
         """Rows ``(N, d)``, matching context rows ``(N, c)`` and the batch shape."""
         d = self.input_dim
@@ -224,7 +236,7 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
 
     def _call(self, x: Tensor) -> Tensor:
         rows, context, batch = self._flatten(x, "x")
-        y = self.potential.gradient(rows, context, create_graph=torch.is_grad_enabled())
+        y = self.potential.gradient(rows, context, create_graph=self._needs_graph(rows, context))
         return y.reshape(*batch, self.input_dim)
 
     def _inverse(self, y: Tensor) -> Tensor:
@@ -244,18 +256,31 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
         options.last_inverse = report
         return x.reshape(*batch, self.input_dim)
 
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        r""":math:`\log\det \nabla^2 F(x)`, shape ``batch``, by the mode of ``options``."""
-        rows, context, batch = self._flatten(x, "x")
-        options = self.options
-        track = torch.is_grad_enabled()
+    def _gradient_graph(self, rows: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(leaf, grad F(leaf))`` with a graph for Hessian-vector products in ``leaf``."""
         with torch.enable_grad():
             leaf = rows if rows.requires_grad else rows.detach().requires_grad_(True)
-            grad = self.potential.gradient(leaf, context, create_graph=True)
-            if options.resolve_logdet(self.input_dim) == "exact":
-                logdet = cholesky_logdet(dense_hessian(grad, leaf, create_graph=track))
-            else:
-                logdet = self._stochastic_logdet(grad, leaf, track)
+            return leaf, self.potential.gradient(leaf, context, create_graph=True)
+
+    def hessian(self, x: Tensor) -> Tensor:
+        r"""The Jacobian of the map, :math:`\nabla^2 F(x)`, shape ``batch + (d, d)``.
+
+        Differentiable when grad mode is on and something requires grad.
+        """
+        rows, context, batch = self._flatten(x, "x")
+        leaf, grad = self._gradient_graph(rows, context)
+        hessian = dense_hessian(grad, leaf, create_graph=self._needs_graph(rows, context))
+        return hessian.reshape(*batch, self.input_dim, self.input_dim)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        r""":math:`\log\det \nabla^2 F(x)`, shape ``batch``, by the mode of ``options``."""
+        if self.options.resolve_logdet(self.input_dim) == "exact":
+            return cholesky_logdet(self.hessian(x))
+        rows, context, batch = self._flatten(x, "x")
+        track = self._needs_graph(rows, context)  # decided outside enable_grad below
+        leaf, grad = self._gradient_graph(rows, context)
+        with torch.enable_grad():
+            logdet = self._stochastic_logdet(grad, leaf, track)
         return logdet.reshape(batch)
 
     def _stochastic_logdet(self, grad: Tensor, leaf: Tensor, track: bool) -> Tensor:

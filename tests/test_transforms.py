@@ -276,3 +276,44 @@ def test_factory_rejects_bad_options():
     with pytest.raises(ValueError, match="inverse_method"):
         cpflow(D, inverse_method="bisection")
     assert isinstance(cpflow(D), CPFlow)
+
+
+def test_cache_follows_grad_mode_backward_passes_and_solver_options():
+    flow = cpflow(D, **SMALL)
+    p = dist.TransformedDistribution(dist.Normal(torch.zeros(D), 1.0).to_event(1), [flow.inv])
+    x = torch.randn(8, D)
+    # a backward pass frees the graph of the cached output: scoring again must still work
+    p.log_prob(x).sum().backward()
+    p.log_prob(x).sum().backward()
+    # a value cached under no_grad has no graph: grad mode must not reuse it
+    with torch.no_grad():
+        p.log_prob(x)
+    flow.zero_grad()
+    p.log_prob(x).sum().backward()
+    assert all(param.grad is not None for param in flow.parameters())
+    # a cached inverse must follow the solver's settings
+    y = torch.randn(4, D)
+    with torch.no_grad():
+        flow.inv(y)
+        first = flow.last_inverse
+        flow.inverse_tol = 1e-3
+        flow.inv(y)
+    assert flow.last_inverse is not first and flow.last_inverse.tol == 1e-3
+
+
+def test_no_graph_when_nothing_requires_grad():
+    flow = cpflow(D, **SMALL).requires_grad_(False)
+    x = torch.randn(3, D)
+    y = flow(x)
+    assert not y.requires_grad
+    assert not flow.log_abs_det_jacobian(x, y).requires_grad
+
+
+def test_hessian_helper_and_factory_potential_options():
+    flow = cpflow(D, hidden_dims=(8, 8), initial_scale=1.0, initial_factor_std=1.5)
+    assert abs(float(flow.potential.scale.detach()) - 1.0) < 1e-12
+    x = torch.randn(2, 5, D)
+    hessian = flow.hessian(x)
+    assert hessian.shape == (2, 5, D, D)
+    expected = torch.autograd.functional.hessian(lambda v: flow.potential(v[None])[0], x[1, 3])
+    assert torch.allclose(hessian[1, 3], expected, atol=1e-12)
