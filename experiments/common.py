@@ -219,6 +219,17 @@ def stopwatch() -> Iterator[dict[str, float]]:
 # -------------------------------------------------------------------------- output
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 90) -> Path:
+    """Lay out, save (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def write_json(path: Path, data: Any) -> Path:
     """Write ``data`` as indented JSON (creating the folder); return the path."""
     path = Path(path)

@@ -377,11 +377,7 @@ def plot_cost_vs_kl(record: dict[str, Any], path: Path) -> Path:
         "Transport cost vs KL during maximum-likelihood training (both start near the identity; star: end)",
         fontsize=10,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def markdown_section(record: dict[str, Any], markdown_path: Path = common.RESULTS_MD) -> str:

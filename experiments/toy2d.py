@@ -283,11 +283,7 @@ def plot_grid(result: ToyResult, path: Path, limit: float) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_aspect("equal")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def markdown_section(record: dict[str, Any], markdown_path: Path = common.RESULTS_MD) -> str:
