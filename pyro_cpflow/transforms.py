@@ -134,10 +134,12 @@ class FlowOptions:
             raise ValueError(f"logdet must be one of {LOGDET_MODES}, got {mode!r}")
         self._logdet_mode = mode
 
-    def resolve_logdet(self, dim: int) -> str:
-        """The mode actually used for dimension ``dim`` in the current train/eval state."""
+    def resolve_logdet(self, dim: int | None = None) -> str:
+        """The mode used now (train/eval state) for dimension ``dim``, by default the flow's own."""
         if self.logdet != "auto":
             return self.logdet
+        if dim is None:
+            dim = self.potential.input_dim  # type: ignore[attr-defined]
         return "exact" if (not self.training or dim <= self.exact_max_dim) else "stochastic"
 
     def _warn_cg(self, result: CGResult) -> None:

@@ -260,8 +260,8 @@ def test_actnorm_initialises_in_either_direction():
 def test_auto_mode_follows_dimension_and_training_state():
     small = cpflow(2, hidden_dims=(8,), exact_max_dim=4)
     large = cpflow(8, hidden_dims=(8,), exact_max_dim=4)
-    assert small.resolve_logdet(2) == "exact"
-    assert large.resolve_logdet(8) == "stochastic"
+    assert small.resolve_logdet(2) == "exact" == small.resolve_logdet()
+    assert large.resolve_logdet(8) == "stochastic" == large.resolve_logdet()
     large.eval()
     assert large.resolve_logdet(8) == "exact"
     conditional = conditional_cpflow(8, C, hidden_dims=(8,), exact_max_dim=4)
