@@ -21,26 +21,24 @@ The output's sha256 is recorded in ``experiments/vae/data.py``; the build is det
 from __future__ import annotations
 
 import argparse
-import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from experiments.vae.data import sha256_of_file  # noqa: E402
+
 SOURCES = {
     "images_background.npz": "8bf84167413cd00beacdce3fe582f780ab538d8dbef043a6d688f2527bbce199",
     "images_evaluation.npz": "0b84c7ffd94c4841c0040e529c86a82eaaccb986d8eadad5673f7991b7475276",
 }
 OUTPUT = Path(__file__).resolve().parent / "omniglot28.npz"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def downsample(images: np.ndarray, size: int = 28, chunk: int = 2048) -> np.ndarray:
@@ -58,7 +56,7 @@ def build(source: Path, output: Path = OUTPUT) -> str:
     images, labels, alphabets = [], [], []
     for part, (name, sha256) in enumerate(SOURCES.items()):
         path = source / name
-        found = _sha256(path)
+        found = sha256_of_file(path)
         if found != sha256:
             raise RuntimeError(f"{path}: sha256 {found} differs from the recorded {sha256}")
         with np.load(path) as archive:
@@ -73,7 +71,7 @@ def build(source: Path, output: Path = OUTPUT) -> str:
         labels=np.concatenate(labels),
         background_set=np.concatenate(alphabets) == 0,
     )
-    return _sha256(output)
+    return sha256_of_file(output)
 
 
 def main() -> None:

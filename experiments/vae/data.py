@@ -76,7 +76,8 @@ class ChecksumError(RuntimeError):
     """A data file's sha256 differs from the one recorded in :data:`FILES`."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_of_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -94,7 +95,7 @@ def verify_file(name: str, root: Path = DATA_DIR) -> Path:
             f"data file {path} is missing; it is part of the repository (experiments/data/), "
             "see experiments/data/README.md for its origin"
         )
-    found = _sha256(path)
+    found = sha256_of_file(path)
     if found != FILES[name]:
         raise ChecksumError(
             f"{path} is corrupt or not the expected file: sha256 {found}, expected {FILES[name]} "
