@@ -3,7 +3,8 @@ r"""Activation normalisation with data-dependent initialisation (Kingma & Dhariw
 :math:`y = (x - \mu) \odot e^{-s}`, elementwise, with :math:`\log|\det J| = -\sum_i s_i`.
 On its first call, in either direction, :math:`\mu` and :math:`s` are set from the
 batch so that the output of that call has zero mean and unit variance per
-coordinate. The ``initialized`` flag is a buffer, so it survives ``state_dict``.
+coordinate. The ``initialized`` flag is a buffer, so it survives ``state_dict``; once it
+has been seen to be set, a host-side copy answers, so later calls do not wait for a GPU.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ class ActNorm(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
         self.loc = nn.Parameter(torch.zeros(input_dim))
         self.log_scale = nn.Parameter(torch.zeros(input_dim))
         self.register_buffer("initialized", torch.tensor(False))
+        self._known_initialized = False  # host-side copy of a True ``initialized``
+
+    def _is_initialized(self) -> bool:
+        if not self._known_initialized:
+            self._known_initialized = bool(self.initialized)
+        return self._known_initialized
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = False  # the loaded flag is read on the next call
 
     def _cache_parameters(self) -> Iterable[Tensor]:
         return module_parameters_and_buffers(self)
@@ -62,7 +73,7 @@ class ActNorm(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
 
     def _call(self, x: Tensor) -> Tensor:
         self._check(x)
-        if not bool(self.initialized):
+        if not self._is_initialized():
             mean, log_std = self._batch_statistics(x)
             with torch.no_grad():
                 self.loc.copy_(mean)
@@ -72,7 +83,7 @@ class ActNorm(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
 
     def _inverse(self, y: Tensor) -> Tensor:
         self._check(y)
-        if not bool(self.initialized):
+        if not self._is_initialized():
             # x = y e^{s} + mu is standardised when e^{s} = 1/std(y) and mu = -mean(y)/std(y)
             mean, log_std = self._batch_statistics(y)
             with torch.no_grad():

@@ -134,6 +134,7 @@ def conjugate_gradient(
     atol: float = 0.0,
     max_iter: int | None = None,
     preconditioner: MatVec | None = None,
+    check_every: int = 1,
 ) -> CGResult:
     r"""Solve :math:`H_i w_i = b_i` for a batch of SPD :math:`H_i` by (preconditioned) CG.
 
@@ -151,6 +152,11 @@ def conjugate_gradient(
     :param max_iter: default ``2 d``.
     :param preconditioner: optional batched :math:`M^{-1} v` for an SPD :math:`M \approx H`;
         the iteration count then depends on the conditioning of :math:`M^{-1} H`.
+    :param check_every: the loop ends early once every sample has converged; that test
+        reads a flag on the host (a device synchronisation on a GPU) and runs every
+        ``check_every`` iterations. ``0`` never tests: exactly ``max_iter`` iterations run,
+        converged samples frozen, with no synchronisation; the result is the same as with
+        early exit whenever ``max_iter`` iterations suffice.
 
     >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
     >>> result = conjugate_gradient(lambda v: v @ A, torch.ones(5, 2), rtol=1e-10)
@@ -159,6 +165,8 @@ def conjugate_gradient(
     """
     if rhs.dim() != 2:
         raise ValueError(f"rhs must have shape (N, d), got {tuple(rhs.shape)}")
+    if check_every < 0:
+        raise ValueError(f"check_every must be >= 0, got {check_every}")
     n, d = rhs.shape
     max_iter = 2 * d if max_iter is None else max_iter
     precondition = (lambda v: v) if preconditioner is None else preconditioner
@@ -175,8 +183,8 @@ def conjugate_gradient(
     active = residual.norm(dim=-1) > tolerance
     healthy = torch.ones(n, dtype=torch.bool, device=rhs.device)
     iterations = torch.zeros(n, dtype=torch.long, device=rhs.device)
-    for _ in range(max_iter):
-        if not bool(active.any()):
+    for iteration in range(max_iter):
+        if check_every and iteration % check_every == 0 and not bool(active.any()):
             break
         product = matvec(direction)
         curvature = (direction * product).sum(-1)
@@ -270,6 +278,7 @@ def logdet_gradient_surrogate(
     rtol: float = 1e-6,
     max_iter: int | None = None,
     preconditioner: MatVec | None = None,
+    check_every: int = 1,
 ) -> tuple[Tensor, CGResult]:
     r"""A scalar per sample whose gradient estimates :math:`\partial \log\det H` without bias.
 
@@ -277,7 +286,8 @@ def logdet_gradient_surrogate(
     :func:`conjugate_gradient` with the constant product ``matvec`` (no graph, so
     memory does not grow with the iterations), and the surrogate is
     :math:`w^\top (H v)` with :math:`H v` from ``matvec_with_graph``. Its value is
-    meaningless (about ``d``); only its gradient is used.
+    meaningless (about ``d``); only its gradient is used. ``rtol``, ``max_iter``,
+    ``preconditioner`` and ``check_every`` go to :func:`conjugate_gradient`.
 
     Returns the surrogate ``(N,)`` (averaged over probes) and the CG result of the
     last probe, augmented with the worst iteration count over probes.
@@ -286,7 +296,10 @@ def logdet_gradient_surrogate(
     results = []
     for _ in range(num_probes):
         probe = rademacher(like.shape, like)
-        result = conjugate_gradient(matvec, probe, rtol=rtol, max_iter=max_iter, preconditioner=preconditioner)
+        result = conjugate_gradient(
+            matvec, probe, rtol=rtol, max_iter=max_iter, preconditioner=preconditioner,
+            check_every=check_every,
+        )
         results.append(result)
         surrogate = surrogate + (result.solution.detach() * matvec_with_graph(probe)).sum(-1)
     merged = CGResult(

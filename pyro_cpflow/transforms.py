@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Iterable
 
 import torch
-from pyro.distributions import constraints
+from pyro.distributions import constraints, is_validation_enabled
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
 from torch import Tensor
@@ -70,6 +70,16 @@ DEFAULT_EXACT_MAX_DIM = 16
 Chosen from ``experiments/benchmarks/logdet_step.py`` (see the README)."""
 
 
+def check_finite(value: Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``value`` holds NaN or Inf, while Pyro's validation is on.
+
+    The check reads a flag on the host (a synchronisation on a GPU), so like Pyro's own
+    argument checks it follows ``pyro.enable_validation`` (on by default).
+    """
+    if is_validation_enabled() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
 class FlowOptions:
     """Numerical options shared by :class:`CPFlow` and :class:`ConditionalCPFlow`.
 
@@ -79,6 +89,10 @@ class FlowOptions:
     :param lanczos_steps: Lanczos iterations of the stochastic log-det value.
     :param cg_rtol: relative tolerance of the CG solves of the stochastic gradient.
     :param cg_max_iter: iteration cap of those solves (default ``2 d``).
+    :param cg_check_every: how often CG tests whether every sample has converged, a
+        host synchronisation on a GPU (see :func:`~pyro_cpflow.linalg.conjugate_gradient`).
+        ``0`` with a small ``cg_max_iter`` and ``on_failure="ignore"`` gives a training
+        step that never waits for the device; read ``last_cg`` when logging instead.
     :param inverse_method: ``"newton-cg"`` or ``"lbfgs"``.
     :param inverse_tol: tolerance on :math:`|\\nabla F(x) - y|_\\infty` (default by dtype).
     :param inverse_max_iter: iteration cap of the inverse solver.
@@ -100,6 +114,7 @@ class FlowOptions:
         lanczos_steps: int = 10,
         cg_rtol: float = 1e-6,
         cg_max_iter: int | None = None,
+        cg_check_every: int = 1,
         inverse_method: str = "newton-cg",
         inverse_tol: float | None = None,
         inverse_max_iter: int = 100,
@@ -107,6 +122,8 @@ class FlowOptions:
     ) -> None:
         if num_probes < 1 or lanczos_steps < 1:
             raise ValueError("num_probes and lanczos_steps must be positive")
+        if cg_check_every < 0:
+            raise ValueError(f"cg_check_every must be >= 0, got {cg_check_every}")
         if on_failure not in ("warn", "raise", "ignore"):
             raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
         if inverse_method not in INVERSE_METHODS:
@@ -117,6 +134,7 @@ class FlowOptions:
         self.lanczos_steps = lanczos_steps
         self.cg_rtol = cg_rtol
         self.cg_max_iter = cg_max_iter
+        self.cg_check_every = cg_check_every
         self.inverse_method = inverse_method
         self.inverse_tol = inverse_tol
         self.inverse_max_iter = inverse_max_iter
@@ -220,8 +238,7 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
                 f"{name} has dtype {x.dtype} on {x.device} but the flow's parameters have "
                 f"dtype {reference.dtype} on {reference.device}; convert one of them"
             )
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
+        check_finite(x, name)
         context = self.context
         if context is None:
             return x.reshape(-1, d), None, x.shape[:-1]
@@ -302,6 +319,7 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
             rtol=options.cg_rtol,
             max_iter=options.cg_max_iter,
             preconditioner=self.potential.quadratic_preconditioner(),
+            check_every=options.cg_check_every,
         )
         options.last_cg = cg
         options._warn_cg(cg)
@@ -394,6 +412,5 @@ class ConditionalCPFlow(ConditionalTransformModule, FlowOptions):
         if not isinstance(context, Tensor) or context.dim() < 1 or context.shape[-1] != expected:
             shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
             raise ValueError(f"context must have shape (..., {expected}), got {shape}")
-        if not bool(torch.isfinite(context).all()):
-            raise ValueError("context contains NaN or Inf")
+        check_finite(context, "context")
         return ConditionedCPFlow(self.potential, context, self, cache_size=1)

@@ -34,6 +34,27 @@ def test_cg_matches_dense_solve():
     assert bool((result.residual_norm <= 1e-12 * b.norm(dim=-1)).all())
 
 
+def test_cg_without_convergence_tests_runs_max_iter_and_freezes_converged_samples():
+    from tests.sync_counter import HostSyncCounter
+
+    a = _spd_batch(20, 8, condition=100.0)
+    b = torch.randn(20, 8)
+    adaptive = conjugate_gradient(_matvec(a), b, rtol=1e-10, max_iter=40)
+    with HostSyncCounter() as counter:
+        fixed = conjugate_gradient(_matvec(a), b, rtol=1e-10, max_iter=40, check_every=0)
+    assert counter.total == 0, dict(counter.counts)
+    assert bool(adaptive.converged.all()) and bool(fixed.converged.all())
+    assert torch.equal(fixed.iterations, adaptive.iterations)  # frozen once converged
+    assert torch.allclose(fixed.solution, adaptive.solution, rtol=0, atol=1e-12)
+    with HostSyncCounter() as counter:
+        conjugate_gradient(_matvec(a), b, rtol=1e-10, max_iter=40, check_every=5)
+    assert 1 <= counter.total <= 40 // 5
+    starved = conjugate_gradient(_matvec(a), b, rtol=1e-10, max_iter=2, check_every=0)
+    assert not bool(starved.converged.any()) and bool((starved.iterations == 2).all())
+    with pytest.raises(ValueError, match="check_every"):
+        conjugate_gradient(_matvec(a), b, check_every=-1)
+
+
 def test_cg_per_sample_convergence_with_one_ill_conditioned_sample():
     d = 50
     a = torch.eye(d).repeat(8, 1, 1) * 2.0

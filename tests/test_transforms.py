@@ -3,6 +3,7 @@
 import copy
 import io
 
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -173,6 +174,18 @@ def test_bad_input_gets_clear_errors():
         cflow.condition(torch.tensor([float("nan"), 0.0]))
 
 
+def test_finite_value_checks_follow_pyro_validation():
+    """The NaN/Inf checks read values on the host, so ``pyro.enable_validation(False)`` skips them."""
+    flow = cpflow(D, **SMALL)
+    cflow = conditional_cpflow(D, C, **SMALL)
+    bad = torch.tensor([[0.0, float("nan"), 0.0]])
+    with pyro.validation_enabled(False):
+        assert torch.isnan(flow(bad)).any()
+        cflow.condition(torch.tensor([float("nan"), 0.0]))
+    with pyro.validation_enabled(True), pytest.raises(ValueError, match="NaN or Inf"):
+        flow(bad.clone())  # a new tensor: the cache would return the last result unchecked
+
+
 def test_inverse_is_a_module_sharing_parameters():
     flow = cpflow(D, **SMALL)
     inverse = flow.inv
@@ -241,6 +254,11 @@ def test_actnorm_state_survives_state_dict():
     fresh.load_state_dict(stack.state_dict())
     assert bool(fresh[1].initialized)
     assert torch.allclose(fresh[1].loc, norm.loc)
+    # loading an uninitialised state makes the next call initialise again
+    norm.load_state_dict(ActNorm(D).state_dict())
+    other = 3 * torch.randn(100, D) - 4
+    y = norm(other)
+    assert bool(norm.initialized) and torch.allclose(y.mean(0), torch.zeros(D), atol=1e-10)
 
 
 def test_actnorm_initialises_in_either_direction():

@@ -34,6 +34,7 @@ from experiments.vae.evaluate import evaluate_bounds, importance_sampled_log_lik
 from experiments.vae.model import VAE, Architecture, elbo_loss  # noqa: E402
 from experiments.vae.posteriors import POSTERIORS, PosteriorConfig, build_posterior  # noqa: E402
 from experiments.vae.train import Config, Trainer, run, state_dict_equal  # noqa: E402
+from tests.sync_counter import HostSyncCounter  # noqa: E402
 
 SCRIPT = ROOT / "experiments" / "vae.py"
 TINY = Config(
@@ -138,9 +139,13 @@ def test_every_recorded_checksum_matches_and_a_corrupt_file_is_refused(tmp_path)
 # ----------------------------------------------------------------------------- model
 
 
-def _tiny_vae(flow: str, likelihood: str = "bernoulli", shape=(1, 28, 28), logdet="exact") -> VAE:
+def _tiny_vae(
+    flow: str, likelihood: str = "bernoulli", shape=(1, 28, 28), logdet="exact", cg_options=(),
+) -> VAE:
     arch = Architecture(shape, likelihood, latent_dim=8, feature_dim=16, channels=4, head_channels=8)
-    posterior = build_posterior(PosteriorConfig(flow, 8, 16, steps=2, hidden_dims=(16, 16), logdet=logdet))
+    posterior = build_posterior(
+        PosteriorConfig(flow, 8, 16, steps=2, hidden_dims=(16, 16), logdet=logdet, cg_options=cg_options)
+    )
     return VAE(arch, posterior)
 
 
@@ -174,6 +179,47 @@ def test_log_weights_score_the_guides_samples_without_the_inverse_solver(monkeyp
     with torch.no_grad():
         weights = vae.log_weights(x, 5)
     assert weights.shape == (5, 3) and torch.isfinite(weights).all()
+
+
+def _device_reads_of_a_training_step(cg_options: dict) -> HostSyncCounter:
+    """Device reads of the second training step of a CP-Flow VAE (stochastic log-det)."""
+    vae = _tiny_vae("cpflow", logdet="stochastic", cg_options=tuple(cg_options.items()))
+    optimizer = torch.optim.Adamax(vae.parameters(), lr=1e-3)
+    x = torch.bernoulli(torch.full((6, 1, 28, 28), 0.3))
+    with torch.no_grad():
+        vae.approximate_posterior(x).rsample()  # ActNorm's data-dependent initialisation
+    with pyro.validation_enabled(False):  # as the trainer runs, unless --validate
+        for _ in range(2):
+            with HostSyncCounter() as counter:
+                loss = vae(x, 1.0)
+                optimizer.zero_grad()
+                loss.backward()
+            optimizer.step()  # its step counters live on the host
+    return counter
+
+
+def test_cpflow_training_step_never_reads_the_device_with_the_cuda_settings():
+    gpu = Config(device="cuda").cg_options()
+    assert gpu["cg_check_every"] == 0 and gpu["cg_max_iter"] == 16 and gpu["on_failure"] == "ignore"
+    counter = _device_reads_of_a_training_step(gpu)
+    assert counter.total == 0, dict(counter.counts)
+    # the control: the CPU settings test CG convergence on the host, and the counter sees it
+    cpu = Config(device="cpu").cg_options()
+    assert cpu["cg_check_every"] == 1 and cpu["cg_max_iter"] is None
+    counter = _device_reads_of_a_training_step(cpu)
+    assert counter.total >= 4 and all("conjugate" in where or "active.any" in where
+                                      for _, where in counter.counts), dict(counter.counts)
+
+
+def test_cg_misses_are_counted_per_epoch(tmp_path):
+    stochastic = replace(TINY, flow="cpflow", logdet="stochastic")
+    converged = run(replace(stochastic, out_dir=str(tmp_path / "a")))
+    starved = run(replace(stochastic, cg_max_iter=1, cg_check_every=0, out_dir=str(tmp_path / "b")))
+    first = _records(tmp_path / "a" / "metrics.jsonl")[0]
+    assert first["cg_unconverged"] == 0 and first["cg_iterations_max"] >= 2
+    first = _records(tmp_path / "b" / "metrics.jsonl")[0]
+    assert first["cg_unconverged"] > 0 and first["cg_iterations_max"] == 1
+    assert math.isfinite(converged["test_nelbo"]) and math.isfinite(starved["test_nelbo"])
 
 
 # ----------------------------------------------------------------------------- training

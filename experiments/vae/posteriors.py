@@ -58,6 +58,8 @@ class PosteriorConfig:
     :param steps: flow steps (blocks); ``None`` for :data:`DEFAULT_STEPS`.
     :param hidden_dims: hidden widths; ``None`` for :data:`DEFAULT_HIDDEN`.
     :param logdet: CP-Flow log-det mode (``"auto"``, ``"exact"`` or ``"stochastic"``).
+    :param cg_options: CP-Flow solver options (``cg_max_iter``, ``cg_check_every``,
+        ``on_failure``; see :class:`pyro_cpflow.FlowOptions`).
     """
 
     name: str
@@ -66,6 +68,7 @@ class PosteriorConfig:
     steps: int | None = None
     hidden_dims: tuple[int, ...] | None = None
     logdet: str = "auto"
+    cg_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         if self.name not in POSTERIORS:
@@ -110,7 +113,7 @@ def build_posterior(config: PosteriorConfig) -> AmortizedPosterior:
     if name in ("cpflow", "cpflow-vanilla"):
         flow = conditional_cpflow_stack(
             d, c, num_blocks=steps, hidden_dims=hidden, augmented=name == "cpflow",
-            logdet=config.logdet,
+            logdet=config.logdet, **dict(config.cg_options),
         )
         return AmortizedPosterior(flow)
     parts: Sequence[nn.Module]
