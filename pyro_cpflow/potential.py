@@ -163,9 +163,11 @@ class ConvexPotential(nn.Module):
 
         :math:`Q \\preceq \\nabla^2 F`, and :math:`Q` carries the curvature of the affine part
         of the map, so it is a cheap preconditioner for conjugate gradients on :math:`H`.
+        :math:`Q \succeq \alpha I` by construction, so the factorisation skips its error
+        check, which would wait for a GPU.
         """
         with torch.no_grad():
-            chol = torch.linalg.cholesky(self.quadratic_matrix())
+            chol, _ = torch.linalg.cholesky_ex(self.quadratic_matrix())
 
         def solve(rows: Tensor) -> Tensor:
             return torch.cholesky_solve(rows.T, chol).T
