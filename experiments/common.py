@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pyro
@@ -284,6 +286,15 @@ def link(path: str | Path, markdown_path: Path) -> str:
     if not target.is_absolute():
         target = EXPERIMENTS_DIR.parent / target
     return os.path.relpath(target, Path(markdown_path).resolve().parent)
+
+
+def load_script(name: str) -> ModuleType:
+    """The script ``experiments/<name>`` as a module, e.g. ``vae.py``, whose name is taken
+    by the ``experiments.vae`` package."""
+    spec = importlib.util.spec_from_file_location(Path(name).stem + "_script", EXPERIMENTS_DIR / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def script_argv() -> list[str]:

@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -31,14 +30,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from experiments import common  # noqa: E402
-
-
-def _cli() -> Any:
-    """The ``experiments/vae.py`` script as a module (the ``experiments.vae`` name is the package)."""
-    spec = importlib.util.spec_from_file_location("vae_cli", common.EXPERIMENTS_DIR / "vae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 PUBLISHED_NELBO = {
@@ -90,7 +81,7 @@ class Run:
     def command(self) -> str:
         """The ``experiments/vae.py`` command that reproduces this run."""
         preset = ["--dataset", self.dataset, "--flow", self.flow, "--preset", "paper"]
-        cli = _cli()
+        cli = common.load_script("vae.py")
         baseline = cli.config_from_args(cli.build_parser().parse_args(preset)).to_dict()
         words = ["python", "experiments/vae.py", *preset]
         for key, value in self.config.items():

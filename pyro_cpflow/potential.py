@@ -163,7 +163,7 @@ class ConvexPotential(nn.Module):
 
         :math:`Q \\preceq \\nabla^2 F`, and :math:`Q` carries the curvature of the affine part
         of the map, so it is a cheap preconditioner for conjugate gradients on :math:`H`.
-        :math:`Q \succeq \alpha I` by construction, so the factorisation skips its error
+        :math:`Q \\succeq \\alpha I` by construction, so the factorisation skips its error
         check, which would wait for a GPU.
         """
         with torch.no_grad():

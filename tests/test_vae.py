@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from experiments import common  # noqa: E402
 from experiments.vae import data as vae_data  # noqa: E402
 from experiments.vae.evaluate import evaluate_bounds, importance_sampled_log_likelihood  # noqa: E402
 from experiments.vae.model import VAE, Architecture, elbo_loss  # noqa: E402
@@ -337,11 +337,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
 
 
 def _cli():
-    """``experiments/vae.py`` as a module (its name clashes with the ``experiments.vae`` package)."""
-    spec = importlib.util.spec_from_file_location("vae_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return common.load_script("vae.py")
 
 
 def _free_port() -> int:
@@ -365,3 +361,24 @@ def test_two_process_distributed_run_keeps_the_ranks_identical(tmp_path):
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
     assert checkpoint["rng"][0]["torch"].ne(checkpoint["rng"][1]["torch"]).any()  # own streams
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_report_rebuilds_each_runs_command_and_writes_table_and_figure(tmp_path):
+    report = common.load_script("vae_report.py")
+    folder = tmp_path / "run"
+    record = run(replace(TINY, dataset="freyfaces", flow="cpflow", lr=2e-3, out_dir=str(folder)))
+    entry = report.Run(folder)
+    command = entry.command().split()
+    assert command[:2] == ["python", "experiments/vae.py"]
+    cli = _cli()
+    rebuilt = cli.config_from_args(cli.build_parser().parse_args(command[2:]))
+    assert rebuilt.to_dict() == entry.config  # the command reproduces the configuration
+    results_md = tmp_path / "RESULTS.md"
+    report.main([str(folder), "--title", "Tiny", "--results-md", str(results_md),
+                 "--figure", str(tmp_path / "curves.png")])
+    text = results_md.read_text()
+    assert "## Tiny" in text and f"{record['test_nelbo_bpd']:.3f}" in text and "| 4.45 |" in text
+    assert (tmp_path / "curves.png").stat().st_size > 0
