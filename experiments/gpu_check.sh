@@ -2,7 +2,7 @@
 # Prepared GPU check for the VAE experiment (issue 5): seconds per training epoch of every
 # posterior on Frey Faces and statically binarized MNIST, on one CUDA device.
 #
-#   bash experiments/gpu_check.sh                 # float32; 10 runs of at most 75 s each
+#   bash experiments/gpu_check.sh                 # float32; 11 runs of at most 60 s each
 #   DTYPE=float64 bash experiments/gpu_check.sh   # the paper's precision
 #
 # Each run trains 2 epochs (the first includes CUDA start-up and autotuning, so the summary
@@ -10,9 +10,13 @@
 # its full 16 batches per epoch, binarized MNIST the first MNIST_BATCHES of its 500 batches
 # (the summary extrapolates to the full epoch). Validation and test use 500 and 200 images;
 # no IS-NLL. A run that fails or passes PER_RUN_TIMEOUT seconds is reported and the next
-# one starts, so the whole check stays within 10 x PER_RUN_TIMEOUT (12.5 minutes) of device
+# one starts, so the whole check stays within 11 x PER_RUN_TIMEOUT (11 minutes) of device
 # time; lower MNIST_BATCHES or FLOWS/DATASETS for a smaller budget.
-# Output: $OUT/<dataset>-<flow>/metrics.jsonl and the table $OUT/summary.md (printed).
+# First, experiments/gpu_sync_check.py counts the host synchronisations of a training step
+# per posterior under torch.cuda.set_sync_debug_mode (expected 0 for the Gaussian and the
+# CP-Flow posteriors; Pyro's planar and IAF are measured as they are).
+# Output: $OUT/sync_check.txt, $OUT/<dataset>-<flow>/metrics.jsonl and the table
+# $OUT/summary.md (printed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,13 +24,16 @@ PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-experiments/runs/gpu_check}
 DTYPE=${DTYPE:-float32}
 MNIST_BATCHES=${MNIST_BATCHES:-50}
-PER_RUN_TIMEOUT=${PER_RUN_TIMEOUT:-75}
+PER_RUN_TIMEOUT=${PER_RUN_TIMEOUT:-60}
 FLOWS=${FLOWS:-"gaussian planar iaf cpflow cpflow-vanilla"}
 DATASETS=${DATASETS:-"freyfaces binarized_mnist"}
 
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nvidia-smi unavailable"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'CUDA is not available'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
+
+echo "=== host synchronisations per training step"
+timeout "$PER_RUN_TIMEOUT" "$PY" experiments/gpu_sync_check.py --flows $FLOWS 2>&1 | tee "$OUT/sync_check.txt"
 
 for dataset in $DATASETS; do
   batches=0
