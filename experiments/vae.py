@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hidden widths inside a flow step, e.g. 64,64,64,64,64")
     group.add_argument("--logdet", choices=("auto", "exact", "stochastic"), default="auto",
                        help="CP-Flow log-det while training (evaluation is always exact)")
+    group.add_argument("--actnorm", choices=("between", "around", "none"), default="between",
+                       help="CP-Flow ActNorm layers between blocks, or also before the first and "
+                            "after the last (around; the reference code)")
     group.add_argument("--cg-max-iter", type=int,
                        help="CG iterations of the stochastic log-det gradient: a cap, or the "
                             "fixed count when --cg-check-every 0 (default 2 x latent dim on CPU, "
@@ -132,7 +135,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         latent_dim=args.latent_dim, feature_dim=args.feature_dim, channels=args.channels,
         head_channels=args.head_channels,
         flow_steps=args.flow_steps, flow_hidden=args.flow_hidden, logdet=args.logdet,
-        cg_max_iter=args.cg_max_iter, cg_check_every=args.cg_check_every,
+        actnorm=args.actnorm, cg_max_iter=args.cg_max_iter, cg_check_every=args.cg_check_every,
         elbo_samples=args.elbo_samples, chunk=args.chunk, seed=args.seed, device=args.device,
         dtype=args.dtype, threads=args.threads, out_dir=args.out_dir, log_every=args.log_every,
         progress=not args.no_progress, validate=args.validate, **values,

@@ -98,38 +98,57 @@ def conditional_cpflow(
     return ConditionalCPFlow(potential, **options)
 
 
-def _interleave_actnorm(blocks: list, input_dim: int) -> list:
-    """``[b0, ActNorm, b1, ActNorm, ..., bK]``."""
+ACTNORM_PLACEMENTS = ("between", "around", "none")
+
+
+def _with_actnorm(blocks: list, input_dim: int, placement: str) -> list:
+    """The blocks with :class:`ActNorm` layers placed as ``placement`` says.
+
+    ``"between"``: ``[b0, A, b1, A, ..., bK]``; ``"around"``: ``[A, b0, A, b1, ..., A, bK, A]``
+    (before every block and after the last, as in the reference VAE code); ``"none"``.
+    """
     if not blocks:
         raise ValueError("num_blocks must be positive")
+    if placement not in ACTNORM_PLACEMENTS:
+        raise ValueError(f"actnorm must be one of {ACTNORM_PLACEMENTS}, got {placement!r}")
+    if placement == "none":
+        return list(blocks)
     parts = [blocks[0]]
     for block in blocks[1:]:
         parts += [ActNorm(input_dim), block]
+    if placement == "around":
+        parts = [ActNorm(input_dim), *parts, ActNorm(input_dim)]
     return parts
 
 
-def cpflow_stack(input_dim: int, num_blocks: int, **kwargs) -> CPFlowStack:
-    """``num_blocks`` CP-Flow blocks with a data-initialised :class:`ActNorm` between them.
+def cpflow_stack(input_dim: int, num_blocks: int, actnorm: str = "between", **kwargs) -> CPFlowStack:
+    """``num_blocks`` CP-Flow blocks with data-initialised :class:`ActNorm` layers.
 
-    Keyword arguments go to :func:`cpflow`. The result is a ``ComposeTransformModule``
-    (``cache_size=1``) whose ``stack.inv``, for the density direction, is an ``nn.Module``.
+    :param actnorm: ``"between"`` the blocks (default), ``"around"`` them (also before the
+        first and after the last, as in the reference VAE code) or ``"none"``.
+
+    Other keyword arguments go to :func:`cpflow`. The result is a
+    ``ComposeTransformModule`` (``cache_size=1``) whose ``stack.inv``, for the density
+    direction, is an ``nn.Module``.
 
     >>> stack = cpflow_stack(2, num_blocks=2, hidden_dims=(8, 8))
     >>> [type(t).__name__ for t in stack]
     ['CPFlow', 'ActNorm', 'CPFlow']
     """
     blocks = [cpflow(input_dim, **kwargs) for _ in range(num_blocks)]
-    return CPFlowStack(_interleave_actnorm(blocks, input_dim), cache_size=1)
+    return CPFlowStack(_with_actnorm(blocks, input_dim, actnorm), cache_size=1)
 
 
 def conditional_cpflow_stack(
-    input_dim: int, context_dim: int, num_blocks: int, **kwargs
+    input_dim: int, context_dim: int, num_blocks: int, actnorm: str = "between", **kwargs
 ) -> ConditionalComposeTransformModule:
     """Conditional counterpart of :func:`cpflow_stack` (ActNorm is unconditional).
 
-    >>> stack = conditional_cpflow_stack(2, 3, num_blocks=2, hidden_dims=(8, 8))
+    >>> stack = conditional_cpflow_stack(2, 3, num_blocks=2, hidden_dims=(8, 8), actnorm="around")
+    >>> len(stack.transforms)  # ActNorm, block, ActNorm, block, ActNorm
+    5
     >>> stack.condition(torch.randn(3))(torch.randn(5, 2)).shape
     torch.Size([5, 2])
     """
     blocks = [conditional_cpflow(input_dim, context_dim, **kwargs) for _ in range(num_blocks)]
-    return ConditionalComposeTransformModule(_interleave_actnorm(blocks, input_dim), cache_size=1)
+    return ConditionalComposeTransformModule(_with_actnorm(blocks, input_dim, actnorm), cache_size=1)

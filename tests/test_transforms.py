@@ -50,6 +50,8 @@ def _build(name):
         owner = cpflow_stack(D, num_blocks=2, **SMALL)
     elif name == "conditional-stack":
         owner = conditional_cpflow_stack(D, C, num_blocks=2, **SMALL)
+    elif name == "conditional-stack-around":
+        owner = conditional_cpflow_stack(D, C, num_blocks=2, actnorm="around", **SMALL)
     elif name == "iterated":
         owner = iterated(2, cpflow, D, **SMALL)
     else:
@@ -63,7 +65,7 @@ def _build(name):
 
 
 NAMES = ["cpflow", "cpflow.inv", "conditional", "conditional.inv", "conditional-quadratic",
-         "stack", "stack.inv", "conditional-stack", "iterated"]
+         "stack", "stack.inv", "conditional-stack", "conditional-stack-around", "iterated"]
 
 
 def _jacobian(transform, x):
@@ -286,9 +288,21 @@ def test_auto_mode_follows_dimension_and_training_state():
     assert conditional.resolve_logdet(8) == "stochastic"
 
 
+def test_stack_actnorm_placements():
+    names = {
+        placement: [type(t).__name__ for t in cpflow_stack(D, num_blocks=2, actnorm=placement, **SMALL)]
+        for placement in ("between", "around", "none")
+    }
+    assert names["between"] == ["CPFlow", "ActNorm", "CPFlow"]
+    assert names["around"] == ["ActNorm", "CPFlow", "ActNorm", "CPFlow", "ActNorm"]
+    assert names["none"] == ["CPFlow", "CPFlow"]
+
+
 def test_factory_rejects_bad_options():
     with pytest.raises(ValueError, match="num_blocks"):
         cpflow_stack(D, num_blocks=0)
+    with pytest.raises(ValueError, match="actnorm must be one of"):
+        cpflow_stack(D, num_blocks=2, actnorm="sometimes")
     with pytest.raises(ValueError, match="on_failure"):
         cpflow(D, on_failure="explode")
     with pytest.raises(ValueError, match="inverse_method"):

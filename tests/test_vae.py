@@ -181,6 +181,14 @@ def test_log_weights_score_the_guides_samples_without_the_inverse_solver(monkeyp
     assert weights.shape == (5, 3) and torch.isfinite(weights).all()
 
 
+@pytest.mark.parametrize("placement, count", [("between", 1), ("around", 3), ("none", 0)])
+def test_cpflow_posterior_actnorm_placement(placement, count):
+    from pyro_cpflow import ActNorm
+
+    posterior = build_posterior(PosteriorConfig("cpflow", 8, 16, steps=2, hidden_dims=(16,), actnorm=placement))
+    assert sum(isinstance(m, ActNorm) for m in posterior.modules()) == count
+
+
 def _device_reads_of_a_training_step(cg_options: dict) -> HostSyncCounter:
     """Device reads of the second training step of a CP-Flow VAE (stochastic log-det)."""
     vae = _tiny_vae("cpflow", logdet="stochastic", cg_options=tuple(cg_options.items()))
@@ -300,6 +308,12 @@ def test_resume_refuses_a_checkpoint_written_with_other_settings(tmp_path):
     run(replace(TINY, out_dir=str(tmp_path)))
     with pytest.raises(RuntimeError, match="different settings.*latent_dim"):
         Trainer(replace(TINY, latent_dim=4, out_dir=str(tmp_path)), resume=True)
+
+
+def test_options_added_later_take_their_defaults_when_resuming_an_older_run():
+    older = {k: v for k, v in TINY.to_dict().items() if k not in ("actnorm", "cg_max_iter")}
+    assert TINY.differences(older) == []
+    assert replace(TINY, actnorm="around").differences(older) == ["actnorm"]
 
 
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):

@@ -9,7 +9,8 @@ diagonal Gaussian pushed through a flow conditioned on the encoder features :mat
 ``planar``          Pyro's ``conditional_planar`` steps (parameters from :math:`h` by a DenseNN)
 ``iaf``             Pyro's ``conditional_affine_autoregressive`` steps (IAF, the stable
                     sigmoid-gated update of Kingma et al. 2016; context enters the MADE)
-``cpflow``          CP-Flow blocks on the **input-augmented** PICNN, ActNorm between blocks
+``cpflow``          CP-Flow blocks on the **input-augmented** PICNN with ActNorm between
+                    blocks, or around them as in the reference code (``actnorm``)
                     (``pyro_cpflow.conditional_cpflow_stack(..., augmented=True)``)
 ``cpflow-vanilla``  the same with the plain PICNN (``augmented=False``)
 ==================  =========================================================================
@@ -58,6 +59,8 @@ class PosteriorConfig:
     :param steps: flow steps (blocks); ``None`` for :data:`DEFAULT_STEPS`.
     :param hidden_dims: hidden widths; ``None`` for :data:`DEFAULT_HIDDEN`.
     :param logdet: CP-Flow log-det mode (``"auto"``, ``"exact"`` or ``"stochastic"``).
+    :param actnorm: CP-Flow's ActNorm placement: ``"between"`` blocks, ``"around"`` them (as
+        in the reference code) or ``"none"``.
     :param cg_options: CP-Flow solver options (``cg_max_iter``, ``cg_check_every``,
         ``on_failure``; see :class:`pyro_cpflow.FlowOptions`).
     """
@@ -68,6 +71,7 @@ class PosteriorConfig:
     steps: int | None = None
     hidden_dims: tuple[int, ...] | None = None
     logdet: str = "auto"
+    actnorm: str = "between"
     cg_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
@@ -113,7 +117,7 @@ def build_posterior(config: PosteriorConfig) -> AmortizedPosterior:
     if name in ("cpflow", "cpflow-vanilla"):
         flow = conditional_cpflow_stack(
             d, c, num_blocks=steps, hidden_dims=hidden, augmented=name == "cpflow",
-            logdet=config.logdet, **dict(config.cg_options),
+            logdet=config.logdet, actnorm=config.actnorm, **dict(config.cg_options),
         )
         return AmortizedPosterior(flow)
     parts: Sequence[nn.Module]

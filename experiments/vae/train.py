@@ -104,6 +104,7 @@ class Config:
     flow_steps: int | None = None
     flow_hidden: tuple[int, ...] | None = None
     logdet: str = "auto"
+    actnorm: str = "between"
     cg_max_iter: int | None = None
     cg_check_every: int | None = None
     elbo_samples: int = 1
@@ -161,10 +162,10 @@ class Config:
 
     def differences(self, other: dict[str, Any]) -> list[str]:
         """Fields (outside :attr:`RESUMABLE`) whose values differ from ``other``'s."""
-        mine = self.to_dict()
-        return [
+        mine, defaults = self.to_dict(), Config().to_dict()
+        return [  # an option missing from ``other`` (an older run) had its default value
             f.name for f in fields(self)
-            if f.name not in self.RESUMABLE and mine[f.name] != other.get(f.name)
+            if f.name not in self.RESUMABLE and mine[f.name] != other.get(f.name, defaults[f.name])
         ]
 
 
@@ -228,7 +229,7 @@ def build_vae(config: Config, data: ImageDataset) -> VAE:
     posterior = build_posterior(
         PosteriorConfig(
             config.flow, config.latent_dim, config.feature_dim, config.flow_steps,
-            config.flow_hidden, config.logdet, tuple(config.cg_options().items()),
+            config.flow_hidden, config.logdet, config.actnorm, tuple(config.cg_options().items()),
         )
     )
     return VAE(arch, posterior)
