@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -99,32 +100,48 @@ class Run:
 
 
 def learning_curves(runs: list[Run], path: Path) -> Path:
+    """Validation negative ELBO by epoch; below, each run minus the first at matched epochs."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    compare = len(runs) > 1
+    fig, axes = plt.subplots(2 if compare else 1, 1, figsize=(7, 6 if compare else 4), sharex=True,
+                             gridspec_kw={"height_ratios": [2, 1]} if compare else None, squeeze=False)
+    ax = axes[0, 0]
+    curves = []
     for index, run in enumerate(runs):
         color = f"C{index}"
-        epochs = [r["epoch"] for r in run.epochs]
-        values = [run.value(r, "valid_nelbo") for r in run.epochs]
-        ax.plot(epochs, values, color=color, label=f"{LABELS.get(run.flow, run.flow)} (validation)")
+        curve = {r["epoch"]: run.value(r, "valid_nelbo") for r in run.epochs}
+        curves.append(curve)
+        ax.plot(list(curve), list(curve.values()), color=color,
+                label=f"{LABELS.get(run.flow, run.flow)} (validation)")
         published = PUBLISHED_NELBO.get((run.dataset, run.flow))
         if published is not None:
             ax.axhline(published, color=color, ls="--", lw=1, label=f"published test, {published}")
     units = "bits/dim" if runs and runs[0].epochs and "valid_nelbo_bpd" in runs[0].epochs[0] else "nats"
-    lows = [min(run.value(r, "valid_nelbo") for r in run.epochs) for run in runs if run.epochs]
+    lows = [min(curve.values()) for curve in curves if curve]
     if lows:
-        ax.set_ylim(min(lows + list(PUBLISHED_NELBO.get((r.dataset, r.flow), 1e9) for r in runs)) - 0.1,
-                    min(lows) + 1.5)
-    ax.set_xlabel("epoch")
+        published = [PUBLISHED_NELBO[(r.dataset, r.flow)] for r in runs if (r.dataset, r.flow) in PUBLISHED_NELBO]
+        ax.set_ylim(min(lows + published) - 0.1, min(lows) + 1.5)
     ax.set_ylabel(f"negative ELBO ({units})")
     ax.set_title(f"VAE on {runs[0].dataset}: validation negative ELBO by epoch" if runs else "")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if compare:
+        below = axes[1, 0]
+        for index, (run, curve) in enumerate(zip(runs[1:], curves[1:]), 1):
+            epochs = [e for e in curve if e in curves[0]]
+            below.plot(epochs, [curve[e] - curves[0][e] for e in epochs], color=f"C{index}",
+                       label=f"{LABELS.get(run.flow, run.flow)} − {LABELS.get(runs[0].flow, runs[0].flow)}")
+        below.axhline(0.0, color="k", lw=0.8)
+        below.set_ylabel(f"difference ({units})")
+        below.grid(alpha=0.3)
+        below.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("epoch")
     return common.save_figure(fig, path)
 
 
 def table(runs: list[Run]) -> str:
-    headers = ["posterior", "epochs (best)", "train time", "test −ELBO", "test IS-NLL (K)",
+    headers = ["posterior", "epochs (best)", "train time", "s / epoch", "test −ELBO", "test IS-NLL (K)",
                "published test −ELBO"]
     rows = []
     for run in runs:
@@ -135,6 +152,7 @@ def table(runs: list[Run]) -> str:
             LABELS.get(run.flow, run.flow),
             f"{final.get('epochs_trained', len(run.epochs))} ({final.get('best_epoch', '?')})",
             f"{final.get('train_seconds', float('nan')) / 60:.0f} min",
+            f"{statistics.median(r['epoch_seconds'] for r in run.epochs):.0f}" if run.epochs else "—",
             "—" if nelbo is None else f"{nelbo:.3f}",
             "—" if nll is None else f"{nll:.3f} ({final.get('is_samples')})",
             "—" if published is None else f"{published:.2f}",
