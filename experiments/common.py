@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -288,9 +289,10 @@ def link(path: str | Path, markdown_path: Path) -> str:
     return os.path.relpath(target, Path(markdown_path).resolve().parent)
 
 
+@functools.cache
 def load_script(name: str) -> ModuleType:
     """The script ``experiments/<name>`` as a module, e.g. ``vae.py``, whose name is taken
-    by the ``experiments.vae`` package."""
+    by the ``experiments.vae`` package. Each script is executed once per process."""
     spec = importlib.util.spec_from_file_location(Path(name).stem + "_script", EXPERIMENTS_DIR / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
