@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/benchmarks/inverse_solvers.py
-	$(PY) experiments/benchmarks/logdet_step.py
+	$(PY) experiments/benchmarks/engine.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

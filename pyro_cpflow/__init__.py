@@ -1,37 +1,48 @@
 """Convex Potential Flows (Huang et al., ICLR 2021) as Pyro transforms."""
 
 from .actnorm import ActNorm
+from .derivatives import AutogradTrace, NetworkTrace, PotentialTrace
 from .factories import conditional_cpflow, conditional_cpflow_stack, cpflow, cpflow_stack
-from .inverse import (
+from .linalg import CGResult, StochasticLogdet, conjugate_gradient, stochastic_logdet
+from .nn import ICNN, PICNN, PositiveLinear, gaussian_softplus
+from .options import FlowOptions, NonConvergenceError, NonConvergenceWarning
+from .potential import ConvexPotential
+from .pyro_glue import InverseTransformModule
+from .solvers import (
+    LBFGS,
+    Diagnostics,
     InverseReport,
-    NonConvergenceError,
-    NonConvergenceWarning,
+    NewtonCG,
     invert_gradient_map,
     solve_gradient_equation,
 )
-from .linalg import CGResult, conjugate_gradient, stochastic_logdet
-from .nn import ICNN, PICNN, PositiveLinear, gaussian_softplus
-from .potential import ConvexPotential
-from .inverse_module import InverseTransformModule
 from .transforms import ConditionalCPFlow, ConditionedCPFlow, CPFlow, CPFlowStack
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActNorm",
+    "AutogradTrace",
     "CGResult",
     "CPFlow",
     "CPFlowStack",
     "ConditionalCPFlow",
     "ConditionedCPFlow",
     "ConvexPotential",
+    "Diagnostics",
+    "FlowOptions",
     "ICNN",
-    "InverseTransformModule",
     "InverseReport",
+    "InverseTransformModule",
+    "LBFGS",
+    "NetworkTrace",
+    "NewtonCG",
     "NonConvergenceError",
     "NonConvergenceWarning",
     "PICNN",
     "PositiveLinear",
+    "PotentialTrace",
+    "StochasticLogdet",
     "conditional_cpflow",
     "conditional_cpflow_stack",
     "conjugate_gradient",

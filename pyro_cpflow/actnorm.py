@@ -17,8 +17,7 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 
-from .caching import VersionedCacheMixin, module_parameters_and_buffers
-from .inverse_module import ModuleInverseMixin
+from .pyro_glue import ModuleInverseMixin, VersionedCacheMixin, module_parameters_and_buffers
 
 __all__ = ["ActNorm"]
 

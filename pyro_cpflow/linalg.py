@@ -1,41 +1,41 @@
 r"""Hessian-free linear algebra for batches of symmetric positive-definite matrices.
 
 Every routine acts on a batch of ``N`` independent problems of dimension ``d`` and
-touches the matrices only through a batched product ``matvec: (N, d) -> (N, d)``;
-for CP-Flow that product is a Hessian-vector product obtained by double
-backpropagation, at the cost of about two gradient evaluations.
+touches the matrices only through a batched product ``matvec: (N, d) -> (N, d)``; for
+CP-Flow that is :meth:`~pyro_cpflow.derivatives.PotentialTrace.hvp`.
 
 * :func:`conjugate_gradient` solves :math:`H_i w_i = b_i`, judging convergence per
-  sample: a finished sample stops changing while the others go on.
-* :func:`stochastic_logdet` estimates :math:`\log\det H_i` by stochastic Lanczos
-  quadrature: :math:`\log\det H = \mathbb{E}_v[v^\top \log(H) v]` for Rademacher
-  :math:`v`, and :math:`v^\top \log(H) v \approx |v|^2 \sum_j \tau_j^2 \log\theta_j`
-  with :math:`(\theta_j, \tau_j)` the eigenvalues and first eigenvector components of
-  the Lanczos tridiagonal matrix.
-* :func:`logdet_gradient_surrogate` gives a scalar whose gradient is an unbiased
-  estimate of :math:`\partial \log\det H`: with :math:`w = H^{-1} v` held fixed,
-  :math:`\partial (w^\top H v) = v^\top H^{-1} (\partial H) v`, whose expectation is
-  :math:`\mathrm{tr}(H^{-1} \partial H) = \partial \log\det H`.
-* :func:`dense_hessian` and :func:`cholesky_logdet` give exact values for small ``d``.
+  sample, and can return the Lanczos tridiagonal matrix that its own coefficients define
+  (the modified batched CG of Gardner et al. 2018), so that one solve also gives a
+  quadrature estimate of :math:`b^\top f(H) b` (:func:`lanczos_quadrature`).
+* :func:`stochastic_logdet` uses one preconditioned solve per probe for both the value
+  of :math:`\log\det H` and an unbiased surrogate of its gradient.
+* :func:`cholesky_logdet` gives exact values for small ``d``.
+
+References: Hestenes & Stiefel (1952); Golub & Meurant, *Matrices, moments and
+quadrature* (1994); Ubaru, Chen & Saad, *Fast estimation of tr(f(A)) via stochastic
+Lanczos quadrature*, SIMAX 2017; Gardner, Pleiss, Bindel, Weinberger & Wilson,
+*GPyTorch: blackbox matrix-matrix Gaussian process inference with GPU acceleration*,
+NeurIPS 2018 (arXiv:1809.11165), appendix on mBCG.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "CGResult",
+    "LanczosMatrices",
     "MatVec",
+    "StochasticLogdet",
     "cholesky_logdet",
     "conjugate_gradient",
-    "dense_hessian",
-    "hessian_vector_product",
-    "lanczos_tridiagonal",
-    "logdet_gradient_surrogate",
+    "lanczos_quadrature",
     "rademacher",
     "stochastic_logdet",
 ]
@@ -43,55 +43,14 @@ __all__ = [
 MatVec = Callable[[Tensor], Tensor]
 
 
-def hessian_vector_product(
-    gradient: Tensor, inputs: Tensor, vector: Tensor, create_graph: bool = False
-) -> Tensor:
-    r""":math:`H v` where ``gradient`` :math:`= \nabla F(\text{inputs})` was computed with a graph.
-
-    Each sample's gradient depends only on its own input, so one backward pass gives
-    the whole batch of products. With ``create_graph=False`` the product is a constant
-    (no memory kept); with ``create_graph=True`` it is differentiable in the
-    parameters and in ``inputs``.
-
-    >>> x = torch.randn(4, 3, requires_grad=True)
-    >>> g, = torch.autograd.grad((x ** 4).sum(), x, create_graph=True)
-    >>> v = torch.randn(4, 3)
-    >>> torch.allclose(hessian_vector_product(g, x, v), 12 * x.detach() ** 2 * v)
-    True
-    """
-    (product,) = torch.autograd.grad(
-        gradient, inputs, vector, retain_graph=True, create_graph=create_graph
-    )
-    return product
-
-
-def dense_hessian(gradient: Tensor, inputs: Tensor, create_graph: bool = False) -> Tensor:
-    """The batch of Hessians ``(N, d, d)`` from ``gradient`` ``(N, d)``.
-
-    The ``d`` Hessian-vector products with the unit vectors run as one vectorised
-    backward pass (``is_grads_batched``), two to three times faster than a loop.
-    """
-    n, d = inputs.shape
-    units = torch.eye(d, dtype=inputs.dtype, device=inputs.device)[:, None, :].expand(d, n, d)
-    (columns,) = torch.autograd.grad(
-        gradient,
-        inputs,
-        units,
-        retain_graph=True,
-        create_graph=create_graph,
-        is_grads_batched=True,
-    )
-    return columns.permute(1, 2, 0)
-
-
 def cholesky_logdet(matrix: Tensor) -> Tensor:
     r""":math:`\log\det A = 2\sum_i \log L_{ii}` for symmetric positive-definite ``A = L L^T``.
 
-    Raises ``ValueError`` naming the failing batch entries when ``A`` is not
-    numerically positive definite.
+    Only the lower triangle of ``A`` is read (as by the Cholesky factorisation). Raises
+    ``ValueError`` naming the failing batch entries when ``A`` is not numerically positive
+    definite.
     """
-    sym = 0.5 * (matrix + matrix.transpose(-1, -2))
-    chol, info = torch.linalg.cholesky_ex(sym)
+    chol, info = torch.linalg.cholesky_ex(matrix)
     if bool((info > 0).any()):
         bad = torch.nonzero(info.reshape(-1)).flatten().tolist()[:10]
         raise ValueError(f"matrix is not positive definite at batch entries {bad}")
@@ -118,12 +77,40 @@ class CGResult:
     :ivar iterations: ``(N,)`` iterations each sample was active.
     :ivar residual_norm: ``(N,)`` final :math:`|b - H w|_2` (as tracked by the recurrence).
     :ivar converged: ``(N,)`` whether the sample met its tolerance.
+    :ivar lanczos: with ``lanczos=True``, the :class:`LanczosMatrices` of the
+        (preconditioned) Krylov spaces.
     """
 
     solution: Tensor
     iterations: Tensor
     residual_norm: Tensor
     converged: Tensor
+    lanczos: "LanczosMatrices | None" = None
+
+
+@dataclass
+class LanczosMatrices:
+    """Symmetric tridiagonal matrices :math:`T_i` ``(m, m)``, kept as their bands.
+
+    ``m`` is the most iterations of any sample; a sample that stopped earlier has its
+    matrix closed off by decoupled unit entries (which add nothing to a quadrature).
+
+    :ivar diagonal: ``(N, m)``.
+    :ivar offdiagonal: ``(N, m - 1)``.
+    :ivar start_norm_sq: ``(N,)`` :math:`|u|^2 = b^\top M^{-1} b`, of the start vector.
+    """
+
+    diagonal: Tensor
+    offdiagonal: Tensor
+    start_norm_sq: Tensor
+
+    def dense(self, rows: slice = slice(None)) -> Tensor:
+        """The matrices ``(n, m, m)`` of the given rows."""
+        matrices = torch.diag_embed(self.diagonal[rows])
+        off = self.offdiagonal[rows]
+        matrices.diagonal(offset=1, dim1=-2, dim2=-1).copy_(off)
+        matrices.diagonal(offset=-1, dim1=-2, dim2=-1).copy_(off)
+        return matrices
 
 
 def conjugate_gradient(
@@ -135,6 +122,7 @@ def conjugate_gradient(
     max_iter: int | None = None,
     preconditioner: MatVec | None = None,
     check_every: int = 1,
+    lanczos: bool = False,
 ) -> CGResult:
     r"""Solve :math:`H_i w_i = b_i` for a batch of SPD :math:`H_i` by (preconditioned) CG.
 
@@ -157,6 +145,12 @@ def conjugate_gradient(
         ``check_every`` iterations. ``0`` never tests: exactly ``max_iter`` iterations run,
         converged samples frozen, with no synchronisation; the result is the same as with
         early exit whenever ``max_iter`` iterations suffice.
+    :param lanczos: also return the Lanczos tridiagonal matrix :math:`T` of each sample,
+        from the CG coefficients alone (no extra products). With step lengths
+        :math:`\alpha_j` and direction updates :math:`\beta_j`,
+        :math:`T_{jj} = 1/\alpha_j + \beta_{j-1}/\alpha_{j-1}` and
+        :math:`T_{j,j+1} = \sqrt{\beta_j}/\alpha_j`: the matrix of
+        :math:`M^{-1/2} H M^{-1/2}` in the Lanczos basis started from :math:`M^{-1/2} b`.
 
     >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
     >>> result = conjugate_gradient(lambda v: v @ A, torch.ones(5, 2), rtol=1e-10)
@@ -183,6 +177,10 @@ def conjugate_gradient(
     active = residual.norm(dim=-1) > tolerance
     healthy = torch.ones(n, dtype=torch.bool, device=rhs.device)
     iterations = torch.zeros(n, dtype=torch.long, device=rhs.device)
+    start_norm_sq = inner
+    steps: list[Tensor] = []  # (alpha_j, active during j); (beta_j, active after j)
+    ratios: list[Tensor] = []
+    masks: list[Tensor] = []
     for iteration in range(max_iter):
         if check_every and iteration % check_every == 0 and not bool(active.any()):
             break
@@ -200,112 +198,189 @@ def conjugate_gradient(
         direction = torch.where(active[:, None], preconditioned + ratio[:, None] * direction, direction)
         inner = torch.where(active, new_inner, inner)
         iterations = iterations + active.long()
+        if lanczos:
+            steps.append(step)
+            ratios.append(ratio)
+            masks.append(active)
         active = active & (residual.norm(dim=-1) > tolerance)
     residual_norm = residual.norm(dim=-1)
     converged = healthy & (residual_norm <= tolerance)
-    return CGResult(solution, iterations, residual_norm, converged)
+    result = CGResult(solution, iterations, residual_norm, converged)
+    if lanczos:
+        result.lanczos = _lanczos_from_cg(steps, ratios, masks, start_norm_sq)
+    return result
 
 
-def lanczos_tridiagonal(matvec: MatVec, start: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    r"""``steps`` Lanczos iterations from ``start`` ``(N, d)`` with full reorthogonalisation.
+def _lanczos_from_cg(
+    steps: list[Tensor], ratios: list[Tensor], masks: list[Tensor], start_norm_sq: Tensor
+) -> LanczosMatrices:
+    """The Lanczos matrices from CG's step lengths and direction ratios."""
+    if not steps:
+        ones = torch.ones_like(start_norm_sq)[:, None]
+        return LanczosMatrices(ones, ones[:, :0], start_norm_sq)
+    alpha = torch.stack(steps, -1)
+    beta = torch.stack(ratios, -1)
+    active = torch.stack(masks, -1)
+    inverse_alpha = _safe_divide(torch.ones_like(alpha), alpha)
+    diagonal = inverse_alpha.clone()
+    diagonal[:, 1:] = diagonal[:, 1:] + beta[:, :-1] * inverse_alpha[:, :-1]
+    diagonal = torch.where(active, diagonal, 1.0)
+    # T_{j,j+1} couples j and j+1 only while the sample is still iterating at j+1
+    coupled = active[:, 1:]
+    off = torch.where(coupled, beta[:, :-1].clamp_min(0.0).sqrt() * inverse_alpha[:, :-1], 0.0)
+    return LanczosMatrices(diagonal, off, start_norm_sq)
 
-    Returns the tridiagonal matrices :math:`T_i` ``(N, m, m)`` and the squared norms
-    :math:`|v_i|^2` ``(N,)``. When the Krylov space of a sample becomes invariant
-    (breakdown, :math:`\beta_j \approx 0`), its :math:`T` is closed off: the remaining
-    diagonal entries are 1 and decoupled, so they add nothing to the quadrature.
+
+QUADRATURE_CHUNK_ENTRIES = 2**13
+"""Dense entries of the Lanczos matrices expanded at once: bounds the quadrature's memory."""
+
+
+def lanczos_quadrature(
+    lanczos: LanczosMatrices, function: Callable[[Tensor], Tensor] = torch.log
+) -> Tensor:
+    r"""Gauss quadrature :math:`|u|^2 e_1^\top f(T) e_1 \approx u^\top f(A) u`, shape ``(N,)``.
+
+    :math:`T` is the Lanczos matrix of :math:`A` started from :math:`u`; with
+    eigenpairs :math:`(\theta_j, s_j)`, the estimate is :math:`|u|^2 \sum_j s_{1j}^2 f(\theta_j)`.
+    Ritz values are clamped at the smallest positive normal number before ``function``.
+    The matrices are expanded and diagonalised a few rows at a time, so memory stays
+    bounded however many iterations CG ran.
     """
-    n, d = start.shape
-    steps = min(steps, d)
-    norm_sq = (start * start).sum(-1)
-    q = start / norm_sq.sqrt().clamp_min(torch.finfo(start.dtype).tiny)[:, None]
-    basis: list[Tensor] = []
-    alphas: list[Tensor] = []
-    betas: list[Tensor] = []
-    alive = norm_sq > 0
-    for j in range(steps):
-        basis.append(q)
-        w = matvec(q)
-        alpha = (q * w).sum(-1)
-        alphas.append(torch.where(alive, alpha, 1.0))
-        if j == steps - 1:
-            break
-        stacked = torch.stack(basis, dim=1)  # (N, j+1, d)
-        for _ in range(2):  # twice is enough (Kahan's "twice is enough")
-            w = w - torch.einsum("nkd,nk->nd", stacked, torch.einsum("nkd,nd->nk", stacked, w))
-        beta = w.norm(dim=-1)
-        scale = alpha.abs().clamp_min(torch.finfo(start.dtype).tiny)
-        alive = alive & (beta > 1e3 * torch.finfo(start.dtype).eps * scale)
-        betas.append(torch.where(alive, beta, 0.0))
-        q = torch.where(alive[:, None], w / torch.where(alive, beta, 1.0)[:, None], 0.0)
-    diag = torch.stack(alphas, dim=-1)
-    tridiagonal = torch.diag_embed(diag)
-    if betas:
-        off = torch.stack(betas, dim=-1)
-        tridiagonal = tridiagonal + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-    return tridiagonal, norm_sq
+    n, m = lanczos.diagonal.shape
+    chunk = max(1, QUADRATURE_CHUNK_ENTRIES // (m * m))
+    tiny = torch.finfo(lanczos.diagonal.dtype).tiny
+    parts = []
+    for start in range(0, n, chunk):
+        eigenvalues, eigenvectors = torch.linalg.eigh(lanczos.dense(slice(start, start + chunk)))
+        weights = eigenvectors[:, 0, :] ** 2
+        parts.append((weights * function(eigenvalues.clamp_min(tiny))).sum(-1))
+    return lanczos.start_norm_sq * torch.cat(parts)
+
+
+
+
+class _Trace(Protocol):
+    x: Tensor
+
+    def hvp(self, v: Tensor) -> Tensor: ...
+
+    def detach(self) -> "_Trace": ...
+
+
+class _Preconditioner(Protocol):
+    logdet: Tensor
+
+    def solve(self, rows: Tensor) -> Tensor: ...
+
+    def sample_rows(self, eps: Tensor) -> Tensor: ...
+
+    def whitened_solve(self, eps: Tensor) -> Tensor: ...
+
+    def matvec(self, rows: Tensor) -> Tensor: ...
+
+
+@dataclass
+class StochasticLogdet:
+    r"""The stochastic log-det of :func:`stochastic_logdet`.
+
+    :ivar value: ``(N,)`` the estimate, detached.
+    :ivar surrogate: ``(N,)`` a scalar whose gradient is the unbiased gradient estimate
+        (its value is meaningless), or ``None`` when no gradient was asked for.
+    :ivar cg: the CG statistics, merged over probes (worst iterations and residuals).
+    """
+
+    value: Tensor
+    surrogate: Tensor | None
+    cg: CGResult
+
+    def combined(self) -> Tensor:
+        """``value + (surrogate - surrogate.detach())``: the estimate, with the surrogate's gradient."""
+        if self.surrogate is None:
+            return self.value
+        return self.value + (self.surrogate - self.surrogate.detach())
 
 
 def stochastic_logdet(
-    matvec: MatVec,
-    like: Tensor,
-    num_probes: int = 1,
-    steps: int = 10,
-) -> Tensor:
-    r"""Stochastic Lanczos quadrature estimate of :math:`\log\det H_i`, shape ``(N,)``.
-
-    Averages ``num_probes`` Rademacher probes, each with ``steps`` Lanczos iterations
-    (capped at ``d``). The estimate is unbiased over probes up to the quadrature error,
-    which falls geometrically in ``steps`` for well-conditioned :math:`H`.
-
-    :param like: an ``(N, d)`` tensor giving the shape, dtype and device.
-    """
-    with torch.no_grad():
-        total = torch.zeros(like.shape[0], dtype=like.dtype, device=like.device)
-        for _ in range(num_probes):
-            tridiagonal, norm_sq = lanczos_tridiagonal(matvec, rademacher(like.shape, like), steps)
-            eigenvalues, eigenvectors = torch.linalg.eigh(tridiagonal)
-            weights = eigenvectors[:, 0, :] ** 2
-            log_eigs = eigenvalues.clamp_min(torch.finfo(like.dtype).tiny).log()
-            total = total + norm_sq * (weights * log_eigs).sum(-1)
-        return total / num_probes
-
-
-def logdet_gradient_surrogate(
-    matvec: MatVec,
-    matvec_with_graph: MatVec,
-    like: Tensor,
+    trace: _Trace,
+    preconditioner: _Preconditioner | None = None,
     num_probes: int = 1,
     rtol: float = 1e-6,
     max_iter: int | None = None,
-    preconditioner: MatVec | None = None,
     check_every: int = 1,
-) -> tuple[Tensor, CGResult]:
-    r"""A scalar per sample whose gradient estimates :math:`\partial \log\det H` without bias.
+    gradient: bool = True,
+) -> StochasticLogdet:
+    r"""Value and gradient of :math:`\log\det H` from one preconditioned CG solve per probe.
 
-    For each Rademacher probe :math:`v`, :math:`w = H^{-1} v` is found by
-    :func:`conjugate_gradient` with the constant product ``matvec`` (no graph, so
-    memory does not grow with the iterations), and the surrogate is
-    :math:`w^\top (H v)` with :math:`H v` from ``matvec_with_graph``. Its value is
-    meaningless (about ``d``); only its gradient is used. ``rtol``, ``max_iter``,
-    ``preconditioner`` and ``check_every`` go to :func:`conjugate_gradient`.
+    Let :math:`Q = C C^\top` be the preconditioner (the potential's quadratic, with
+    :math:`Q \preceq H`), :math:`\varepsilon` a Rademacher probe, :math:`b = C\varepsilon`
+    (covariance :math:`Q`) and :math:`v = Q^{-1} b = C^{-\top}\varepsilon`. Preconditioned CG
+    on :math:`H w = b` is CG on :math:`A = C^{-1} H C^{-\top}` (the same spectrum as
+    :math:`Q^{-1} H`) started from :math:`u = \varepsilon`; its coefficients give the
+    Lanczos matrix :math:`T` of :math:`A` and :math:`u` at no extra cost, so
 
-    Returns the surrogate ``(N,)`` (averaged over probes) and the CG result of the
-    last probe, augmented with the worst iteration count over probes.
+    .. math::
+
+        \log\det H = \log\det Q + \mathbb{E}\bigl[u^\top \log(A)\, u\bigr]
+        \approx \log\det Q + |\varepsilon|^2\, e_1^\top \log(T)\, e_1 .
+
+    For the gradient, with :math:`w = H^{-1} b` and :math:`v` held constant,
+    :math:`\mathbb{E}[w v^\top] = H^{-1}` and :math:`\mathbb{E}[v v^\top] = Q^{-1}`, so the
+    surrogate
+
+    .. math::
+
+        s = w^\top H v - v^\top Q v + \log\det Q
+
+    has :math:`\mathbb{E}[\partial s] = \mathrm{tr}(H^{-1}\partial H) - \mathrm{tr}(Q^{-1}\partial Q)
+    + \mathrm{tr}(Q^{-1}\partial Q) = \partial \log\det H`: the stochastic part estimates only
+    :math:`\partial\log\det(Q^{-1}H)`, which vanishes where the network term does, and the
+    quadratic's share is exact. Memory does not grow with the CG iterations: the products
+    inside CG are constants, one product with a graph forms :math:`s`.
+
+    Without a preconditioner, :math:`Q = I`: plain Rademacher probes, :math:`s = w^\top H v`.
+    The value is exact in expectation up to the quadrature error, which is small once CG
+    has converged to ``rtol`` (the Krylov space then resolves :math:`\log` as well as
+    :math:`1/x`); a sample that misses ``rtol`` is flagged in ``cg.converged``.
+
+    :param trace: the potential evaluated at the rows (``x``, ``hvp``, ``detach``).
+    :param preconditioner: a :class:`~pyro_cpflow.potential.QuadraticFactor` or ``None``.
+    :param num_probes: probes averaged.
+    :param rtol, max_iter, check_every: for :func:`conjugate_gradient`.
+    :param gradient: form the surrogate (otherwise ``surrogate`` is ``None``).
     """
-    surrogate = torch.zeros(like.shape[0], dtype=like.dtype, device=like.device)
+    constant = trace.detach()
+    x = trace.x
+    value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    surrogate = torch.zeros_like(value) if gradient else None
     results = []
     for _ in range(num_probes):
-        probe = rademacher(like.shape, like)
+        eps = rademacher(x.shape, x)
+        if preconditioner is None:
+            rhs, probe, solve = eps, eps, None
+        else:
+            rhs, probe = preconditioner.sample_rows(eps), preconditioner.whitened_solve(eps)
+            solve = preconditioner.solve
         result = conjugate_gradient(
-            matvec, probe, rtol=rtol, max_iter=max_iter, preconditioner=preconditioner,
-            check_every=check_every,
+            constant.hvp, rhs, rtol=rtol, max_iter=max_iter, preconditioner=solve,
+            check_every=check_every, lanczos=True,
         )
         results.append(result)
-        surrogate = surrogate + (result.solution.detach() * matvec_with_graph(probe)).sum(-1)
+        value = value + lanczos_quadrature(result.lanczos)
+        if surrogate is not None:
+            surrogate = surrogate + (result.solution * trace.hvp(probe)).sum(-1)
+            if preconditioner is not None:
+                surrogate = surrogate - (probe * preconditioner.matvec(probe)).sum(-1)
+    value = value / num_probes
+    if surrogate is not None:
+        surrogate = surrogate / num_probes
+    if preconditioner is not None:
+        value = value + preconditioner.logdet.detach()
+        if surrogate is not None:
+            surrogate = surrogate + preconditioner.logdet
     merged = CGResult(
         solution=results[-1].solution,
         iterations=torch.stack([r.iterations for r in results]).amax(0),
         residual_norm=torch.stack([r.residual_norm for r in results]).amax(0),
         converged=torch.stack([r.converged for r in results]).all(0),
     )
-    return surrogate / num_probes, merged
+    return StochasticLogdet(value.detach(), surrogate, merged)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .derivatives import Activation, AffineLayer, NetworkTrace, pad_rows
+
 __all__ = [
     "ACTIVATIONS",
     "DEFAULT_INPUT_GAIN",
@@ -42,16 +44,21 @@ __all__ = [
     "get_activation",
 ]
 
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def _normal_cdf(x: Tensor) -> Tensor:
-    return 0.5 * (1.0 + torch.erf(x * _INV_SQRT_2))
+    return torch.special.ndtr(x)
 
 
 def _normal_pdf(x: Tensor) -> Tensor:
-    return torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return torch.exp(torch.addcmul(x.new_full((), -_LOG_SQRT_2PI), x, x, value=-0.5))
+
+
+def _gaussian_softplus_orders(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:math:`(s, s', s'') = (x\Phi + \varphi, \Phi, \varphi)` from one evaluation of each."""
+    cdf, pdf = _normal_cdf(x), _normal_pdf(x)
+    return torch.addcmul(pdf, x, cdf), cdf, pdf
 
 
 class _GaussianSoftplus(torch.autograd.Function):
@@ -86,14 +93,33 @@ def gaussian_softplus(x: Tensor) -> Tensor:
     return _GaussianSoftplus.apply(x)
 
 
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "softplus": F.softplus,
-    "gaussian_softplus": gaussian_softplus,
+def _softplus(x: Tensor) -> Tensor:
+    # log(1 + e^x) without the linear cut-off of F.softplus above 20, which would break the
+    # identity s'' = sigmoid (1 - sigmoid) that the analytic Hessian relies on
+    return torch.logaddexp(x, x.new_zeros(()))
+
+
+def _sigmoid_slope(x: Tensor) -> Tensor:
+    sigmoid = torch.sigmoid(x)
+    return sigmoid * (1.0 - sigmoid)
+
+
+def _softplus_orders(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    sigmoid = torch.sigmoid(x)
+    return _softplus(x), sigmoid, sigmoid - sigmoid * sigmoid
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "softplus": Activation("softplus", _softplus, torch.sigmoid, _sigmoid_slope, _softplus_orders),
+    "gaussian_softplus": Activation(
+        "gaussian_softplus", gaussian_softplus, _normal_cdf, _normal_pdf, _gaussian_softplus_orders
+    ),
 }
+"""Convex, non-decreasing, twice differentiable activations, with their derivatives."""
 
 
-def get_activation(name: str) -> Callable[[Tensor], Tensor]:
-    """Look up a convex, non-decreasing, twice differentiable activation by name."""
+def get_activation(name: str) -> Activation:
+    """Look up an :class:`~pyro_cpflow.derivatives.Activation` by name."""
     try:
         return ACTIVATIONS[name]
     except KeyError:
@@ -206,18 +232,24 @@ class ICNN(nn.Module):
         self.output_input = nn.Linear(input_dim, 1, bias=False)
         _scale_init([self.first, *self.input_paths, *self.augment_paths], input_gain)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """Evaluate :math:`g(x)` for ``x`` of shape ``(N, d)``; returns shape ``(N,)``."""
+    def affine_layers(self, context: Tensor | None = None) -> tuple[list[AffineLayer], AffineLayer]:
+        """The pre-activations as :class:`~pyro_cpflow.derivatives.AffineLayer` s: ``(hidden, output)``."""
         if context is not None:
             raise ValueError("ICNN takes no context; use PICNN for a conditional potential")
-        s = self.activation
-        z = s(self.first(x))
+        hidden = [AffineLayer((self.first.weight,), (None,), self.first.bias)]
         for k, (convex, direct) in enumerate(zip(self.convex_paths, self.input_paths)):
-            z_new = s(convex(z) + direct(x))
+            weight, bias = direct.weight, direct.bias
             if self.augmented:
-                z_new = torch.cat([z_new, s(self.augment_paths[k](x))], dim=-1)
-            z = z_new
-        return (self.output_convex(z) + self.output_input(x)).squeeze(-1)
+                augment = self.augment_paths[k]
+                weight = torch.cat([weight, augment.weight])
+                bias = torch.cat([bias, augment.bias])
+            hidden.append(AffineLayer((weight,), (None,), bias, pad_rows(convex.weight, weight.shape[0])))
+        output = AffineLayer((self.output_input.weight,), (None,), None, self.output_convex.weight)
+        return hidden, output
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Evaluate :math:`g(x)` for ``x`` of shape ``(N, d)``; returns shape ``(N,)``."""
+        return NetworkTrace(self.affine_layers(context), self.activation, x).value
 
 
 class PICNN(nn.Module):
@@ -291,27 +323,24 @@ class PICNN(nn.Module):
         for layer in [*self.layers[:-1], *self.augment_layers]:
             _scale_init([layer.input_weight, layer.context_offset], input_gain)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """Evaluate :math:`g(x, c)` for ``x`` ``(N, d)`` and ``context`` ``(N, c)``; returns ``(N,)``."""
+    def affine_layers(self, context: Tensor | None) -> tuple[list[AffineLayer], AffineLayer]:
+        """The pre-activations for context rows ``(N, c)``: ``(hidden, output)`` (see :class:`ICNN`)."""
         if context is None:
             raise ValueError("PICNN needs a context tensor")
-        s = self.activation
         u = context
-        contexts = [u]
-        for layer in self.context_layers:
-            u = torch.tanh(layer(u))
-            contexts.append(u)
-        z = None
-        last = len(self.layers) - 1
-        for k, layer in enumerate(self.layers):
-            pre = layer(x, contexts[k], z)
-            if k == last:
-                return pre.squeeze(-1)
-            z_new = s(pre)
+        hidden = []
+        for k, layer in enumerate(self.layers[:-1]):
+            affine = layer.affine(u)
             if self.augmented and k > 0:
-                z_new = torch.cat([z_new, s(self.augment_layers[k - 1](x, contexts[k]))], dim=-1)
-            z = z_new
-        raise AssertionError("unreachable")  # pragma: no cover
+                affine = affine.stacked_with(self.augment_layers[k - 1].affine(u))
+                affine.convex_weight = pad_rows(affine.convex_weight, affine.offset.shape[-1])
+            hidden.append(affine)
+            u = torch.tanh(self.context_layers[k](u))
+        return hidden, self.layers[-1].affine(u)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Evaluate :math:`g(x, c)` for ``x`` ``(N, d)`` and ``context`` ``(N, c)``; returns ``(N,)``."""
+        return NetworkTrace(self.affine_layers(context), self.activation, x).value
 
 
 class _PICNNLayer(nn.Module):
@@ -330,10 +359,12 @@ class _PICNNLayer(nn.Module):
             self.convex_gate = nn.Linear(context_width, convex_in)
             self.convex_weight = PositiveLinear(convex_in, width)
 
-    def forward(self, x: Tensor, u: Tensor, z: Tensor | None = None) -> Tensor:
-        pre = self.input_weight(x * self.input_gate(u))
-        if self.context_offset is not None:
-            pre = pre + self.context_offset(u)
-        if z is not None:
-            pre = pre + self.convex_weight(z * F.softplus(self.convex_gate(u)))
-        return pre
+    def affine(self, u: Tensor) -> AffineLayer:
+        """This pre-activation, for context features ``u`` ``(N, c_k)``, as an affine map of ``(z, x)``."""
+        offset = None if self.context_offset is None else self.context_offset(u)
+        if not hasattr(self, "convex_weight"):
+            return AffineLayer((self.input_weight.weight,), (self.input_gate(u),), offset)
+        return AffineLayer(
+            (self.input_weight.weight,), (self.input_gate(u),), offset,
+            self.convex_weight.weight, F.softplus(self.convex_gate(u)),
+        )

@@ -19,13 +19,13 @@ with :math:`A \succ \alpha I` symmetric exactly representable, hence every Gauss
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ContextQuadratic", "ConvexPotential", "inverse_softplus"]
+from .derivatives import NetworkTrace, PotentialTrace, QuadraticTerms
+
+__all__ = ["ContextQuadratic", "ConvexPotential", "QuadraticFactor", "inverse_softplus"]
 
 
 def inverse_softplus(y: float) -> float:
@@ -60,12 +60,46 @@ class ContextQuadratic(nn.Module):
         nn.init.normal_(self.head.weight, std=initial_std / math.sqrt(hidden_dim))
         nn.init.normal_(self.head.bias, std=initial_std)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def terms(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """:math:`L(c)` ``(N, d, r)`` and :math:`b(c)` ``(N, d)`` for context rows ``(N, c)``."""
         out = self.head(self.body(context))
         split = self.input_dim * self.rank
-        factor = out[:, :split].reshape(-1, self.input_dim, self.rank)
-        shift = out[:, split:]
+        return out[:, :split].reshape(-1, self.input_dim, self.rank), out[:, split:]
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        factor, shift = self.terms(context)
         return 0.5 * torch.einsum("nd,ndr->nr", x, factor).pow(2).sum(-1) + (x * shift).sum(-1)
+
+
+class QuadraticFactor:
+    r"""One Cholesky factorisation :math:`Q = C C^\top` of the potential's quadratic, and what it gives.
+
+    :math:`Q \succeq \alpha I` by construction, so the factorisation skips its error check,
+    which would wait for a GPU. :attr:`logdet` keeps the graph to the parameters; the
+    solves use the factor as a constant.
+    """
+
+    def __init__(self, matrix: Tensor) -> None:
+        self.matrix = matrix
+        cholesky, _ = torch.linalg.cholesky_ex(matrix)
+        self.logdet = 2.0 * cholesky.diagonal().log().sum()
+        self.cholesky = cholesky.detach()
+
+    def solve(self, rows: Tensor) -> Tensor:
+        """:math:`Q^{-1} v` for rows ``(N, d)``."""
+        return torch.cholesky_solve(rows.T, self.cholesky).T
+
+    def matvec(self, rows: Tensor) -> Tensor:
+        """:math:`Q v` for rows, differentiable in the parameters."""
+        return rows @ self.matrix
+
+    def sample_rows(self, eps: Tensor) -> Tensor:
+        """:math:`C \varepsilon` for rows: probes with covariance :math:`Q` when :math:`\varepsilon` is white."""
+        return eps @ self.cholesky.T
+
+    def whitened_solve(self, eps: Tensor) -> Tensor:
+        """:math:`C^{-\top} \varepsilon = Q^{-1} C \varepsilon` for rows."""
+        return torch.linalg.solve_triangular(self.cholesky.T, eps.T, upper=True).T
 
 
 class ConvexPotential(nn.Module):
@@ -132,50 +166,45 @@ class ConvexPotential(nn.Module):
     def quadratic_matrix(self) -> Tensor:
         """The dense :math:`Q = (\\alpha + \\beta) I + L L^\\top`, shape ``(d, d)``."""
         eye = torch.eye(self.input_dim, dtype=self.factor.dtype, device=self.factor.device)
-        return (self.alpha + self.beta) * eye + self.factor @ self.factor.T
+        return torch.addmm((self.alpha + self.beta) * eye, self.factor, self.factor.T)
+
+    def quadratic_terms(self, context: Tensor | None = None) -> QuadraticTerms:
+        """The quadratic and linear terms of :math:`F` (with the context terms, if any)."""
+        context_factor, shift = None, self.shift
+        if self.context_terms is not None:
+            context_factor, context_shift = self.context_terms.terms(context)
+            shift = shift + context_shift
+        return QuadraticTerms(self.quadratic_matrix(), shift, context_factor)
+
+    def evaluate(self, x: Tensor, context: Tensor | None = None, derivatives: bool = True) -> PotentialTrace:
+        """:math:`F` at rows ``x`` ``(N, d)`` (context rows ``(N, c)``): a lazy
+        :class:`~pyro_cpflow.derivatives.PotentialTrace` with the value, gradient, Hessian-vector
+        products and Hessian, all differentiable in the parameters, ``x`` and the context."""
+        network = NetworkTrace(
+            self.network.affine_layers(context),  # type: ignore[operator]
+            self.network.activation,  # type: ignore[arg-type]
+            x,
+            scale=self.scale,
+            derivatives=derivatives,
+        )
+        return PotentialTrace(network, self.quadratic_terms(context))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """:math:`F(x)` for ``x`` of shape ``(N, d)`` (and ``context`` ``(N, c)``); returns ``(N,)``."""
-        quadratic = (self.alpha + self.beta) * (x * x).sum(-1)
-        if self.factor.shape[1]:
-            quadratic = quadratic + (x @ self.factor).pow(2).sum(-1)
-        value = self.scale * self.network(x, context) + 0.5 * quadratic + x @ self.shift
-        if self.context_terms is not None:
-            value = value + self.context_terms(x, context)
-        return value
+        return self.evaluate(x, context).value
 
-    def gradient(self, x: Tensor, context: Tensor | None = None, create_graph: bool = False) -> Tensor:
-        """:math:`\\nabla F(x)` for ``x`` of shape ``(N, d)``.
+    def gradient(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """:math:`\nabla F(x)` for ``x`` of shape ``(N, d)``, differentiable (analytic backward sweep)."""
+        return self.evaluate(x, context).gradient
 
-        With ``create_graph=True`` the result stays differentiable (with respect to the
-        parameters, and to ``x`` when ``x`` requires grad); Hessian-vector products
-        are then available through :func:`~pyro_cpflow.linalg.hessian_vector_product`.
-        """
-        with torch.enable_grad():
-            leaf = x if x.requires_grad else x.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(
-                self(leaf, context).sum(), leaf, create_graph=create_graph
-            )
-        return grad
+    def factorize(self, matrix: Tensor | None = None) -> QuadraticFactor:
+        """The Cholesky factorisation of :math:`Q` (``matrix``, if already formed), for
+        preconditioning and log-dets."""
+        return QuadraticFactor(self.quadratic_matrix() if matrix is None else matrix)
 
-    def quadratic_preconditioner(self) -> Callable[[Tensor], Tensor]:
-        """:math:`v \\mapsto Q^{-1} v` for rows ``(N, d)``, from one Cholesky factorisation of :math:`Q`.
-
-        :math:`Q \\preceq \\nabla^2 F`, and :math:`Q` carries the curvature of the affine part
-        of the map, so it is a cheap preconditioner for conjugate gradients on :math:`H`.
-        :math:`Q \\succeq \\alpha I` by construction, so the factorisation skips its error
-        check, which would wait for a GPU.
-        """
-        with torch.no_grad():
-            chol, _ = torch.linalg.cholesky_ex(self.quadratic_matrix())
-
-        def solve(rows: Tensor) -> Tensor:
-            return torch.cholesky_solve(rows.T, chol).T
-
-        return solve
-
-    def initial_inverse_guess(self, y: Tensor) -> Tensor:
+    def initial_inverse_guess(self, y: Tensor, factor: QuadraticFactor | None = None) -> Tensor:
         """:math:`Q^{-1} (y - b)`: the inverse of the affine part, a good start for solvers."""
         with torch.no_grad():
+            factor = self.factorize() if factor is None else factor
             rows = (y - self.shift).reshape(-1, self.input_dim)
-            return self.quadratic_preconditioner()(rows).reshape(y.shape)
+            return factor.solve(rows).reshape(y.shape)

@@ -3,27 +3,33 @@ r"""CP-Flow as Pyro transforms.
 A convex potential flow is the gradient map :math:`f = \nabla F` of a strongly
 convex potential (:class:`~pyro_cpflow.potential.ConvexPotential`). The forward
 direction ``f(x)`` is one gradient evaluation; the inverse solves a convex problem
-(:mod:`pyro_cpflow.inverse`). The Jacobian is the Hessian :math:`H = \nabla^2 F
+(:mod:`pyro_cpflow.solvers`). The Jacobian is the Hessian :math:`H = \nabla^2 F
 \succ 0`, so :math:`\log|\det J_f(x)| = \log\det H(x)`, computed in one of three modes:
 
-* ``"exact"``: the dense Hessian from ``d`` Hessian-vector products and a Cholesky
-  factorisation; exact value and gradient.
-* ``"stochastic"``: the value is a stochastic Lanczos quadrature estimate (detached)
-  and the gradient comes from the conjugate-gradient surrogate
-  :math:`v^\top H^{-1}(\partial H) v`, combined as
-  ``value + (surrogate - surrogate.detach())``. Memory does not grow with the number
-  of CG iterations; gradients reach the parameters and the input ``x``.
-* ``"auto"``: ``"exact"`` in eval mode or when ``d <= exact_max_dim``, else
-  ``"stochastic"``.
+* ``"exact"``: the dense Hessian by forward Jacobian propagation
+  (:meth:`~pyro_cpflow.derivatives.PotentialTrace.hessian`) and a Cholesky factorisation;
+  exact value and gradient.
+* ``"stochastic"``: one preconditioned CG solve per probe gives both the value (Lanczos
+  quadrature from CG's own coefficients) and an unbiased gradient surrogate
+  (:func:`~pyro_cpflow.linalg.stochastic_logdet`), combined as
+  ``value + (surrogate - surrogate.detach())``. Memory does not grow with the number of
+  CG iterations; gradients reach the parameters and the input ``x``.
+* ``"auto"``: ``"exact"`` in eval mode and where it is measured to be no slower, else
+  ``"stochastic"`` (:meth:`~pyro_cpflow.options.FlowOptions.resolve_logdet`).
+
+The potential is evaluated once per input: ``f(x)`` keeps the evaluated potential
+(a :class:`~pyro_cpflow.derivatives.PotentialTrace`) beside the cached pair, and
+``log_abs_det_jacobian(x, y)`` reuses it, as zuko's ``call_and_ladj`` does.
 
 Following Pyro's pattern, :class:`ConditionedCPFlow` holds the maths for a fixed
-potential (and context), :class:`CPFlow` owns the parameters, and
-:class:`ConditionalCPFlow` returns a :class:`ConditionedCPFlow` from ``condition``.
+potential, context and :class:`~pyro_cpflow.options.FlowOptions` value, :class:`CPFlow`
+owns the parameters, and :class:`ConditionalCPFlow` returns a :class:`ConditionedCPFlow`
+from ``condition``. Options are read and set as attributes of the owners
+(``flow.logdet = "exact"``); the last solver reports are in ``flow.diagnostics``.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -33,41 +39,14 @@ from pyro.distributions.torch_transform import ComposeTransformModule, Transform
 from torch import Tensor
 from torch.distributions import Transform
 
-from .caching import VersionedCacheMixin, module_parameters_and_buffers
-from .inverse_module import ModuleInverseMixin
-from .inverse import (
-    INVERSE_METHODS,
-    InverseReport,
-    NonConvergenceError,
-    NonConvergenceWarning,
-    invert_gradient_map,
-)
-from .linalg import (
-    CGResult,
-    cholesky_logdet,
-    dense_hessian,
-    hessian_vector_product,
-    logdet_gradient_surrogate,
-    stochastic_logdet,
-)
+from .derivatives import PotentialTrace
+from .linalg import CGResult, cholesky_logdet, stochastic_logdet
+from .options import FlowOptions, handle_failure
 from .potential import ConvexPotential
+from .pyro_glue import ModuleInverseMixin, VersionedCacheMixin, module_parameters_and_buffers
+from .solvers import Diagnostics, InverseReport, invert_gradient_map
 
-__all__ = [
-    "CPFlow",
-    "ConditionalCPFlow",
-    "ConditionedCPFlow",
-    "FlowOptions",
-    "CPFlowStack",
-    "LOGDET_MODES",
-    "DEFAULT_EXACT_MAX_DIM",
-]
-
-LOGDET_MODES = ("exact", "stochastic", "auto")
-
-DEFAULT_EXACT_MAX_DIM = 16
-"""Largest dimension for which ``logdet="auto"`` uses the exact log-det while training.
-
-Chosen from ``experiments/benchmarks/logdet_step.py`` (see the README)."""
+__all__ = ["CPFlow", "CPFlowStack", "ConditionalCPFlow", "ConditionedCPFlow", "check_finite"]
 
 
 def check_finite(value: Tensor, name: str) -> None:
@@ -80,100 +59,61 @@ def check_finite(value: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-class FlowOptions:
-    """Numerical options shared by :class:`CPFlow` and :class:`ConditionalCPFlow`.
+def check_like(value: Tensor, name: str, reference: Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` has the dtype and device of ``reference``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    if value.dtype != reference.dtype or value.device != reference.device:
+        raise ValueError(
+            f"{name} has dtype {value.dtype} on {value.device} but the flow's parameters have "
+            f"dtype {reference.dtype} on {reference.device}; convert one of them"
+        )
 
-    :param logdet: ``"exact"``, ``"stochastic"`` or ``"auto"``.
-    :param exact_max_dim: threshold of ``"auto"``.
-    :param num_probes: Rademacher probes for the stochastic value and gradient.
-    :param lanczos_steps: Lanczos iterations of the stochastic log-det value.
-    :param cg_rtol: relative tolerance of the CG solves of the stochastic gradient.
-    :param cg_max_iter: iteration cap of those solves (default ``2 d``).
-    :param cg_check_every: how often CG tests whether every sample has converged, a
-        host synchronisation on a GPU (see :func:`~pyro_cpflow.linalg.conjugate_gradient`).
-        ``0`` with a small ``cg_max_iter`` and ``on_failure="ignore"`` gives a training
-        step that never waits for the device; read ``last_cg`` when logging instead.
-    :param inverse_method: ``"newton-cg"`` or ``"lbfgs"``.
-    :param inverse_tol: tolerance on :math:`|\\nabla F(x) - y|_\\infty` (default by dtype).
-    :param inverse_max_iter: iteration cap of the inverse solver.
-    :param on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a solver misses its
-        tolerance.
 
-    After each call, ``last_cg`` (:class:`~pyro_cpflow.linalg.CGResult` of the
-    stochastic gradient) and ``last_inverse``
-    (:class:`~pyro_cpflow.inverse.InverseReport`) hold the solvers' statistics.
-    """
+class _OptionAttributes:
+    """Each :class:`~pyro_cpflow.options.FlowOptions` field as a validated attribute, and the reports."""
 
+    options: FlowOptions
+    diagnostics: Diagnostics
+
+    potential: ConvexPotential
     training: bool
 
-    def _set_options(
-        self,
-        logdet: str = "auto",
-        exact_max_dim: int = DEFAULT_EXACT_MAX_DIM,
-        num_probes: int = 1,
-        lanczos_steps: int = 10,
-        cg_rtol: float = 1e-6,
-        cg_max_iter: int | None = None,
-        cg_check_every: int = 1,
-        inverse_method: str = "newton-cg",
-        inverse_tol: float | None = None,
-        inverse_max_iter: int = 100,
-        on_failure: str = "warn",
-    ) -> None:
-        if num_probes < 1 or lanczos_steps < 1:
-            raise ValueError("num_probes and lanczos_steps must be positive")
-        if cg_check_every < 0:
-            raise ValueError(f"cg_check_every must be >= 0, got {cg_check_every}")
-        if on_failure not in ("warn", "raise", "ignore"):
-            raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
-        if inverse_method not in INVERSE_METHODS:
-            raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {inverse_method!r}")
-        self.logdet = logdet
-        self.exact_max_dim = exact_max_dim
-        self.num_probes = num_probes
-        self.lanczos_steps = lanczos_steps
-        self.cg_rtol = cg_rtol
-        self.cg_max_iter = cg_max_iter
-        self.cg_check_every = cg_check_every
-        self.inverse_method = inverse_method
-        self.inverse_tol = inverse_tol
-        self.inverse_max_iter = inverse_max_iter
-        self.on_failure = on_failure
-        self.last_cg: CGResult | None = None
-        self.last_inverse: InverseReport | None = None
+    def resolve_logdet(self, dim: int | None = None, batch: int = 1) -> str:
+        """The log-det mode used now (train/eval state) for ``batch`` rows of dimension ``dim``
+        (by default the flow's own)."""
+        dim = self.potential.input_dim if dim is None else dim
+        return self.options.resolve_logdet(dim, batch, self._is_training())
+
+    def _is_training(self) -> bool:
+        return self.training
 
     @property
-    def logdet(self) -> str:
-        return self._logdet_mode
+    def last_cg(self) -> CGResult | None:
+        """``diagnostics.cg``: the CG statistics of the last stochastic log-det."""
+        return self.diagnostics.cg
 
-    @logdet.setter
-    def logdet(self, mode: str) -> None:
-        if mode not in LOGDET_MODES:
-            raise ValueError(f"logdet must be one of {LOGDET_MODES}, got {mode!r}")
-        self._logdet_mode = mode
-
-    def resolve_logdet(self, dim: int | None = None) -> str:
-        """The mode used now (train/eval state) for dimension ``dim``, by default the flow's own."""
-        if self.logdet != "auto":
-            return self.logdet
-        if dim is None:
-            dim = self.potential.input_dim  # type: ignore[attr-defined]
-        return "exact" if (not self.training or dim <= self.exact_max_dim) else "stochastic"
-
-    def _warn_cg(self, result: CGResult) -> None:
-        if self.on_failure == "ignore" or bool(result.converged.all()):
-            return
-        message = (
-            f"CG of the stochastic log-det gradient missed rtol={self.cg_rtol:g} for "
-            f"{int((~result.converged).sum())} samples (worst residual "
-            f"{float(result.residual_norm.max()):.3e}); raise cg_max_iter"
-        )
-        if self.on_failure == "raise":
-            raise NonConvergenceError(message)
-        warnings.warn(message, NonConvergenceWarning, stacklevel=4)
+    @property
+    def last_inverse(self) -> InverseReport | None:
+        """``diagnostics.inverse``: the report of the last inverse."""
+        return self.diagnostics.inverse
 
 
-class ConditionedCPFlow(VersionedCacheMixin, Transform):
+def _option_attribute(name: str) -> property:
+    def get(self: _OptionAttributes):  # type: ignore[no-untyped-def]
+        return getattr(self.options, name)
+
+    def set_(self: _OptionAttributes, value) -> None:  # type: ignore[no-untyped-def]
+        self.options = self.options.replace(**{name: value})
+
+    return property(get, set_, doc=f"The ``{name}`` option (see :class:`~pyro_cpflow.options.FlowOptions`).")
+
+
+for _name in FlowOptions.names():
+    setattr(_OptionAttributes, _name, _option_attribute(_name))
+
+
+class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
     r"""The gradient map :math:`x \mapsto \nabla_x F(x; c)` of a fixed potential and context.
 
     Inputs may have any leading batch dimensions; the context broadcasts against
@@ -181,8 +121,9 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
 
     :param potential: the :class:`~pyro_cpflow.potential.ConvexPotential`.
     :param context: ``(..., context_dim)`` or ``None``.
-    :param options: the :class:`FlowOptions` owner (its options, train/eval state and
-        parameters are used).
+    :param options: a :class:`~pyro_cpflow.options.FlowOptions` value.
+    :param diagnostics: where the solver reports go (shared with the owner).
+    :param training: whether the owner is in training mode (for ``logdet="auto"``).
     """
 
     domain = constraints.real_vector
@@ -195,16 +136,19 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
         potential: ConvexPotential,
         context: Tensor | None = None,
         options: FlowOptions | None = None,
+        diagnostics: Diagnostics | None = None,
+        training: bool = True,
         cache_size: int = 1,
     ) -> None:
         super().__init__(cache_size=cache_size)
         self.potential = potential
         self.context = context
-        self._options = options
+        self.options = FlowOptions() if options is None else options
+        self.diagnostics = Diagnostics() if diagnostics is None else diagnostics
+        self._training = training
 
-    @property
-    def options(self) -> FlowOptions:
-        return self if self._options is None else self._options  # type: ignore[return-value]
+    def _is_training(self) -> bool:
+        return self._training
 
     @property
     def input_dim(self) -> int:
@@ -223,25 +167,20 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
             return False
         if rows.requires_grad or (context is not None and context.requires_grad):
             return True
-        return any(p.requires_grad for p in self.potential.parameters())
+        return any(t.requires_grad for t in module_parameters_and_buffers(self.potential))
 
     def _flatten(self, x: Tensor, name: str) -> tuple[Tensor, Tensor | None, torch.Size]:
         """Rows ``(N, d)``, matching context rows ``(N, c)`` and the batch shape."""
         d = self.input_dim
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        reference = self.potential.factor
+        check_like(x, name, reference)
         if x.dim() < 1 or x.shape[-1] != d:
             raise ValueError(f"{name} must have shape (..., {d}), got {tuple(x.shape)}")
-        reference = self.potential.factor
-        if x.dtype != reference.dtype or x.device != reference.device:
-            raise ValueError(
-                f"{name} has dtype {x.dtype} on {x.device} but the flow's parameters have "
-                f"dtype {reference.dtype} on {reference.device}; convert one of them"
-            )
         check_finite(x, name)
         context = self.context
         if context is None:
             return x.reshape(-1, d), None, x.shape[:-1]
+        check_like(context, "context", reference)
         try:
             batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
         except RuntimeError:
@@ -253,82 +192,93 @@ class ConditionedCPFlow(VersionedCacheMixin, Transform):
         context_rows = context.expand(*batch, context.shape[-1]).reshape(-1, context.shape[-1])
         return rows, context_rows, batch
 
+    def _evaluate(self, rows: Tensor, context: Tensor | None) -> PotentialTrace:
+        """The potential at the rows, with a graph only when the result must be differentiable."""
+        if self._needs_graph(rows, context):
+            return self.potential.evaluate(rows, context)
+        with torch.no_grad():
+            return self.potential.evaluate(rows, context)
+
+    def _trace(self, x: Tensor) -> tuple[PotentialTrace, torch.Size]:
+        """The evaluated potential at ``x``: the one kept by the last call if it was at ``x``."""
+        kept = self._side_lookup(x)
+        if kept is not None:
+            return kept
+        rows, context, batch = self._flatten(x, "x")
+        return self._evaluate(rows, context), batch
+
     def _call(self, x: Tensor) -> Tensor:
         rows, context, batch = self._flatten(x, "x")
-        y = self.potential.gradient(rows, context, create_graph=self._needs_graph(rows, context))
-        return y.reshape(*batch, self.input_dim)
+        trace = self._evaluate(rows, context)
+        self._side_store(x, (trace, batch))
+        return trace.gradient.reshape(*batch, self.input_dim)
 
     def _inverse(self, y: Tensor) -> Tensor:
         rows, context, batch = self._flatten(y, "y")
         options = self.options
+        factor = self.potential.factorize()
         x, report = invert_gradient_map(
             self.potential,
             rows,
-            initial=self.potential.initial_inverse_guess(rows),
+            initial=self.potential.initial_inverse_guess(rows, factor),
             context=context,
-            preconditioner=self.potential.quadratic_preconditioner(),
+            preconditioner=factor.solve,
             method=options.inverse_method,
             tol=options.inverse_tol,
             max_iter=options.inverse_max_iter,
             on_failure=options.on_failure,
         )
-        options.last_inverse = report
+        self.diagnostics.inverse = report
         return x.reshape(*batch, self.input_dim)
-
-    def _gradient_graph(self, rows: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(leaf, grad F(leaf))`` with a graph for Hessian-vector products in ``leaf``."""
-        with torch.enable_grad():
-            leaf = rows if rows.requires_grad else rows.detach().requires_grad_(True)
-            return leaf, self.potential.gradient(leaf, context, create_graph=True)
 
     def hessian(self, x: Tensor) -> Tensor:
         r"""The Jacobian of the map, :math:`\nabla^2 F(x)`, shape ``batch + (d, d)``.
 
         Differentiable when grad mode is on and something requires grad.
         """
-        rows, context, batch = self._flatten(x, "x")
-        leaf, grad = self._gradient_graph(rows, context)
-        hessian = dense_hessian(grad, leaf, create_graph=self._needs_graph(rows, context))
-        return hessian.reshape(*batch, self.input_dim, self.input_dim)
+        trace, batch = self._trace(x)
+        return trace.hessian().reshape(*batch, self.input_dim, self.input_dim)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        r""":math:`\log\det \nabla^2 F(x)`, shape ``batch``, by the mode of ``options``."""
-        if self.options.resolve_logdet(self.input_dim) == "exact":
-            return cholesky_logdet(self.hessian(x))
-        rows, context, batch = self._flatten(x, "x")
-        track = self._needs_graph(rows, context)  # decided outside enable_grad below
-        leaf, grad = self._gradient_graph(rows, context)
-        with torch.enable_grad():
-            logdet = self._stochastic_logdet(grad, leaf, track)
-        return logdet.reshape(batch)
+        r""":math:`\log\det \nabla^2 F(x)`, shape ``batch``, in the mode the options resolve to."""
+        trace, batch = self._trace(x)
+        logdet = self._logdet(trace).reshape(batch)
+        self._forget_after_backward(logdet, x)
+        return logdet
 
-    def _stochastic_logdet(self, grad: Tensor, leaf: Tensor, track: bool) -> Tensor:
+    def _logdet(self, trace: PotentialTrace) -> Tensor:
         options = self.options
-
-        def matvec(v: Tensor) -> Tensor:
-            return hessian_vector_product(grad, leaf, v)
-
-        value = stochastic_logdet(matvec, leaf, options.num_probes, options.lanczos_steps)
-        if not track:
-            return value
-        surrogate, cg = logdet_gradient_surrogate(
-            matvec,
-            lambda v: hessian_vector_product(grad, leaf, v, create_graph=True),
-            leaf,
+        rows = trace.x.shape[0]
+        if options.resolve_logdet(self.input_dim, rows, self._is_training()) == "exact":
+            return cholesky_logdet(trace.hessian())
+        estimate = stochastic_logdet(
+            trace,
+            self.potential.factorize(trace.quadratic.matrix),
             num_probes=options.num_probes,
             rtol=options.cg_rtol,
             max_iter=options.cg_max_iter,
-            preconditioner=self.potential.quadratic_preconditioner(),
             check_every=options.cg_check_every,
+            gradient=trace.value.requires_grad,
         )
-        options.last_cg = cg
-        options._warn_cg(cg)
-        return value + (surrogate - surrogate.detach())
+        self.diagnostics.cg = estimate.cg
+        if options.on_failure != "ignore" and not bool(estimate.cg.converged.all()):
+            cg = estimate.cg
+            handle_failure(
+                options.on_failure,
+                f"CG of the stochastic log-det missed rtol={options.cg_rtol:g} for "
+                f"{int((~cg.converged).sum())} of {cg.converged.numel()} samples (worst residual "
+                f"{float(cg.residual_norm.max()):.3e}): their log-det values and gradients are "
+                "biased; raise cg_max_iter or use logdet='exact'",
+            )
+        return estimate.combined()
 
     def with_cache(self, cache_size: int = 1) -> "ConditionedCPFlow":
+        """``self``, or a parameter-sharing view with another cache size."""
         if cache_size == self._cache_size:
             return self
-        return ConditionedCPFlow(self.potential, self.context, self.options, cache_size)
+        return ConditionedCPFlow(
+            self.potential, self.context, self.options, self.diagnostics, self._is_training(), cache_size
+        )
 
 
 class CPFlowStack(ComposeTransformModule):
@@ -353,16 +303,18 @@ class CPFlowStack(ComposeTransformModule):
         return CPFlowStack(self.parts, cache_size=cache_size)
 
 
-class CPFlow(ModuleInverseMixin, ConditionedCPFlow, TransformModule, FlowOptions):
+class CPFlow(ModuleInverseMixin, ConditionedCPFlow, TransformModule):
     r"""Convex potential flow :math:`f = \nabla F`, a Pyro :class:`TransformModule`.
 
     Forward (sampling direction) is the cheap gradient map; the inverse runs the convex
     solver. ``flow.inv`` is itself an ``nn.Module`` sharing the parameters, so the
     density direction ``TransformedDistribution(base, [flow.inv])`` trains and
     registers with ``pyro.module``. The cache (``cache_size=1``) is invalidated by
-    any parameter update. See :class:`FlowOptions` for the keyword options.
+    any parameter update.
 
     :param potential: a :class:`~pyro_cpflow.potential.ConvexPotential` with an ICNN.
+    :param options: keyword options of :class:`~pyro_cpflow.options.FlowOptions`; each is
+        also an attribute (``flow.logdet = "exact"``), and ``flow.options`` is the value.
 
     >>> import pyro.distributions as dist
     >>> from pyro_cpflow import cpflow
@@ -374,24 +326,20 @@ class CPFlow(ModuleInverseMixin, ConditionedCPFlow, TransformModule, FlowOptions
     """
 
     def __init__(self, potential: ConvexPotential, cache_size: int = 1, **options) -> None:
-        super().__init__(potential, None, None, cache_size)
-        self._set_options(**options)
+        super().__init__(potential, None, FlowOptions().replace(**options), None, True, cache_size)
 
-    def with_cache(self, cache_size: int = 1) -> ConditionedCPFlow:
-        """``self``, or a parameter-sharing view with another cache size."""
-        if cache_size == self._cache_size:
-            return self
-        return ConditionedCPFlow(self.potential, None, self, cache_size)
+    def _is_training(self) -> bool:
+        return self.training
 
 
-class ConditionalCPFlow(ConditionalTransformModule, FlowOptions):
+class ConditionalCPFlow(_OptionAttributes, ConditionalTransformModule):
     r"""Conditional convex potential flow :math:`x \mapsto \nabla_x F(x; c)`.
 
     The potential is convex in :math:`x` for every context :math:`c`
     (:class:`~pyro_cpflow.nn.PICNN`). ``condition(c)`` returns a
     :class:`ConditionedCPFlow` bound to ``c``, which broadcasts from the right over
     any leading batch dimensions of the input. ``.inv`` is an ``nn.Module`` sharing
-    the parameters. Options as in :class:`FlowOptions`.
+    the parameters. Options as in :class:`CPFlow`.
 
     >>> import pyro.distributions as dist
     >>> from pyro_cpflow import conditional_cpflow
@@ -405,12 +353,14 @@ class ConditionalCPFlow(ConditionalTransformModule, FlowOptions):
     def __init__(self, potential: ConvexPotential, **options) -> None:
         super().__init__()
         self.potential = potential
-        self._set_options(**options)
+        self.options = FlowOptions().replace(**options)
+        self.diagnostics = Diagnostics()
 
     def condition(self, context: Tensor) -> ConditionedCPFlow:
         expected = getattr(self.potential.network, "context_dim", None)
         if not isinstance(context, Tensor) or context.dim() < 1 or context.shape[-1] != expected:
             shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
             raise ValueError(f"context must have shape (..., {expected}), got {shape}")
+        check_like(context, "context", self.potential.factor)
         check_finite(context, "context")
-        return ConditionedCPFlow(self.potential, context, self, cache_size=1)
+        return ConditionedCPFlow(self.potential, context, self.options, self.diagnostics, self.training)

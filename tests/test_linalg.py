@@ -1,4 +1,4 @@
-"""Conjugate gradients, Lanczos log-dets, Hessian products against dense linear algebra."""
+"""Conjugate gradients, the Lanczos matrix from CG's coefficients, log-dets, against dense linear algebra."""
 
 import pytest
 import torch
@@ -6,12 +6,10 @@ import torch
 from pyro_cpflow.linalg import (
     cholesky_logdet,
     conjugate_gradient,
-    dense_hessian,
-    hessian_vector_product,
-    lanczos_tridiagonal,
-    logdet_gradient_surrogate,
+    lanczos_quadrature,
     stochastic_logdet,
 )
+from pyro_cpflow.potential import QuadraticFactor
 
 
 def _spd_batch(n, d, condition=10.0):
@@ -101,84 +99,121 @@ def test_cholesky_logdet_matches_slogdet_and_rejects_indefinite():
         cholesky_logdet(bad)
 
 
-def test_lanczos_full_steps_is_exact_quadrature():
-    """With m = d steps the quadrature v^T log(A) v is exact for every probe."""
-    a = _spd_batch(5, 6, condition=50)
-    v = torch.randn(5, 6)
-    tridiagonal, norm_sq = lanczos_tridiagonal(_matvec(a), v, steps=6)
-    theta, u = torch.linalg.eigh(tridiagonal)
-    estimate = norm_sq * (u[:, 0, :] ** 2 * theta.log()).sum(-1)
+def _log_quadratic_form(a, v):
     eigenvalues, vectors = torch.linalg.eigh(a)
     log_a = vectors @ torch.diag_embed(eigenvalues.log()) @ vectors.transpose(-1, -2)
-    exact = torch.einsum("ni,nij,nj->n", v, log_a, v)
-    assert torch.allclose(estimate, exact, atol=1e-8)
+    return torch.einsum("ni,nij,nj->n", v, log_a, v)
 
 
-def test_lanczos_breakdown_is_handled():
-    """A probe in a 2-d invariant subspace of a 6-d matrix breaks down after 2 steps."""
-    a = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])).expand(3, 6, 6)
-    v = torch.zeros(3, 6)
-    v[:, 0], v[:, 1] = 1.0, 1.0
-    tridiagonal, _ = lanczos_tridiagonal(_matvec(a), v, steps=6)
-    theta, u = torch.linalg.eigh(tridiagonal)
-    estimate = 2.0 * (u[:, 0, :] ** 2 * theta.log()).sum(-1)
+def test_cg_coefficients_give_exact_quadrature_at_convergence():
+    """After d iterations the Lanczos matrix from CG's coefficients integrates log exactly."""
+    a = _spd_batch(5, 6, condition=50)
+    v = torch.randn(5, 6)
+    result = conjugate_gradient(_matvec(a), v, rtol=1e-14, max_iter=6, lanczos=True)
+    assert result.lanczos.dense().shape == (5, 6, 6)
+    # T is the matrix of A in an orthonormal Krylov basis: same eigenvalues at convergence
+    assert torch.allclose(torch.linalg.eigvalsh(result.lanczos.dense()), torch.linalg.eigvalsh(a), atol=1e-8)
+    estimate = lanczos_quadrature(result.lanczos)
+    assert torch.allclose(estimate, _log_quadratic_form(a, v), atol=1e-8)
+
+
+def test_preconditioned_cg_quadrature_is_that_of_the_whitened_matrix():
+    """PCG on H w = C eps, M = C C^T, integrates log(C^-1 H C^-T) from eps."""
+    d = 7
+    m = _spd_batch(1, d, condition=30)[0]
+    a = m + _spd_batch(4, d, condition=5)
+    chol = torch.linalg.cholesky(m)
+    eps = torch.randn(4, d)
+    result = conjugate_gradient(
+        _matvec(a), eps @ chol.T, rtol=1e-14, max_iter=d, lanczos=True,
+        preconditioner=lambda r: torch.cholesky_solve(r.T, chol).T,
+    )
+    whitened = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, a, upper=False).transpose(-1, -2), upper=False)
+    assert torch.allclose(result.lanczos.start_norm_sq, (eps * eps).sum(-1))
+    estimate = lanczos_quadrature(result.lanczos)
+    assert torch.allclose(estimate, _log_quadratic_form(whitened, eps), atol=1e-8)
+
+
+def test_samples_that_stop_early_keep_a_closed_quadrature():
+    """A probe in a 2-d invariant subspace converges in 2 iterations, next to samples that need 6."""
+    a = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])).repeat(3, 1, 1)
+    v = torch.randn(3, 6)
+    v[0] = 0.0
+    v[0, 0], v[0, 1] = 1.0, 1.0
+    result = conjugate_gradient(_matvec(a), v, rtol=1e-12, max_iter=6, lanczos=True)
+    assert int(result.iterations[0]) == 2 and int(result.iterations[1:].min()) == 6
+    estimate = lanczos_quadrature(result.lanczos)
     assert torch.isfinite(estimate).all()
-    assert torch.allclose(estimate, torch.full((3,), torch.log(torch.tensor(2.0))), atol=1e-10)
+    assert torch.allclose(estimate, _log_quadratic_form(a, v), atol=1e-10)
 
 
-def test_slq_average_matches_exact_logdet():
-    torch.manual_seed(1)
-    runs = 4000
-    a = _spd_batch(4, 10, condition=20)
-    copies = a.repeat(runs, 1, 1)  # each probe of each matrix is one batch entry
-    samples = stochastic_logdet(_matvec(copies), copies[:, 0], steps=10).reshape(runs, 4)
-    exact = torch.linalg.slogdet(a)[1]
-    stderr = samples.std(0) / runs**0.5
-    assert bool(((samples.mean(0) - exact).abs() < 4 * stderr).all())
-    # a wrong answer would be caught: the tolerance is far below the log-det differences
-    assert float(stderr.max()) < 0.1
-    # more probes per call reduce the spread
-    many = stochastic_logdet(_matvec(copies), copies[:, 0], num_probes=8, steps=10).reshape(runs, 4)
-    assert bool((many.std(0) < 0.5 * samples.std(0)).all())
+class _MatrixTrace:
+    """The trace interface for explicit matrices ``A (N, d, d)`` (with their graph)."""
+
+    def __init__(self, matrices, x):
+        self.matrices, self.x = matrices, x
+
+    def hvp(self, v):
+        return torch.einsum("nij,nj->ni", self.matrices, v)
+
+    def detach(self):
+        return _MatrixTrace(self.matrices.detach(), self.x)
 
 
-def test_hessian_vector_product_and_dense_hessian():
-    x = torch.randn(6, 3, requires_grad=True)
-    w = torch.randn(3, 3)
-    f = (torch.nn.functional.softplus(x @ w) ** 2).sum()
-    (grad,) = torch.autograd.grad(f, x, create_graph=True)
-    hessians = dense_hessian(grad, x)
-    for i in range(6):
-        expected = torch.autograd.functional.hessian(
-            lambda v: (torch.nn.functional.softplus(v @ w) ** 2).sum(), x[i].detach()
-        )
-        assert torch.allclose(hessians[i], expected, atol=1e-12)
-    v = torch.randn(6, 3)
-    assert torch.allclose(
-        hessian_vector_product(grad, x, v), torch.einsum("nij,nj->ni", hessians, v), atol=1e-12
-    )
+def _replicated_logdet(theta, quadratic, runs, preconditioned):
+    """The stochastic log-det of A = B B^T + Q on ``runs`` copies (one probe each) and its exact value."""
+    copies = theta.repeat(runs, 1, 1).requires_grad_(True)
+    matrices = copies @ copies.transpose(-1, -2) + quadratic
+    factor = QuadraticFactor(quadratic) if preconditioned else None
+    estimate = stochastic_logdet(_MatrixTrace(matrices, copies[:, 0]), factor, rtol=1e-12)
+    return copies, estimate
 
 
-def test_logdet_surrogate_gradient_is_unbiased():
-    """E_v[grad (w^T A(theta) v)] equals grad log det A(theta) for A = B(theta) B(theta)^T + I."""
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_stochastic_logdet_value_and_gradient_average_to_exact(preconditioned):
     torch.manual_seed(2)
-    runs = 4000
-    theta = torch.randn(3, 5, 5)
+    runs, d = 4000, 5
+    theta = 0.5 * torch.randn(3, d, d)
+    raw = torch.randn(d, d, requires_grad=True)
+    quadratic = raw @ raw.T + torch.eye(d)
     exact_theta = theta.clone().requires_grad_(True)
-    eye = torch.eye(5)
-    exact_a = exact_theta @ exact_theta.transpose(-1, -2) + eye
-    exact = torch.autograd.grad(torch.linalg.slogdet(exact_a)[1].sum(), exact_theta)[0]
-    copies = theta.repeat(runs, 1, 1).requires_grad_(True)  # one probe per copy
-    a = copies @ copies.transpose(-1, -2) + eye
-    surrogate, result = logdet_gradient_surrogate(
-        _matvec(a.detach()), _matvec(a), torch.zeros(3 * runs, 5), rtol=1e-12
+    exact_value = torch.linalg.slogdet(exact_theta @ exact_theta.transpose(-1, -2) + quadratic)[1]
+    exact_theta_grad, exact_raw_grad = torch.autograd.grad(
+        exact_value.sum(), [exact_theta, raw], retain_graph=True
     )
-    assert bool(result.converged.all())
-    per_probe = torch.autograd.grad(surrogate.sum(), copies)[0].reshape(runs, 3, 5, 5)
+    copies, estimate = _replicated_logdet(theta, quadratic, runs, preconditioned)
+    assert bool(estimate.cg.converged.all())
+    values = estimate.value.reshape(runs, 3)
+    stderr = values.std(0) / runs**0.5
+    assert bool(((values.mean(0) - exact_value.detach()).abs() < 4.5 * stderr).all())
+    combined = estimate.combined()
+    assert torch.allclose(combined.detach(), estimate.value)
+    theta_grads, raw_grad = torch.autograd.grad(combined.sum(), [copies, raw])
+    per_probe = theta_grads.reshape(runs, 3, d, d)
     stderr = per_probe.std(0) / runs**0.5
-    error = (per_probe.mean(0) - exact).abs()
-    assert bool((error < 4.5 * stderr).all()), float((error / stderr).max())
-    assert float(stderr.max()) < 0.1 * float(exact.abs().max())
+    error = (per_probe.mean(0) - exact_theta_grad).abs()
+    assert bool((error < 4.5 * stderr + 1e-12).all()), float((error / stderr).max())
+    # the quadratic's gradient, summed over probes, is an average of runs estimates
+    assert torch.allclose(raw_grad / runs, exact_raw_grad, rtol=0.1, atol=0.05 * float(exact_raw_grad.abs().max()))
+
+
+def test_preconditioning_with_the_quadratic_cuts_the_variance():
+    """With H close to Q the preconditioned value, and the gradient in Q's parameters, are far less noisy."""
+    torch.manual_seed(3)
+    calls, runs, d = 40, 25, 6
+    theta = 0.2 * torch.randn(1, d, d)
+    raw = torch.randn(d, d, requires_grad=True)
+    spread = {}
+    for preconditioned in (False, True):
+        values, grads = [], []
+        for _ in range(calls):
+            quadratic = raw @ raw.T + torch.eye(d)
+            _, estimate = _replicated_logdet(theta, quadratic, runs, preconditioned)
+            values.append(estimate.value)
+            grads.append(torch.autograd.grad(estimate.combined().mean(), raw)[0])
+        spread[preconditioned] = float(torch.cat(values).std()), float(torch.stack(grads).std(0).max())
+    assert spread[True][0] < 0.2 * spread[False][0]
+    assert spread[True][1] < 0.2 * spread[False][1]
 
 
 def test_preconditioned_cg_matches_solve_in_fewer_iterations():
@@ -196,3 +231,13 @@ def test_preconditioned_cg_matches_solve_in_fewer_iterations():
     assert bool(preconditioned.converged.all())
     assert torch.allclose(preconditioned.solution, expected, atol=1e-7)
     assert int(preconditioned.iterations.max()) * 4 < int(plain.iterations.max())
+
+
+def test_quadrature_in_chunks_equals_one_pass(monkeypatch):
+    import pyro_cpflow.linalg as linalg
+
+    a = _spd_batch(9, 5, condition=100)
+    result = conjugate_gradient(_matvec(a), torch.randn(9, 5), rtol=1e-14, max_iter=5, lanczos=True)
+    whole = lanczos_quadrature(result.lanczos)
+    monkeypatch.setattr(linalg, "QUADRATURE_CHUNK_ENTRIES", 50)  # two matrices of 5 x 5 at a time
+    assert torch.allclose(lanczos_quadrature(result.lanczos), whole, atol=1e-13)

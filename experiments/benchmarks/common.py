@@ -7,7 +7,9 @@
   repeats (bounded by a time budget so slow configurations run fewer times);
 * :func:`markdown_table` and :func:`fmt` - Markdown output;
 * :func:`save_results` - the JSON file (with :func:`machine_info`) and a ``.md`` copy
-  of the printed tables next to it.
+  of the printed tables next to it;
+* :func:`peak_memory_bytes` - peak tensor memory allocated while a callable runs (on the
+  CPU from the profiler's allocation events, on CUDA from the caching allocator).
 
 The scripts import this module as ``common``: run them as files
 (``python experiments/benchmarks/<script>.py``), which puts this folder on
@@ -17,19 +19,24 @@ The scripts import this module as ``common``: run them as files
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet the profiler's C++ logging
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 __all__ = [
     "RESULTS_DIR",
@@ -40,6 +47,7 @@ __all__ = [
     "machine_info",
     "machine_summary",
     "markdown_table",
+    "peak_memory_bytes",
     "save_results",
     "setup",
     "synchronize",
@@ -235,3 +243,68 @@ def save_results(
     path.write_text(json.dumps(_jsonable(document), indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown.rstrip() + "\n")
     print(f"\nsaved {path} and {path.with_suffix('.md')}")
+
+
+# ---------------------------------------------------------------------------------------
+# peak memory
+# ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: the profiler logs start/stop lines from C++."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+
+
+def _profiled_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of the running sum of tensor allocations reported to the profiler by ``fn``."""
+    with _native_stderr_silenced():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _cuda_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak tensor memory allocated while ``fn`` runs.
+
+    *CPU*: ``fn`` runs under ``torch.profiler.profile(profile_memory=True)``; the CPU
+    allocator reports every allocation and release to the profiler, and the maximum of
+    their running sum in time order is the peak of the tensor memory allocated by
+    ``fn`` (tensors that existed before, and memory outside torch's allocator such as
+    BLAS scratch buffers, are not counted). *CUDA*: ``torch.cuda.max_memory_allocated()``
+    after ``reset_peak_memory_stats()``, minus the memory allocated before ``fn``.
+
+    This counts exactly the tensor memory (the autograd graph's saved tensors, Hessian
+    columns, CG vectors, gradients), independent of the system allocator, whereas
+    ``ru_maxrss`` is a process-wide high-water mark that includes the interpreter and
+    libraries and never goes down, and ``tracemalloc`` does not see torch tensors at all.
+    """
+    if device.type == "cuda":
+        return _cuda_peak_bytes(fn, device)
+    if device.type == "cpu":
+        return _profiled_peak_bytes(fn)
+    raise ValueError(f"peak memory is measured on cpu and cuda only, not {device.type}")

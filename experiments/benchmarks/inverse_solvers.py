@@ -99,8 +99,9 @@ from common import (
     setup,
     time_call,
 )
-from pyro_cpflow.inverse import InverseReport, solve_gradient_equation
-from pyro_cpflow.linalg import CGResult, conjugate_gradient, dense_hessian, hessian_vector_product
+from pyro_cpflow.derivatives import PotentialTrace
+from pyro_cpflow.linalg import CGResult, conjugate_gradient
+from pyro_cpflow.solvers import InverseReport, solve_gradient_equation
 from pyro_cpflow.nn import ICNN
 from pyro_cpflow.potential import ConvexPotential, inverse_softplus
 
@@ -141,10 +142,8 @@ def randomise_(
 
 def hessians(potential: ConvexPotential, x: Tensor) -> Tensor:
     """Dense Hessians ``(N, d, d)`` of the potential at the rows of ``x``."""
-    with torch.enable_grad():
-        leaf = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(potential(leaf).sum(), leaf, create_graph=True)
-        return dense_hessian(grad, leaf)
+    with torch.no_grad():
+        return potential.evaluate(x).hessian()
 
 
 def condition_numbers(matrices: Tensor) -> Tensor:
@@ -186,7 +185,7 @@ def make_problem(dim: int, kind: str, points: int, device: torch.device) -> Prob
 
 
 class CountingPotential:
-    """Wraps a potential and counts its batched evaluations."""
+    """Wraps a potential and counts its batched evaluations (through the library's engine)."""
 
     def __init__(self, potential: ConvexPotential) -> None:
         self.potential = potential
@@ -195,6 +194,10 @@ class CountingPotential:
     def __call__(self, x: Tensor) -> Tensor:
         self.calls += 1
         return self.potential(x)
+
+    def evaluate(self, x: Tensor, context: Tensor | None = None, derivatives: bool = True) -> PotentialTrace:
+        self.calls += 1
+        return self.potential.evaluate(x, context, derivatives)
 
 
 def stop_reason(report: InverseReport, max_iter: int) -> str:
@@ -238,7 +241,7 @@ def run_solver(
     def solve(points: slice = slice(None)) -> tuple[Tensor, InverseReport, int]:
         counted = CountingPotential(problem.potential)
         # Newton-CG preconditions its CG solves by Q^{-1}, as CPFlow does
-        preconditioner = problem.potential.quadratic_preconditioner() if method == "newton-cg" else None
+        preconditioner = problem.potential.factorize().solve if method == "newton-cg" else None
         x, report = solve_gradient_equation(
             counted, problem.y[points], initial=problem.initial[points], method=method,
             tol=tol, max_iter=max_iter, on_failure="ignore", preconditioner=preconditioner,
@@ -431,13 +434,13 @@ def flow_hessian_batch(dim: int, n_far: int, n_near: int, device: torch.device) 
     potential = randomise_(make_potential(dim, device), PERTURBATION_STD, 1000.0, network_only=True)
     far = select_by_condition(potential, FAR_SCALE, n_far, largest=False, device=device)
     near = select_by_condition(potential, NEAR_SCALE, n_near, largest=True, device=device)
-    x = torch.cat([far, near]).requires_grad_(True)
-    (grad,) = torch.autograd.grad(potential(x).sum(), x, create_graph=True)
-    kappa = condition_numbers(dense_hessian(grad, x))
+    with torch.no_grad():
+        trace = potential.evaluate(torch.cat([far, near]))
+        kappa = condition_numbers(trace.hessian())
     ill = torch.arange(n_far + n_near, device=device) >= n_far
     return MixedBatch(
         f"flow Hessian ({n_far} far + {n_near} near points)",
-        lambda v: hessian_vector_product(grad, x, v),
+        trace.hvp,
         ill,
         kappa,
     )

@@ -14,7 +14,11 @@ r"""Inverting the gradient map of a strongly convex potential.
   improvements fall below the resolution of the sum (residuals around ``1e-6`` in
   float64 for a batch of a thousand); use it with a loose ``tol``.
 
-Both stop when every sample satisfies :math:`|\nabla F(x) - y|_\infty \le` ``tol``.
+Solvers are small objects (:class:`NewtonCG`, :class:`LBFGS`) whose ``solve`` returns the
+solution and an :class:`InverseReport`. They evaluate the potential through one engine,
+:meth:`~pyro_cpflow.potential.ConvexPotential.evaluate` (analytic gradient and
+Hessian-vector products; any other callable is evaluated by autograd,
+:class:`~pyro_cpflow.derivatives.AutogradTrace`). Both stop when every sample satisfies :math:`|\nabla F(x) - y|_\infty \le` ``tol``.
 :func:`invert_gradient_map` makes the result differentiable by the implicit function
 theorem: :math:`\partial x/\partial y = H^{-1}` and
 :math:`\partial x/\partial\theta = -H^{-1}\,\partial_\theta \nabla F(x)`, applied in the
@@ -23,35 +27,49 @@ backward pass by conjugate gradients, never by backpropagating through iteration
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .linalg import MatVec, conjugate_gradient, hessian_vector_product
+from .derivatives import AutogradTrace, PotentialTrace
+from .linalg import CGResult, MatVec, conjugate_gradient
+from .options import FAILURE_POLICIES, INVERSE_METHODS, NonConvergenceError, NonConvergenceWarning, handle_failure
 
 __all__ = [
+    "Diagnostics",
     "INVERSE_METHODS",
     "InverseReport",
+    "LBFGS",
+    "NewtonCG",
     "NonConvergenceError",
     "NonConvergenceWarning",
     "default_tolerance",
+    "evaluator",
     "invert_gradient_map",
+    "make_solver",
     "solve_gradient_equation",
 ]
 
-Potential = Callable[[Tensor], Tensor]
-"""A batched potential ``(N, d) -> (N,)``, convex in each row."""
+Potential = Callable[..., Tensor]
+"""A batched potential ``(N, d) -> (N,)``, convex in each row (optionally with a context)."""
+
+Evaluate = Callable[..., "PotentialTrace | AutogradTrace"]
+"""``(x, context, derivatives=True) -> trace`` with ``value``, ``gradient``, ``hvp`` and
+``detach``; ``derivatives=False`` promises that only the value will be read."""
 
 
-class NonConvergenceWarning(RuntimeWarning):
-    """The inverse solver stopped before reaching its tolerance."""
+def evaluator(potential: Potential) -> Evaluate:
+    """The engine of ``potential``: its ``evaluate`` method, or autograd for a plain callable."""
+    evaluate = getattr(potential, "evaluate", None)
+    if evaluate is not None:
+        return evaluate
 
+    def by_autograd(x: Tensor, context: Tensor | None, derivatives: bool = True) -> AutogradTrace:
+        return AutogradTrace(lambda z: potential(z) if context is None else potential(z, context), x)
 
-class NonConvergenceError(RuntimeError):
-    """The inverse solver stopped before reaching its tolerance (``on_failure="raise"``)."""
+    return by_autograd
 
 
 @dataclass
@@ -79,73 +97,85 @@ class InverseReport:
         return bool(self.converged.all())
 
 
+@dataclass
+class Diagnostics:
+    """The last solver reports of a flow, kept in one place (``flow.diagnostics``).
+
+    :ivar cg: :class:`~pyro_cpflow.linalg.CGResult` of the last stochastic log-det.
+    :ivar inverse: :class:`InverseReport` of the last inverse.
+    """
+
+    cg: CGResult | None = None
+    inverse: InverseReport | None = None
+
+
 def default_tolerance(dtype: torch.dtype) -> float:
     """Residual tolerance of the solvers: ``1e-10`` in float64, ``1e-5`` in float32."""
     return 1e-10 if dtype == torch.float64 else 1e-5
 
 
-def _evaluate(potential: Potential, x: Tensor, context: Tensor | None) -> Tensor:
-    return potential(x) if context is None else potential(x, context)
+def _rows(context: Tensor | None, rows: Tensor) -> Tensor | None:
+    return None if context is None else context[rows]
 
 
-def _gradient_with_graph(
-    potential: Potential, x: Tensor, context: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(leaf, F(leaf), grad F(leaf))`` with a graph for Hessian-vector products in ``x``."""
-    leaf = x.detach().requires_grad_(True)
-    value = _evaluate(potential, leaf, context)
-    (grad,) = torch.autograd.grad(value.sum(), leaf, create_graph=True)
-    return leaf, value, grad
+@dataclass(frozen=True)
+class NewtonCG:
+    """Per-sample Hessian-free Newton with inexact CG steps and backtracking (see the module docstring).
 
+    :param tol: tolerance on :math:`|\\nabla F(x) - y|_\\infty`.
+    :param max_iter: Newton steps.
+    """
 
-def _newton_cg(
-    potential: Potential,
-    y: Tensor,
-    x: Tensor,
-    context: Tensor | None,
-    tol: float,
-    max_iter: int,
-    preconditioner: MatVec | None,
-) -> tuple[Tensor, InverseReport]:
-    n, d = y.shape
-    eps = torch.finfo(y.dtype).eps
-    iterations = torch.zeros(n, dtype=torch.long, device=y.device)
-    residual_inf = torch.zeros(n, dtype=y.dtype, device=y.device)
-    rows = torch.arange(n, device=y.device)  # samples still iterating: the others cost nothing
-    products = 0
-    for newton_step in range(max_iter + 1):
-        x_rows, y_rows = x[rows], y[rows]
-        context_rows = None if context is None else context[rows]
-        leaf, value, grad = _gradient_with_graph(potential, x_rows, context_rows)
-        residual = (grad - y_rows).detach()
-        res_inf = residual.abs().amax(-1)
-        residual_inf[rows] = res_inf
-        moving = res_inf > tol
-        if newton_step == max_iter or not bool(moving.any()):
-            break
-        forcing = torch.clamp(residual.norm(dim=-1).sqrt(), max=0.5)
-        cg = conjugate_gradient(
-            lambda v: hessian_vector_product(grad, leaf, v),
-            torch.where(moving[:, None], -residual, 0.0),
-            rtol=forcing,
-            max_iter=2 * d,
-            preconditioner=preconditioner,
-        )
-        products += int(cg.iterations.max())
-        direction = cg.solution
-        slope = (residual * direction).sum(-1)
-        descent = slope < 0
-        direction = torch.where(descent[:, None], direction, -residual)
-        slope = torch.where(descent, slope, -(residual * residual).sum(-1))
+    tol: float
+    max_iter: int = 100
+    method: str = field(default="newton-cg", init=False)
+
+    def solve(
+        self,
+        evaluate: Evaluate,
+        y: Tensor,
+        x: Tensor,
+        context: Tensor | None = None,
+        preconditioner: MatVec | None = None,
+    ) -> tuple[Tensor, InverseReport]:
         with torch.no_grad():
-            value = value.detach()
+            return self._solve(evaluate, y, x.clone(), context, preconditioner)
+
+    def _solve(self, evaluate, y, x, context, preconditioner):  # type: ignore[no-untyped-def]
+        n, d = y.shape
+        eps = torch.finfo(y.dtype).eps
+        iterations = torch.zeros(n, dtype=torch.long, device=y.device)
+        residual_inf = torch.zeros(n, dtype=y.dtype, device=y.device)
+        rows = torch.arange(n, device=y.device)  # samples still iterating: the others cost nothing
+        products = 0
+        for newton_step in range(self.max_iter + 1):
+            x_rows, y_rows, context_rows = x[rows], y[rows], _rows(context, rows)
+            trace = evaluate(x_rows, context_rows).detach()
+            residual = trace.gradient - y_rows
+            res_inf = residual.abs().amax(-1)
+            residual_inf[rows] = res_inf
+            moving = res_inf > self.tol
+            if newton_step == self.max_iter or not bool(moving.any()):
+                break
+            forcing = torch.clamp(residual.norm(dim=-1).sqrt(), max=0.5)
+            cg = conjugate_gradient(
+                trace.hvp, torch.where(moving[:, None], -residual, 0.0), rtol=forcing,
+                max_iter=2 * d, preconditioner=preconditioner,
+            )
+            products += int(cg.iterations.max())
+            direction = cg.solution
+            slope = (residual * direction).sum(-1)
+            descent = slope < 0
+            direction = torch.where(descent[:, None], direction, -residual)
+            slope = torch.where(descent, slope, -(residual * residual).sum(-1))
+            value = trace.value
             linear = (y_rows * x_rows).sum(-1)
             phi0 = value - linear
             step = torch.ones_like(phi0)
             pending = moving.clone()
             for _ in range(60):
                 trial = x_rows + step[:, None] * direction
-                trial_value = _evaluate(potential, trial, context_rows)
+                trial_value = evaluate(trial, context_rows, derivatives=False).value
                 trial_linear = (y_rows * trial).sum(-1)
                 phi = trial_value - trial_linear
                 # round-off slack: near the solution phi changes below the rounding error of
@@ -157,56 +187,70 @@ def _newton_cg(
                     break
                 step = torch.where(pending, 0.5 * step, step)
             x[rows] = torch.where(moving[:, None], x_rows + step[:, None] * direction, x_rows)
-        iterations[rows] += moving.long()
-        rows = rows[moving]
-    report = InverseReport(
-        "newton-cg", iterations, products, residual_inf, residual_inf <= tol, tol
-    )
-    return x.detach(), report
+            iterations[rows] += moving.long()
+            rows = rows[moving]
+        report = InverseReport(
+            self.method, iterations, products, residual_inf, residual_inf <= self.tol, self.tol
+        )
+        return x, report
 
 
-def _lbfgs(
-    potential: Potential,
-    y: Tensor,
-    x: Tensor,
-    context: Tensor | None,
-    tol: float,
-    max_iter: int,
-    preconditioner: MatVec | None,
-) -> tuple[Tensor, InverseReport]:
-    del preconditioner  # L-BFGS builds its own curvature model
-    variable = x.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [variable],
-        lr=1.0,
-        max_iter=max_iter,
-        max_eval=2 * max_iter,
-        tolerance_grad=tol,
-        tolerance_change=0.0,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-    evaluations = [0]
+@dataclass(frozen=True)
+class LBFGS:
+    """One batch-wide :class:`torch.optim.LBFGS` with strong-Wolfe line search (the reference code's approach).
 
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = (_evaluate(potential, variable, context) - (y * variable).sum(-1)).sum()
-        loss.backward()
-        evaluations[0] += 1
-        return loss
+    :param tol: tolerance on :math:`|\\nabla F(x) - y|_\\infty`; use a loose one (see the module docstring).
+    :param max_iter: L-BFGS iterations.
+    """
 
-    optimizer.step(closure)
-    x = variable.detach()
-    grad = _gradient_with_graph(potential, x, context)[2].detach()
-    residual = (grad - y).abs().amax(-1)
-    steps = optimizer.state[optimizer._params[0]].get("n_iter", 0)
-    iterations = torch.full_like(residual, steps, dtype=torch.long)
-    report = InverseReport("lbfgs", iterations, evaluations[0], residual, residual <= tol, tol)
-    return x, report
+    tol: float
+    max_iter: int = 100
+    method: str = field(default="lbfgs", init=False)
+
+    def solve(
+        self,
+        evaluate: Evaluate,
+        y: Tensor,
+        x: Tensor,
+        context: Tensor | None = None,
+        preconditioner: MatVec | None = None,
+    ) -> tuple[Tensor, InverseReport]:
+        del preconditioner  # L-BFGS builds its own curvature model
+        variable = x.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS(
+            [variable], lr=1.0, max_iter=self.max_iter, max_eval=2 * self.max_iter,
+            tolerance_grad=self.tol, tolerance_change=0.0, history_size=20,
+            line_search_fn="strong_wolfe",
+        )
+        evaluations = [0]
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = (evaluate(variable, context).value - (y * variable).sum(-1)).sum()
+            loss.backward()
+            evaluations[0] += 1
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        x = variable.detach()
+        with torch.no_grad():
+            residual = (evaluate(x, context).gradient - y).abs().amax(-1)
+        steps = optimizer.state[optimizer._params[0]].get("n_iter", 0)
+        iterations = torch.full_like(residual, steps, dtype=torch.long)
+        report = InverseReport(self.method, iterations, evaluations[0], residual, residual <= self.tol, self.tol)
+        return x, report
 
 
-_SOLVERS = {"newton-cg": _newton_cg, "lbfgs": _lbfgs}
-INVERSE_METHODS = tuple(_SOLVERS)
+_SOLVERS = {"newton-cg": NewtonCG, "lbfgs": LBFGS}
+assert tuple(_SOLVERS) == INVERSE_METHODS
+
+
+def make_solver(method: str, tol: float, max_iter: int) -> NewtonCG | LBFGS:
+    """The solver object for ``method`` (one of :data:`~pyro_cpflow.options.INVERSE_METHODS`)."""
+    if method not in _SOLVERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(_SOLVERS)}")
+    return _SOLVERS[method](tol, max_iter)
 
 
 def _check_batch(y: Tensor, dim: int) -> None:
@@ -220,19 +264,19 @@ def _check_batch(y: Tensor, dim: int) -> None:
         raise ValueError("the point to invert contains NaN or Inf")
 
 
-def _report_failure(report: InverseReport, on_failure: str) -> None:
+def report_failure(report: InverseReport, on_failure: str) -> None:
+    """Apply the failure policy to an :class:`InverseReport` that missed its tolerance."""
     if report.all_converged or on_failure == "ignore":
         return
     failed = int((~report.converged).sum())
-    message = (
+    handle_failure(
+        on_failure,
         f"{report.method} inverse did not converge for {failed} of {report.converged.numel()} "
         f"samples: worst |grad F(x) - y|_inf = {float(report.residual.max()):.3e} > tol = "
         f"{report.tol:.1e} after {int(report.iterations.max())} iterations; raise max_iter "
-        "or tol, or check that the potential is finite"
+        "or tol, or check that the potential is finite",
+        stacklevel=3,
     )
-    if on_failure == "raise":
-        raise NonConvergenceError(message)
-    warnings.warn(message, NonConvergenceWarning, stacklevel=3)
 
 
 def solve_gradient_equation(
@@ -248,8 +292,9 @@ def solve_gradient_equation(
 ) -> tuple[Tensor, InverseReport]:
     r"""Solve :math:`\nabla F(x_i) = y_i` for every row of ``y`` ``(N, d)``; no gradients.
 
-    :param potential: batched strongly convex potential ``(N, d) -> (N,)``, called as
-        ``potential(x)``, or ``potential(x, context)`` when a context is given.
+    :param potential: a :class:`~pyro_cpflow.potential.ConvexPotential` (evaluated by the
+        analytic engine) or any batched strongly convex callable ``(N, d) -> (N,)``, called
+        as ``potential(x)``, or ``potential(x, context)`` when a context is given.
     :param initial: starting points (default ``y``).
     :param context: optional ``(N, c)`` rows passed to the potential; the solver
         evaluates only the samples that have not converged yet, with their context rows.
@@ -260,7 +305,7 @@ def solve_gradient_equation(
     :param on_failure: ``"warn"`` (:class:`NonConvergenceWarning`), ``"raise"``
         (:class:`NonConvergenceError`) or ``"ignore"`` when some sample misses ``tol``.
     :param preconditioner: optional :math:`M^{-1} v` (rows) for the CG solves of the
-        Newton steps, e.g. :meth:`~pyro_cpflow.potential.ConvexPotential.quadratic_preconditioner`.
+        Newton steps, e.g. ``potential.factorize().solve``.
     :returns: the solutions ``(N, d)`` (detached) and an :class:`InverseReport`.
 
     >>> potential = lambda x: (x ** 2).sum(-1) + (x ** 4).sum(-1) / 4
@@ -269,21 +314,21 @@ def solve_gradient_equation(
     >>> torch.allclose(2 * x + x ** 3, y) and report.all_converged
     True
     """
-    if method not in _SOLVERS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(_SOLVERS)}")
-    if on_failure not in ("warn", "raise", "ignore"):
-        raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
+    solver = make_solver(method, 0.0, max_iter)  # validates the method first
+    if on_failure not in FAILURE_POLICIES:
+        raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}")
     _check_batch(y, y.shape[-1] if y.dim() else 0)
     y = y.detach()
     tol = default_tolerance(y.dtype) if tol is None else tol
+    solver = make_solver(method, tol, max_iter)
     start = y.clone() if initial is None else initial.detach().clone()
     if start.shape != y.shape:
         raise ValueError(f"initial has shape {tuple(start.shape)}, expected {tuple(y.shape)}")
     if context is not None and context.shape[0] != y.shape[0]:
         raise ValueError(f"context has {context.shape[0]} rows, expected {y.shape[0]}")
-    with torch.enable_grad():
-        x, report = _SOLVERS[method](potential, y, start, context, tol, max_iter, preconditioner)
-    _report_failure(report, on_failure)
+    context_constant = None if context is None else context.detach()
+    x, report = solver.solve(evaluator(potential), y, start, context_constant, preconditioner)
+    report_failure(report, on_failure)
     return x, report
 
 
@@ -300,13 +345,13 @@ class _ImplicitCorrection(torch.autograd.Function):
         ctx,
         residual: Tensor,
         solution: Tensor,
-        potential: Potential,
+        evaluate: Evaluate,
         context: Tensor | None,
         preconditioner: MatVec | None,
         cg_rtol: float,
     ) -> Tensor:
         ctx.save_for_backward(solution)
-        ctx.potential = potential
+        ctx.evaluate = evaluate
         ctx.preconditioner = preconditioner
         ctx.context = None if context is None else context.detach()
         ctx.cg_rtol = cg_rtol
@@ -315,13 +360,10 @@ class _ImplicitCorrection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         (solution,) = ctx.saved_tensors
-        with torch.enable_grad():
-            leaf, _, grad = _gradient_with_graph(ctx.potential, solution, ctx.context)
+        with torch.no_grad():
+            trace = ctx.evaluate(solution, ctx.context).detach()
             result = conjugate_gradient(
-                lambda v: hessian_vector_product(grad, leaf, v),
-                grad_output,
-                rtol=ctx.cg_rtol,
-                max_iter=4 * solution.shape[-1],
+                trace.hvp, grad_output, rtol=ctx.cg_rtol, max_iter=4 * solution.shape[-1],
                 preconditioner=ctx.preconditioner,
             )
         return -result.solution, None, None, None, None, None
@@ -353,11 +395,11 @@ def invert_gradient_map(
     solution, report = solve_gradient_equation(potential, y, initial, context, **solver_options)
     if not torch.is_grad_enabled():
         return solution, report
-    with torch.enable_grad():
-        residual = _gradient_with_graph(potential, solution, context)[2] - y
+    evaluate = evaluator(potential)
+    residual = evaluate(solution, context).gradient - y
     if not residual.requires_grad:
         return solution, report
     cg_rtol = 1e-12 if y.dtype == torch.float64 else 1e-6
     preconditioner = solver_options.get("preconditioner")
-    correction = _ImplicitCorrection.apply(residual, solution, potential, context, preconditioner, cg_rtol)
+    correction = _ImplicitCorrection.apply(residual, solution, evaluate, context, preconditioner, cg_rtol)
     return solution + correction, report

@@ -1,0 +1,471 @@
+r"""One evaluation path for a convex potential: value, gradient, Hessian-vector products, Hessian.
+
+Every network in :mod:`pyro_cpflow.nn` is a chain of affine pre-activations followed by
+elementwise convex activations,
+
+.. math::
+
+    u_k = A_k(z_{k-1}, x) + o_k, \qquad z_k = s(u_k), \qquad g(x) = A_{\mathrm{out}}(z_K, x),
+
+where each :math:`A_k` is linear in :math:`(z_{k-1}, x)` for a fixed context (an
+:class:`AffineLayer`). With :math:`\delta_k = \partial g / \partial z_k` from one backward
+sweep and :math:`J_k = \partial u_k / \partial x` propagated forward, the only second
+derivatives come from the activations:
+
+.. math::
+
+    \nabla^2 g(x) = \sum_k J_k^\top \operatorname{diag}\bigl(\delta_k \odot s''(u_k)\bigr) J_k ,
+
+a sum of positive semi-definite terms (:math:`\delta_k \ge 0` by input convexity). Hence:
+
+* the gradient :math:`\nabla g` by an explicit backward sweep (:attr:`NetworkTrace.gradient`),
+* a Hessian-vector product by one forward tangent :math:`t_k = J_k v` and one backward
+  sweep of small tensors (:meth:`NetworkTrace.hvp`), with no double backpropagation,
+* the dense Hessian by forward propagation of :math:`J_k` (:meth:`NetworkTrace.hessian`).
+
+All formulas are written with ordinary differentiable operations, so gradients with
+respect to the parameters (and to :math:`x`, the context) come from first-order
+backpropagation through them. :class:`PotentialTrace` adds the quadratic terms of the
+potential :math:`F = \sigma g + \tfrac12 x^\top Q x + b^\top x`; :class:`AutogradTrace`
+gives the same interface for an arbitrary callable, by autograd (the test oracle).
+Evaluation is lazy: the forward pass runs at construction, the backward sweep and the
+curvatures :math:`\delta_k \odot s''(u_k)` when first needed.
+
+References: Amos, Xu & Kolter, *Input convex neural networks*, ICML 2017
+(arXiv:1609.07152); Huang, Chen, Tsirigotis & Courville, *Convex potential flows*, ICLR
+2021 (arXiv:2012.05942), section 4.
+
+>>> from pyro_cpflow.nn import ICNN
+>>> net = ICNN(3, [8, 8])
+>>> trace = NetworkTrace(net.affine_layers(None), net.activation, torch.randn(4, 3))
+>>> trace.gradient.shape, trace.hessian().shape
+(torch.Size([4, 3]), torch.Size([4, 3, 3]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "Activation",
+    "AffineLayer",
+    "AutogradTrace",
+    "NetworkTrace",
+    "PotentialTrace",
+    "QuadraticTerms",
+]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise convex, non-decreasing activation with its first two derivatives.
+
+    ``orders(x)`` returns ``(s(x), s'(x), s''(x))`` together, sharing their common parts.
+    """
+
+    name: str
+    value: Callable[[Tensor], Tensor]
+    first: Callable[[Tensor], Tensor]
+    second: Callable[[Tensor], Tensor]
+    orders: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.value(x)
+
+
+def pad_rows(weight: Tensor, rows: int) -> Tensor:
+    """``weight`` with zero rows appended up to ``rows``: the convex term of a layer whose
+    remaining rows are input-augmented features."""
+    missing = rows - weight.shape[0]
+    return weight if missing == 0 else torch.cat([weight, weight.new_zeros(missing, weight.shape[1])])
+
+
+@dataclass
+class AffineLayer:
+    r"""A pre-activation :math:`u = P(z \odot \gamma) + [W_b (x \odot \eta_b)]_b + o`.
+
+    The input term stacks row blocks :math:`W_b` (each with an optional per-sample gate
+    :math:`\eta_b`); the convex term has non-negative :math:`P` (zero rows for the
+    input-augmented features, :func:`pad_rows`) and an optional gate :math:`\gamma \ge 0`.
+
+    :ivar input_weights: blocks ``(h_b, d)``; their heights add up to the width ``h``.
+    :ivar input_gates: one ``(N, d)`` gate or ``None`` per block.
+    :ivar offset: ``(h,)``, ``(N, h)`` or ``None``.
+    :ivar convex_weight: ``(h, h_prev)``, or ``None`` (first layer).
+    :ivar convex_gate: ``(N, h_prev)`` or ``None``.
+    """
+
+    input_weights: tuple[Tensor, ...]
+    input_gates: tuple[Tensor | None, ...]
+    offset: Tensor | None = None
+    convex_weight: Tensor | None = None
+    convex_gate: Tensor | None = None
+
+    def linear(self, z: Tensor | None, x: Tensor, offset: Tensor | None = None) -> Tensor:
+        """The linear part :math:`A(z, x)`, plus ``offset`` if given, ``(N, h)``."""
+        if len(self.input_weights) == 1 and self.input_gates[0] is None and (
+            offset is None or offset.dim() == 1
+        ):
+            u = F.linear(x, self.input_weights[0], offset)  # one fused product
+        else:
+            parts = [
+                F.linear(x if gate is None else x * gate, weight)
+                for weight, gate in zip(self.input_weights, self.input_gates)
+            ]
+            u = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+            if offset is not None:
+                u = u + offset
+        if z is None or self.convex_weight is None:
+            return u
+        gated = z if self.convex_gate is None else z * self.convex_gate
+        return u + F.linear(gated, self.convex_weight)
+
+    def __call__(self, z: Tensor | None, x: Tensor) -> Tensor:
+        return self.linear(z, x, self.offset)
+
+    def transpose_input(self, adjoint: Tensor) -> Tensor:
+        """:math:`\\partial (a^\\top u) / \\partial x` for ``adjoint`` :math:`a` ``(N, h)``."""
+        total, start = None, 0
+        for weight, gate in zip(self.input_weights, self.input_gates):
+            stop = start + weight.shape[0]
+            part = adjoint[..., start:stop] @ weight
+            if gate is not None:
+                part = part * gate
+            total = part if total is None else total + part
+            start = stop
+        return total  # type: ignore[return-value]
+
+    def transpose_convex(self, adjoint: Tensor) -> Tensor:
+        """:math:`\\partial (a^\\top u) / \\partial z` for ``adjoint`` :math:`a` ``(N, h)``."""
+        part = adjoint @ self.convex_weight  # type: ignore[operator]
+        return part if self.convex_gate is None else part * self.convex_gate
+
+    def scaled(self, scale: Tensor) -> "AffineLayer":
+        r"""The layer times ``scale`` (a scalar): :math:`\sigma u`."""
+        return AffineLayer(
+            tuple(scale * w for w in self.input_weights),
+            self.input_gates,
+            None if self.offset is None else scale * self.offset,
+            None if self.convex_weight is None else scale * self.convex_weight,
+            self.convex_gate,
+        )
+
+    def output_adjoints(self) -> tuple[Tensor, Tensor]:
+        r""":math:`(\partial u / \partial z, \partial u / \partial x)` of a layer of width 1:
+        ``(h_prev,)`` or ``(N, h_prev)``, and ``(d,)`` or ``(N, d)``."""
+        z_part = self.convex_weight[0]  # type: ignore[index]
+        if self.convex_gate is not None:
+            z_part = z_part * self.convex_gate
+        x_part = None
+        for weight, gate in zip(self.input_weights, self.input_gates):
+            part = weight[0] if gate is None else weight[0] * gate
+            x_part = part if x_part is None else x_part + part
+        return z_part, x_part  # type: ignore[return-value]
+
+    def input_jacobian(self) -> Tensor:
+        """:math:`\\partial u / \\partial x` of the input term, ``(N, h, d)`` or ``(1, h, d)``."""
+        blocks = [
+            weight[None] if gate is None else weight * gate[:, None, :]
+            for weight, gate in zip(self.input_weights, self.input_gates)
+        ]
+        if len(blocks) == 1:
+            return blocks[0]
+        rows = max(block.shape[0] for block in blocks)
+        return torch.cat([block.expand(rows, *block.shape[1:]) for block in blocks], -2)
+
+    def propagate_jacobian(self, previous: Tensor) -> Tensor:
+        """:math:`J = \\partial u / \\partial x` given ``previous`` :math:`= \\partial z / \\partial x`."""
+        gated = previous if self.convex_gate is None else previous * self.convex_gate[..., None]
+        return self.input_jacobian() + self.convex_weight @ gated  # type: ignore[operator]
+
+    def stacked_with(self, features: "AffineLayer") -> "AffineLayer":
+        """This layer followed by the rows of ``features``, a layer without convex term."""
+        if features.convex_weight is not None:
+            raise ValueError("only features without a convex term can be stacked below a layer")
+        if self.offset is None or features.offset is None:
+            raise ValueError("stacked layers need offsets")
+        return AffineLayer(
+            self.input_weights + features.input_weights,
+            self.input_gates + features.input_gates,
+            torch.cat([self.offset, features.offset], -1),
+            self.convex_weight,
+            self.convex_gate,
+        )
+
+    def detach(self) -> "AffineLayer":
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach()
+
+        return AffineLayer(
+            tuple(w.detach() for w in self.input_weights),
+            tuple(cut(g) for g in self.input_gates),
+            cut(self.offset),
+            cut(self.convex_weight),
+            cut(self.convex_gate),
+        )
+
+
+class NetworkTrace:
+    r"""A network :math:`g` evaluated at rows ``x`` ``(N, d)``: value, gradient, Hessian.
+
+    :param layers: ``(hidden, output)``: the activated :class:`AffineLayer` s and the
+        linear output layer of width 1, as returned by the networks' ``affine_layers``.
+    :param activation: the :class:`Activation` of the hidden layers.
+    :param x: the rows.
+    :param scale: optional scalar :math:`\sigma`: the trace is then that of :math:`\sigma g`
+        (folded into the output layer, so no product of the results needs scaling).
+    :param derivatives: compute :math:`s'(u_k), s''(u_k)` with the forward pass (set it to
+        ``False`` when only the value is wanted, as in a line search).
+    """
+
+    def __init__(
+        self,
+        layers: tuple[Sequence[AffineLayer], AffineLayer],
+        activation: Activation,
+        x: Tensor,
+        scale: Tensor | None = None,
+        derivatives: bool = True,
+    ) -> None:
+        self.hidden, self.output = list(layers[0]), layers[1]
+        if scale is not None:
+            self.output = self.output.scaled(scale)
+        self.activation = activation
+        self.x = x
+        self.pre_activations: list[Tensor] = []
+        self.slopes: list[Tensor] = []
+        self.second_derivatives: list[Tensor] = []
+        z = None
+        for layer in self.hidden:
+            u = layer(z, x)
+            self.pre_activations.append(u)
+            if derivatives:
+                z, slope, second = activation.orders(u)
+                self.slopes.append(slope)
+                self.second_derivatives.append(second)
+            else:
+                z = activation(u)
+        self.value = self.output(z, x).squeeze(-1)
+
+    @cached_property
+    def _backward(self) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """``(gradient, slopes s'(u_k), adjoints delta_k)`` from one explicit backward sweep."""
+        if not self.slopes:
+            self.slopes = [self.activation.first(u) for u in self.pre_activations]
+        slopes = self.slopes
+        adjoint, gradient = self.output.output_adjoints()
+        adjoint = adjoint.expand_as(self.pre_activations[-1])
+        adjoints: list[Tensor] = [None] * len(self.hidden)  # type: ignore[list-item]
+        for k in reversed(range(len(self.hidden))):
+            adjoints[k] = adjoint
+            error = adjoint * slopes[k]
+            gradient = gradient + self.hidden[k].transpose_input(error)
+            if k > 0:
+                adjoint = self.hidden[k].transpose_convex(error)
+        return gradient.expand_as(self.x), slopes, adjoints
+
+    @property
+    def gradient(self) -> Tensor:
+        r""":math:`\nabla g(x)`, ``(N, d)``."""
+        return self._backward[0]
+
+    @cached_property
+    def curvatures(self) -> list[Tensor]:
+        r""":math:`\delta_k \odot s''(u_k)` per hidden layer, each ``(N, h_k)``, non-negative."""
+        _, _, adjoints = self._backward
+        if not self.second_derivatives:
+            self.second_derivatives = [self.activation.second(u) for u in self.pre_activations]
+        return [a * s2 for a, s2 in zip(adjoints, self.second_derivatives)]
+
+    def hvp(self, v: Tensor) -> Tensor:
+        r""":math:`\nabla^2 g(x)\, v` for ``v`` ``(N, d)``: one forward tangent, one backward sweep."""
+        slopes = self._backward[1]
+        curvatures = self.curvatures
+        tangents = []
+        tangent = None
+        for k, layer in enumerate(self.hidden):
+            tangent = layer.linear(None if k == 0 else slopes[k - 1] * tangent, v)
+            tangents.append(tangent)
+        result, adjoint = None, None
+        for k in reversed(range(len(self.hidden))):
+            mu = curvatures[k] * tangents[k]
+            if adjoint is not None:
+                mu = mu + slopes[k] * adjoint
+            part = self.hidden[k].transpose_input(mu)
+            result = part if result is None else result + part
+            if k > 0:
+                adjoint = self.hidden[k].transpose_convex(mu)
+        return result  # type: ignore[return-value]
+
+    def hessian(self) -> Tensor:
+        r""":math:`\nabla^2 g(x)`, ``(N, d, d)``, by forward propagation of :math:`J_k`."""
+        slopes = self._backward[1]
+        hessian = None
+        jacobian = None
+        for k, (layer, curvature) in enumerate(zip(self.hidden, self.curvatures)):
+            if k == 0:
+                jacobian = layer.input_jacobian()
+            else:
+                jacobian = layer.propagate_jacobian(slopes[k - 1][..., None] * jacobian)
+            # J^T diag(c) J; a shared J (1, h, d) folds the batch into one matrix product
+            term = (jacobian.transpose(-1, -2) * curvature[..., None, :]) @ (
+                jacobian[0] if jacobian.shape[0] == 1 else jacobian
+            )
+            hessian = term if hessian is None else hessian + term
+        return hessian.expand(self.x.shape[0], -1, -1)  # type: ignore[union-attr]
+
+    def detach(self) -> "NetworkTrace":
+        """A copy whose products and Hessian are constants (no graph): for iterative solvers."""
+        gradient, slopes, _ = self._backward
+        copy = object.__new__(NetworkTrace)
+        copy.hidden = [layer.detach() for layer in self.hidden]
+        copy.output = self.output.detach()
+        copy.activation = self.activation
+        copy.x = self.x.detach()
+        copy.pre_activations = [u.detach() for u in self.pre_activations]
+        copy.slopes = [t.detach() for t in slopes]
+        copy.second_derivatives = []
+        copy.value = self.value.detach()
+        copy.__dict__["_backward"] = (gradient.detach(), [s.detach() for s in slopes], [])
+        copy.__dict__["curvatures"] = [c.detach() for c in self.curvatures]
+        return copy
+
+
+@dataclass
+class QuadraticTerms:
+    r"""The terms :math:`\tfrac12 x^\top Q x + \tfrac12 |M^\top x|^2 + b^\top x`.
+
+    :ivar matrix: :math:`Q` ``(d, d)``, symmetric positive definite.
+    :ivar shift: :math:`b` ``(d,)`` or ``(N, d)``.
+    :ivar context_factor: optional per-sample :math:`M(c)` ``(N, d, r)``.
+    """
+
+    matrix: Tensor
+    shift: Tensor
+    context_factor: Tensor | None = None
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """The Hessian of these terms times ``v`` (rows)."""
+        product = v @ self.matrix
+        if self.context_factor is not None:
+            inner = torch.einsum("nd,ndr->nr", v, self.context_factor)
+            product = product + torch.einsum("nr,ndr->nd", inner, self.context_factor)
+        return product
+
+    def hessian(self, n: int) -> Tensor:
+        matrix = self.matrix.expand(n, *self.matrix.shape)
+        if self.context_factor is not None:
+            matrix = matrix + self.context_factor @ self.context_factor.transpose(-1, -2)
+        return matrix
+
+    def detach(self) -> "QuadraticTerms":
+        context = None if self.context_factor is None else self.context_factor.detach()
+        return QuadraticTerms(self.matrix.detach(), self.shift.detach(), context)
+
+
+class PotentialTrace:
+    r""":math:`F = \sigma g + q` at rows ``x``: :math:`\sigma g` a :class:`NetworkTrace`, :math:`q` :class:`QuadraticTerms`.
+
+    The interface every solver uses: :attr:`value`, :attr:`gradient`, :meth:`hvp`,
+    :meth:`hessian` and :meth:`detach`.
+    """
+
+    def __init__(self, network: NetworkTrace, quadratic: QuadraticTerms) -> None:
+        self.network = network
+        self.quadratic = quadratic
+        self.x = network.x
+
+    @cached_property
+    def _quadratic_product(self) -> Tensor:
+        return self.quadratic.matvec(self.x)
+
+    @cached_property
+    def value(self) -> Tensor:
+        """:math:`F(x)`, ``(N,)``."""
+        linear = torch.add(self.quadratic.shift, self._quadratic_product, alpha=0.5)  # b + Qx / 2
+        return self.network.value + (linear * self.x).sum(-1)
+
+    @cached_property
+    def gradient(self) -> Tensor:
+        r""":math:`\nabla F(x)`, ``(N, d)``."""
+        return self.network.gradient + self._quadratic_product + self.quadratic.shift
+
+    def hvp(self, v: Tensor) -> Tensor:
+        r""":math:`\nabla^2 F(x)\, v`, rows."""
+        return self.network.hvp(v) + self.quadratic.matvec(v)
+
+    def hessian(self) -> Tensor:
+        r""":math:`\nabla^2 F(x)`, ``(N, d, d)``."""
+        return self.network.hessian() + self.quadratic.hessian(self.x.shape[0])
+
+    def detach(self) -> "PotentialTrace":
+        return PotentialTrace(self.network.detach(), self.quadratic.detach())
+
+
+class AutogradTrace:
+    r"""The :class:`PotentialTrace` interface for any batched callable ``F: (N, d) -> (N,)``, by autograd.
+
+    Gradient by backpropagation with a graph, Hessian-vector products by double
+    backpropagation. It serves generic potentials in the solvers and as the oracle in tests.
+
+    >>> trace = AutogradTrace(lambda x: (x ** 4).sum(-1) / 12, torch.ones(2, 3))
+    >>> trace.detach().hvp(torch.ones(2, 3))  # x^2 v
+    tensor([[1., 1., 1.],
+            [1., 1., 1.]])
+    """
+
+    def __init__(self, function: Callable[[Tensor], Tensor], x: Tensor) -> None:
+        self.function = function
+        self.x = x
+        self._differentiable = True
+
+    @cached_property
+    def _leaf_and_value(self) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            leaf = self.x if self.x.requires_grad else self.x.detach().requires_grad_(True)
+            return leaf, self.function(leaf)
+
+    @property
+    def value(self) -> Tensor:
+        value = self._leaf_and_value[1]
+        return value if self._differentiable else value.detach()
+
+    @cached_property
+    def _gradient(self) -> Tensor:
+        leaf, value = self._leaf_and_value
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(value.sum(), leaf, create_graph=True)
+        return grad
+
+    @property
+    def gradient(self) -> Tensor:
+        return self._gradient if self._differentiable else self._gradient.detach()
+
+    def hvp(self, v: Tensor) -> Tensor:
+        with torch.enable_grad():
+            (product,) = torch.autograd.grad(
+                self._gradient, self._leaf_and_value[0], v, retain_graph=True,
+                create_graph=self._differentiable,
+            )
+        return product
+
+    def hessian(self) -> Tensor:
+        n, d = self.x.shape
+        units = torch.eye(d, dtype=self.x.dtype, device=self.x.device)[:, None, :].expand(d, n, d)
+        with torch.enable_grad():
+            (columns,) = torch.autograd.grad(
+                self._gradient, self._leaf_and_value[0], units, retain_graph=True,
+                create_graph=self._differentiable, is_grads_batched=True,
+            )
+        return columns.permute(1, 2, 0)
+
+    def detach(self) -> "AutogradTrace":
+        copy = AutogradTrace(self.function, self.x)
+        copy.__dict__.update({k: v for k, v in self.__dict__.items() if k.startswith("_")})
+        copy._differentiable = False
+        return copy

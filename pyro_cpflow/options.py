@@ -1,0 +1,141 @@
+"""The numerical options of a CP-Flow as one frozen value, and the failure policy.
+
+>>> options = FlowOptions(logdet="stochastic")
+>>> options.replace(cg_rtol=1e-8).cg_rtol
+1e-08
+>>> FlowOptions(on_failure="sometimes")
+Traceback (most recent call last):
+...
+ValueError: on_failure must be one of ('warn', 'raise', 'ignore'), got 'sometimes'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+__all__ = [
+    "FAILURE_POLICIES",
+    "FlowOptions",
+    "INVERSE_METHODS",
+    "LOGDET_MODES",
+    "NonConvergenceError",
+    "NonConvergenceWarning",
+    "exact_is_cheaper",
+    "handle_failure",
+]
+
+LOGDET_MODES = ("exact", "stochastic", "auto")
+INVERSE_METHODS = ("newton-cg", "lbfgs")
+FAILURE_POLICIES = ("warn", "raise", "ignore")
+
+EXACT_MAX_DIM_BY_BATCH = ((16, 32), (None, 24))
+"""``logdet="auto"`` while training: ``(largest batch, largest d for exact)`` pairs, in order.
+
+From ``experiments/benchmarks/engine.py`` (table "auto threshold"), measured per batch
+size with the analytic engine: exact is not slower than stochastic up to these
+dimensions (see the README)."""
+
+
+def exact_is_cheaper(dim: int, batch: int) -> bool:
+    """Whether the exact log-det step is measured to be no slower than the stochastic one."""
+    for largest_batch, largest_dim in EXACT_MAX_DIM_BY_BATCH:
+        if largest_batch is None or batch <= largest_batch:
+            return dim <= largest_dim
+    return False  # pragma: no cover (the table ends with None)
+
+
+class NonConvergenceWarning(RuntimeWarning):
+    """A solver stopped before reaching its tolerance."""
+
+
+class NonConvergenceError(RuntimeError):
+    """A solver stopped before reaching its tolerance (``on_failure="raise"``)."""
+
+
+def handle_failure(policy: str, message: str, stacklevel: int = 3) -> None:
+    """Apply ``policy`` to a solver miss: warn (:class:`NonConvergenceWarning`), raise or ignore."""
+    if policy == "raise":
+        raise NonConvergenceError(message)
+    if policy == "warn":
+        warnings.warn(message, NonConvergenceWarning, stacklevel=stacklevel + 1)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FlowOptions:
+    """Numerical options of :class:`~pyro_cpflow.CPFlow` and :class:`~pyro_cpflow.ConditionalCPFlow`.
+
+    :param logdet: ``"exact"`` (dense Hessian, Cholesky), ``"stochastic"`` (one
+        preconditioned CG solve per probe gives the value and the gradient) or ``"auto"``:
+        exact in eval mode, and while training wherever it is measured to be no slower
+        (:func:`exact_is_cheaper`, by dimension and batch size) or ``d <= exact_max_dim``.
+    :param exact_max_dim: if set, replaces the measured rule of ``"auto"`` while training.
+    :param num_probes: Rademacher probes of the stochastic log-det.
+    :param cg_rtol: relative tolerance of its CG solves; the value's quadrature error and
+        the gradient's bias both vanish as CG converges.
+    :param cg_max_iter: iteration cap of those solves (default ``2 d``).
+    :param cg_check_every: how often CG tests whether every sample has converged, a
+        host synchronisation on a GPU (see :func:`~pyro_cpflow.linalg.conjugate_gradient`).
+        ``0`` with a small ``cg_max_iter`` and ``on_failure="ignore"`` gives a training
+        step that never waits for the device; read ``flow.diagnostics.cg`` when logging.
+    :param inverse_method: ``"newton-cg"`` or ``"lbfgs"``.
+    :param inverse_tol: tolerance on :math:`|\\nabla F(x) - y|_\\infty` (default by dtype).
+    :param inverse_max_iter: iteration cap of the inverse solver.
+    :param on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a solver misses its
+        tolerance.
+    """
+
+    logdet: str = "auto"
+    exact_max_dim: int | None = None
+    num_probes: int = 1
+    cg_rtol: float = 1e-6
+    cg_max_iter: int | None = None
+    cg_check_every: int = 1
+    inverse_method: str = "newton-cg"
+    inverse_tol: float | None = None
+    inverse_max_iter: int = 100
+    on_failure: str = "warn"
+
+    def __post_init__(self) -> None:
+        _check_choice("logdet", self.logdet, LOGDET_MODES)
+        _check_choice("inverse_method", self.inverse_method, INVERSE_METHODS)
+        _check_choice("on_failure", self.on_failure, FAILURE_POLICIES)
+        if self.num_probes < 1:
+            raise ValueError(f"num_probes must be positive, got {self.num_probes}")
+        if self.cg_check_every < 0:
+            raise ValueError(f"cg_check_every must be >= 0, got {self.cg_check_every}")
+        if not self.cg_rtol >= 0:
+            raise ValueError(f"cg_rtol must be >= 0, got {self.cg_rtol}")
+        if self.cg_max_iter is not None and self.cg_max_iter < 1:
+            raise ValueError(f"cg_max_iter must be positive, got {self.cg_max_iter}")
+        if self.inverse_tol is not None and not self.inverse_tol > 0:
+            raise ValueError(f"inverse_tol must be positive, got {self.inverse_tol}")
+        if self.inverse_max_iter < 1:
+            raise ValueError(f"inverse_max_iter must be positive, got {self.inverse_max_iter}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    def replace(self, **changes) -> "FlowOptions":
+        """A copy with ``changes`` applied (and validated)."""
+        unknown = sorted(set(changes) - set(self.names()))
+        if unknown:
+            raise TypeError(f"unknown CP-Flow option(s) {unknown}; the options are {list(self.names())}")
+        return dataclasses.replace(self, **changes)
+
+    def resolve_logdet(self, dim: int, batch: int, training: bool) -> str:
+        """The log-det mode used for ``batch`` rows of dimension ``dim`` in this train/eval state."""
+        if self.logdet != "auto":
+            return self.logdet
+        if not training:
+            return "exact"
+        if self.exact_max_dim is not None:
+            return "exact" if dim <= self.exact_max_dim else "stochastic"
+        return "exact" if exact_is_cheaper(dim, batch) else "stochastic"
