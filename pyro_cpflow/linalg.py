@@ -178,6 +178,7 @@ def conjugate_gradient(
     healthy = torch.ones(n, dtype=torch.bool, device=rhs.device)
     iterations = torch.zeros(n, dtype=torch.long, device=rhs.device)
     start_norm_sq = inner
+    tiny = torch.finfo(rhs.dtype).tiny
     steps: list[Tensor] = []  # (alpha_j, active during j); (beta_j, active after j)
     ratios: list[Tensor] = []
     masks: list[Tensor] = []
@@ -189,15 +190,19 @@ def conjugate_gradient(
         positive = curvature > 0
         healthy = healthy & (positive | ~active)
         active = active & positive
-        step = torch.where(active, _safe_divide(inner, curvature), 0.0)
-        solution = solution + step[:, None] * direction
-        residual = residual - step[:, None] * product
+        # where a sample is active its curvature is positive and the quotient finite; the
+        # other quotients are discarded by the where (no division by zero reaches a result)
+        step = torch.where(active, inner / curvature, 0.0)
+        solution = torch.addcmul(solution, step[:, None], direction)
+        residual = torch.addcmul(residual, step[:, None], product, value=-1.0)
         preconditioned = precondition(residual)
         new_inner = (residual * preconditioned).sum(-1)
-        ratio = torch.where(active, _safe_divide(new_inner, inner), 0.0)
-        direction = torch.where(active[:, None], preconditioned + ratio[:, None] * direction, direction)
+        ratio = torch.where(active, new_inner / inner.clamp_min(tiny), 0.0)
+        direction = torch.where(
+            active[:, None], torch.addcmul(preconditioned, ratio[:, None], direction), direction
+        )
         inner = torch.where(active, new_inner, inner)
-        iterations = iterations + active.long()
+        iterations = iterations + active
         if lanczos:
             steps.append(step)
             ratios.append(ratio)

@@ -219,37 +219,32 @@ class ICNN(nn.Module):
         self.activation = get_activation(activation)
         self.first = nn.Linear(input_dim, hidden_dims[0])
         self.convex_paths = nn.ModuleList()
+        # one linear map of x per layer: the rows of W_k (convex units) and, when augmented,
+        # those of L_k (input-augmented units) below them, as the layer's outputs are ordered
         self.input_paths = nn.ModuleList()
-        self.augment_paths = nn.ModuleList()
         for width_in, width in zip(hidden_dims[:-1], hidden_dims[1:]):
             convex_width = width - width // 2 if augmented else width
             self.convex_paths.append(PositiveLinear(width_in, convex_width))
-            self.input_paths.append(nn.Linear(input_dim, convex_width))
-            if augmented:
-                self.augment_paths.append(nn.Linear(input_dim, width // 2))
+            self.input_paths.append(nn.Linear(input_dim, width))
         self.output_convex = PositiveLinear(hidden_dims[-1], 1)
         # no bias: a constant does not change the gradient map, so it would never train
         self.output_input = nn.Linear(input_dim, 1, bias=False)
-        _scale_init([self.first, *self.input_paths, *self.augment_paths], input_gain)
+        _scale_init([self.first, *self.input_paths], input_gain)
 
     def affine_layers(self, context: Tensor | None = None) -> tuple[list[AffineLayer], AffineLayer]:
         """The pre-activations as :class:`~pyro_cpflow.derivatives.AffineLayer` s: ``(hidden, output)``."""
         if context is not None:
             raise ValueError("ICNN takes no context; use PICNN for a conditional potential")
         hidden = [AffineLayer((self.first.weight,), (None,), self.first.bias)]
-        for k, (convex, direct) in enumerate(zip(self.convex_paths, self.input_paths)):
-            weight, bias = direct.weight, direct.bias
-            if self.augmented:
-                augment = self.augment_paths[k]
-                weight = torch.cat([weight, augment.weight])
-                bias = torch.cat([bias, augment.bias])
-            hidden.append(AffineLayer((weight,), (None,), bias, pad_rows(convex.weight, weight.shape[0])))
+        for convex, direct in zip(self.convex_paths, self.input_paths):
+            convex_weight = pad_rows(convex.weight, direct.out_features)
+            hidden.append(AffineLayer((direct.weight,), (None,), direct.bias, convex_weight))
         output = AffineLayer((self.output_input.weight,), (None,), None, self.output_convex.weight)
         return hidden, output
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate :math:`g(x)` for ``x`` of shape ``(N, d)``; returns shape ``(N,)``."""
-        return NetworkTrace(self.affine_layers(context), self.activation, x).value
+        return NetworkTrace(self.affine_layers(context), self.activation, x, derivatives=False).value
 
 
 class PICNN(nn.Module):
@@ -340,7 +335,7 @@ class PICNN(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate :math:`g(x, c)` for ``x`` ``(N, d)`` and ``context`` ``(N, c)``; returns ``(N,)``."""
-        return NetworkTrace(self.affine_layers(context), self.activation, x).value
+        return NetworkTrace(self.affine_layers(context), self.activation, x, derivatives=False).value
 
 
 class _PICNNLayer(nn.Module):

@@ -84,10 +84,12 @@ class QuadraticFactor:
         cholesky, _ = torch.linalg.cholesky_ex(matrix)
         self.logdet = 2.0 * cholesky.diagonal().log().sum()
         self.cholesky = cholesky.detach()
+        # one d x d inverse, so that each preconditioning step inside CG is one product
+        self.inverse = torch.cholesky_inverse(self.cholesky)
 
     def solve(self, rows: Tensor) -> Tensor:
         """:math:`Q^{-1} v` for rows ``(N, d)``."""
-        return torch.cholesky_solve(rows.T, self.cholesky).T
+        return rows @ self.inverse
 
     def matvec(self, rows: Tensor) -> Tensor:
         """:math:`Q v` for rows, differentiable in the parameters."""
@@ -191,7 +193,7 @@ class ConvexPotential(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """:math:`F(x)` for ``x`` of shape ``(N, d)`` (and ``context`` ``(N, c)``); returns ``(N,)``."""
-        return self.evaluate(x, context).value
+        return self.evaluate(x, context, derivatives=False).value
 
     def gradient(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """:math:`\nabla F(x)` for ``x`` of shape ``(N, d)``, differentiable (analytic backward sweep)."""

@@ -93,7 +93,8 @@ def test_network_value_matches_the_written_definition():
     x = torch.randn(N, D)
     s = gaussian_softplus
     z = s(net.first(x))
-    z = torch.cat([s(net.convex_paths[0](z) + net.input_paths[0](x)), s(net.augment_paths[0](x))], -1)
+    direct = net.input_paths[0](x)  # rows of W_1 (3 convex units), then of L_1 (3 augmented)
+    z = torch.cat([s(net.convex_paths[0](z) + direct[:, :3]), s(direct[:, 3:])], -1)
     expected = (net.output_convex(z) + net.output_input(x)).squeeze(-1)
     assert torch.allclose(net(x), expected, atol=1e-14)
     picnn = PICNN(D, C, [8], augmented=False)

@@ -54,8 +54,29 @@ def make_flow(dim: int, hidden: list[int], state: str | None, device: str, **opt
     options.setdefault("on_failure", "ignore")
     flow = cpflow(dim, hidden_dims=tuple(hidden), **options).to(device=device, dtype=DTYPE)
     if state is not None:
-        flow.load_state_dict(torch.load(state, map_location=device, weights_only=True))
+        saved = torch.load(state, map_location=device, weights_only=True)
+        flow.load_state_dict(split_input_paths(saved, flow))
     return flow
+
+
+def split_input_paths(state: dict[str, Tensor], flow: Any) -> dict[str, Tensor]:
+    """The state of the current ICNN in the layout of ``df8048e`` when ``flow`` has that layout.
+
+    The current ICNN holds one linear map of ``x`` per layer (rows of the convex units, then
+    of the input-augmented ones); ``df8048e`` held them as ``input_paths`` and
+    ``augment_paths``. The values are the same, only split.
+    """
+    network = flow.potential.network
+    if not hasattr(network, "augment_paths") or any("augment_paths" in key for key in state):
+        return state
+    converted = dict(state)
+    for k, path in enumerate(network.input_paths):
+        rows = path.out_features
+        for name in ("weight", "bias"):
+            merged = converted.pop(f"potential.network.input_paths.{k}.{name}")
+            converted[f"potential.network.input_paths.{k}.{name}"] = merged[:rows]
+            converted[f"potential.network.augment_paths.{k}.{name}"] = merged[rows:]
+    return converted
 
 
 def base_distribution(dim: int, device: str) -> dist.Distribution:
