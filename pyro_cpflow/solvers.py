@@ -102,10 +102,13 @@ class Diagnostics:
     """The last solver reports of a flow, kept in one place (``flow.diagnostics``).
 
     :ivar cg: :class:`~pyro_cpflow.linalg.CGResult` of the last stochastic log-det.
+    :ivar condition: ``(N,)`` its Ritz estimate of the condition number of :math:`Q^{-1} H`
+        per sample (a lower bound; see :class:`~pyro_cpflow.linalg.StochasticLogdet`).
     :ivar inverse: :class:`InverseReport` of the last inverse.
     """
 
     cg: CGResult | None = None
+    condition: Tensor | None = None
     inverse: InverseReport | None = None
 
 

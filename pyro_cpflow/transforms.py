@@ -260,14 +260,15 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
             check_every=options.cg_check_every,
             gradient=trace.value.requires_grad,
         )
-        self.diagnostics.cg = estimate.cg
+        self.diagnostics.cg, self.diagnostics.condition = estimate.cg, estimate.condition
         if options.on_failure != "ignore" and not bool(estimate.cg.converged.all()):
             cg = estimate.cg
             handle_failure(
                 options.on_failure,
                 f"CG of the stochastic log-det missed rtol={options.cg_rtol:g} for "
                 f"{int((~cg.converged).sum())} of {cg.converged.numel()} samples (worst residual "
-                f"{float(cg.residual_norm.max()):.3e}): their log-det values and gradients are "
+                f"{float(cg.residual_norm.max()):.3e}; condition number of Q^-1 H at least "
+                f"{float(estimate.condition.max()):.1e}): their log-det values and gradients are "
                 "biased; raise cg_max_iter or use logdet='exact'",
             )
         return estimate.combined()

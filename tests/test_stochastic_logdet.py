@@ -124,3 +124,17 @@ def test_conditional_stochastic_gradient_reaches_the_context():
     x = torch.randn(5, D)
     transform.log_abs_det_jacobian(x, transform(x)).sum().backward()
     assert context.grad is not None and bool((context.grad != 0).any())
+
+
+def test_condition_estimate_is_a_lower_bound_of_the_true_one():
+    flow = _flow(logdet="stochastic", cg_rtol=1e-12)
+    x = 3 * torch.randn(20, D)
+    with torch.no_grad():
+        flow.log_abs_det_jacobian(x, flow(x))
+        factor = flow.potential.factorize()
+        whitened = factor.inverse @ flow.hessian(x)  # Q^-1 H, same spectrum as C^-1 H C^-T
+    eigenvalues = torch.linalg.eigvals(whitened).real
+    true = eigenvalues.amax(-1) / eigenvalues.amin(-1)
+    estimate = flow.diagnostics.condition
+    assert bool((estimate <= true * (1 + 1e-8)).all())
+    assert bool((estimate >= 0.5 * true).all())  # converged CG has found the extreme Ritz values

@@ -297,6 +297,13 @@ def test_auto_mode_follows_dimension_and_training_state():
     assert large.resolve_logdet(8) == "exact"
     conditional = conditional_cpflow(8, C, hidden_dims=(8,), exact_max_dim=4)
     assert conditional.resolve_logdet(8) == "stochastic"
+    # without exact_max_dim, the measured rule decides by dimension and batch size
+    measured = cpflow(32, hidden_dims=(8,))
+    assert measured.resolve_logdet(batch=8) == "exact"  # a few SVI particles
+    assert measured.resolve_logdet(batch=256) == "stochastic"  # a large minibatch
+    assert measured.resolve_logdet(2, batch=256) == "exact"
+    measured.eval()
+    assert measured.resolve_logdet(batch=256) == "exact"
 
 
 def test_stack_actnorm_placements():
