@@ -45,10 +45,12 @@ __all__ = [
 ]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+_MINUS_INV_SQRT_2 = -1.0 / math.sqrt(2.0)
 
 
 def _normal_cdf(x: Tensor) -> Tensor:
-    return torch.special.ndtr(x)
+    # erfc is accurate in the lower tail and, on a CPU, several times faster than special.ndtr
+    return 0.5 * torch.erfc(x * _MINUS_INV_SQRT_2)
 
 
 def _normal_pdf(x: Tensor) -> Tensor:
