@@ -315,8 +315,6 @@ class _Preconditioner(Protocol):
 
     def sample_rows(self, eps: Tensor) -> Tensor: ...
 
-    def whitened_solve(self, eps: Tensor) -> Tensor: ...
-
     def matvec(self, rows: Tensor) -> Tensor: ...
 
 
@@ -403,7 +401,8 @@ def stochastic_logdet(
         if preconditioner is None:
             rhs, probe, solve = eps, eps, None
         else:
-            rhs, probe = preconditioner.sample_rows(eps), preconditioner.whitened_solve(eps)
+            rhs = preconditioner.sample_rows(eps)
+            probe = preconditioner.solve(rhs)  # Q^-1 C eps = C^-T eps
             solve = preconditioner.solve
         result = conjugate_gradient(
             constant.hvp, rhs, rtol=rtol, max_iter=max_iter, preconditioner=solve,

@@ -71,21 +71,39 @@ class ContextQuadratic(nn.Module):
         return 0.5 * torch.einsum("nd,ndr->nr", x, factor).pow(2).sum(-1) + (x * shift).sum(-1)
 
 
+class _LogdetWithKnownInverse(torch.autograd.Function):
+    """``value`` (:math:`\\log\\det Q`, already computed) with the gradient :math:`Q^{-1}` to ``matrix``."""
+
+    @staticmethod
+    def forward(ctx, matrix: Tensor, value: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad_output * inverse, None, None
+
+
 class QuadraticFactor:
     r"""One Cholesky factorisation :math:`Q = C C^\top` of the potential's quadratic, and what it gives.
 
     :math:`Q \succeq \alpha I` by construction, so the factorisation skips its error check,
-    which would wait for a GPU. :attr:`logdet` keeps the graph to the parameters; the
-    solves use the factor as a constant.
+    which would wait for a GPU. The factor and :math:`Q^{-1}` are constants (one
+    :math:`d \times d` inverse, so that preconditioning inside CG is one product);
+    :attr:`logdet` keeps the graph to the parameters, with the gradient
+    :math:`\partial \log\det Q / \partial Q = Q^{-1}` from that same inverse.
     """
 
     def __init__(self, matrix: Tensor) -> None:
         self.matrix = matrix
-        cholesky, _ = torch.linalg.cholesky_ex(matrix)
-        self.logdet = 2.0 * cholesky.diagonal().log().sum()
-        self.cholesky = cholesky.detach()
-        # one d x d inverse, so that each preconditioning step inside CG is one product
+        constant = matrix.detach()
+        self.cholesky, _ = torch.linalg.cholesky_ex(constant)
         self.inverse = torch.cholesky_inverse(self.cholesky)
+        value = 2.0 * self.cholesky.diagonal().log().sum()
+        self.logdet = (
+            _LogdetWithKnownInverse.apply(matrix, value, self.inverse) if matrix.requires_grad else value
+        )
 
     def solve(self, rows: Tensor) -> Tensor:
         """:math:`Q^{-1} v` for rows ``(N, d)``."""
@@ -98,10 +116,6 @@ class QuadraticFactor:
     def sample_rows(self, eps: Tensor) -> Tensor:
         """:math:`C \varepsilon` for rows: probes with covariance :math:`Q` when :math:`\varepsilon` is white."""
         return eps @ self.cholesky.T
-
-    def whitened_solve(self, eps: Tensor) -> Tensor:
-        """:math:`C^{-\top} \varepsilon = Q^{-1} C \varepsilon` for rows."""
-        return torch.linalg.solve_triangular(self.cholesky.T, eps.T, upper=True).T
 
 
 class ConvexPotential(nn.Module):

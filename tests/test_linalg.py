@@ -241,3 +241,18 @@ def test_quadrature_in_chunks_equals_one_pass(monkeypatch):
     whole = lanczos_quadrature(result.lanczos)
     monkeypatch.setattr(linalg, "QUADRATURE_CHUNK_ENTRIES", 50)  # two matrices of 5 x 5 at a time
     assert torch.allclose(lanczos_quadrature(result.lanczos), whole, atol=1e-13)
+
+
+def test_quadratic_factor_logdet_gradient_and_solves():
+    raw = torch.randn(5, 5, requires_grad=True)
+    matrix = raw @ raw.T + torch.eye(5)
+    factor = QuadraticFactor(matrix)
+    (grad,) = torch.autograd.grad(factor.logdet, raw)
+    (expected,) = torch.autograd.grad(torch.logdet(raw @ raw.T + torch.eye(5)), raw)
+    assert torch.allclose(grad, expected, atol=1e-12)
+    rows = torch.randn(3, 5)
+    assert torch.allclose(factor.solve(rows), torch.linalg.solve(matrix.detach(), rows.T).T, atol=1e-12)
+    eps = torch.randn(3, 5)
+    chol = factor.cholesky
+    assert torch.allclose(chol @ chol.T, matrix.detach(), atol=1e-12)
+    assert torch.allclose(factor.sample_rows(eps), eps @ chol.T)
