@@ -79,11 +79,13 @@ class Activation:
         return self.value(x)
 
 
-def pad_rows(weight: Tensor, rows: int) -> Tensor:
-    """``weight`` with zero rows appended up to ``rows``: the convex term of a layer whose
-    remaining rows are input-augmented features."""
-    missing = rows - weight.shape[0]
-    return weight if missing == 0 else torch.cat([weight, weight.new_zeros(missing, weight.shape[1])])
+def _add_to_leading_rows(base: Tensor, extra: Tensor) -> Tensor:
+    """``base`` ``(B, h, d)`` (``B`` may be 1 and broadcast) with ``extra`` ``(N, h_c, d)`` added to its first ``h_c`` rows."""
+    rows = extra.shape[-2]
+    if rows == base.shape[-2]:
+        return base + extra
+    tail = base[..., rows:, :]
+    return torch.cat([base[..., :rows, :] + extra, tail.expand(extra.shape[0], *tail.shape[1:])], -2)
 
 
 @dataclass
@@ -91,13 +93,13 @@ class AffineLayer:
     r"""A pre-activation :math:`u = P(z \odot \gamma) + [W_b (x \odot \eta_b)]_b + o`.
 
     The input term stacks row blocks :math:`W_b` (each with an optional per-sample gate
-    :math:`\eta_b`); the convex term has non-negative :math:`P` (zero rows for the
-    input-augmented features, :func:`pad_rows`) and an optional gate :math:`\gamma \ge 0`.
+    :math:`\eta_b`); the convex term, with non-negative :math:`P` and an optional gate
+    :math:`\gamma \ge 0`, adds to the leading rows (the others are input-augmented features).
 
     :ivar input_weights: blocks ``(h_b, d)``; their heights add up to the width ``h``.
     :ivar input_gates: one ``(N, d)`` gate or ``None`` per block.
     :ivar offset: ``(h,)``, ``(N, h)`` or ``None``.
-    :ivar convex_weight: ``(h, h_prev)``, or ``None`` (first layer).
+    :ivar convex_weight: ``(h_c, h_prev)`` with ``h_c <= h``, or ``None`` (first layer).
     :ivar convex_gate: ``(N, h_prev)`` or ``None``.
     """
 
@@ -124,7 +126,12 @@ class AffineLayer:
         if z is None or self.convex_weight is None:
             return u
         gated = z if self.convex_gate is None else z * self.convex_gate
-        return u + F.linear(gated, self.convex_weight)
+        convex = F.linear(gated, self.convex_weight)
+        if convex.shape[-1] == u.shape[-1]:
+            return u + convex
+        # u is a fresh result whose value no backward pass needs: add in place, in its first rows
+        u[..., : convex.shape[-1]] += convex
+        return u
 
     def __call__(self, z: Tensor | None, x: Tensor) -> Tensor:
         return self.linear(z, x, self.offset)
@@ -143,7 +150,9 @@ class AffineLayer:
 
     def transpose_convex(self, adjoint: Tensor) -> Tensor:
         """:math:`\\partial (a^\\top u) / \\partial z` for ``adjoint`` :math:`a` ``(N, h)``."""
-        part = adjoint @ self.convex_weight  # type: ignore[operator]
+        weight = self.convex_weight
+        rows = weight.shape[0]  # type: ignore[union-attr]
+        part = (adjoint if rows == adjoint.shape[-1] else adjoint[..., :rows]) @ weight  # type: ignore[operator]
         return part if self.convex_gate is None else part * self.convex_gate
 
     def scaled(self, scale: Tensor) -> "AffineLayer":
@@ -182,7 +191,7 @@ class AffineLayer:
     def propagate_jacobian(self, previous: Tensor) -> Tensor:
         """:math:`J = \\partial u / \\partial x` given ``previous`` :math:`= \\partial z / \\partial x`."""
         gated = previous if self.convex_gate is None else previous * self.convex_gate[..., None]
-        return self.input_jacobian() + self.convex_weight @ gated  # type: ignore[operator]
+        return _add_to_leading_rows(self.input_jacobian(), self.convex_weight @ gated)  # type: ignore[operator]
 
     def stacked_with(self, features: "AffineLayer") -> "AffineLayer":
         """This layer followed by the rows of ``features``, a layer without convex term."""

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .derivatives import Activation, AffineLayer, NetworkTrace, pad_rows
+from .derivatives import Activation, AffineLayer, NetworkTrace
 
 __all__ = [
     "ACTIVATIONS",
@@ -239,8 +239,7 @@ class ICNN(nn.Module):
             raise ValueError("ICNN takes no context; use PICNN for a conditional potential")
         hidden = [AffineLayer((self.first.weight,), (None,), self.first.bias)]
         for convex, direct in zip(self.convex_paths, self.input_paths):
-            convex_weight = pad_rows(convex.weight, direct.out_features)
-            hidden.append(AffineLayer((direct.weight,), (None,), direct.bias, convex_weight))
+            hidden.append(AffineLayer((direct.weight,), (None,), direct.bias, convex.weight))
         output = AffineLayer((self.output_input.weight,), (None,), None, self.output_convex.weight)
         return hidden, output
 
@@ -330,7 +329,6 @@ class PICNN(nn.Module):
             affine = layer.affine(u)
             if self.augmented and k > 0:
                 affine = affine.stacked_with(self.augment_layers[k - 1].affine(u))
-                affine.convex_weight = pad_rows(affine.convex_weight, affine.offset.shape[-1])
             hidden.append(affine)
             u = torch.tanh(self.context_layers[k](u))
         return hidden, self.layers[-1].affine(u)

@@ -144,16 +144,20 @@ class NewtonCG:
         with torch.no_grad():
             return self._solve(evaluate, y, x.clone(), context, preconditioner)
 
-    def _solve(self, evaluate, y, x, context, preconditioner):  # type: ignore[no-untyped-def]
+    def _solve(
+        self, evaluate: Evaluate, y: Tensor, x: Tensor, context: Tensor | None, preconditioner: MatVec | None
+    ) -> tuple[Tensor, InverseReport]:
         n, d = y.shape
         eps = torch.finfo(y.dtype).eps
         iterations = torch.zeros(n, dtype=torch.long, device=y.device)
         residual_inf = torch.zeros(n, dtype=y.dtype, device=y.device)
         rows = torch.arange(n, device=y.device)  # samples still iterating: the others cost nothing
         products = 0
+        trace = None  # the potential at x[rows], when the last line search already evaluated it
         for newton_step in range(self.max_iter + 1):
             x_rows, y_rows, context_rows = x[rows], y[rows], _rows(context, rows)
-            trace = evaluate(x_rows, context_rows).detach()
+            if trace is None:
+                trace = evaluate(x_rows, context_rows)
             residual = trace.gradient - y_rows
             res_inf = residual.abs().amax(-1)
             residual_inf[rows] = res_inf
@@ -176,9 +180,11 @@ class NewtonCG:
             phi0 = value - linear
             step = torch.ones_like(phi0)
             pending = moving.clone()
-            for _ in range(60):
+            for attempt in range(60):
                 trial = x_rows + step[:, None] * direction
-                trial_value = evaluate(trial, context_rows, derivatives=False).value
+                # the full step is usually accepted: evaluate it completely, to reuse it
+                trial_trace = evaluate(trial, context_rows, derivatives=attempt == 0)
+                trial_value = trial_trace.value
                 trial_linear = (y_rows * trial).sum(-1)
                 phi = trial_value - trial_linear
                 # round-off slack: near the solution phi changes below the rounding error of
@@ -189,6 +195,8 @@ class NewtonCG:
                 if not bool(pending.any()):
                     break
                 step = torch.where(pending, 0.5 * step, step)
+            every_row_moved_fully = attempt == 0 and bool(moving.all())
+            trace = trial_trace if every_row_moved_fully else None
             x[rows] = torch.where(moving[:, None], x_rows + step[:, None] * direction, x_rows)
             iterations[rows] += moving.long()
             rows = rows[moving]
