@@ -347,20 +347,39 @@ class NetworkTrace:
 
 @dataclass
 class QuadraticTerms:
-    r"""The terms :math:`\tfrac12 x^\top Q x + \tfrac12 |M^\top x|^2 + b^\top x`.
+    r"""The terms :math:`\tfrac12 x^\top Q x + \tfrac12 |M^\top x|^2 + b^\top x`, :math:`Q = cI + LL^\top`.
 
-    :ivar matrix: :math:`Q` ``(d, d)``, symmetric positive definite.
+    :ivar coefficient: :math:`c > 0` (a scalar tensor).
+    :ivar factor: :math:`L` ``(d, r)``.
     :ivar shift: :math:`b` ``(d,)`` or ``(N, d)``.
-    :ivar context_factor: optional per-sample :math:`M(c)` ``(N, d, r)``.
+    :ivar context_factor: optional per-sample :math:`M(c)` ``(N, d, r')``.
+
+    Products with :math:`Q` use the dense matrix when :math:`2r \ge d` and the factor
+    otherwise (:attr:`low_rank`), whichever has fewer operations.
     """
 
-    matrix: Tensor
+    coefficient: Tensor
+    factor: Tensor
     shift: Tensor
     context_factor: Tensor | None = None
 
+    @property
+    def low_rank(self) -> bool:
+        return 2 * self.factor.shape[1] < self.factor.shape[0]
+
+    @cached_property
+    def matrix(self) -> Tensor:
+        """The dense :math:`Q`, ``(d, d)``."""
+        factor = self.factor
+        eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+        return torch.addmm(self.coefficient * eye, factor, factor.T)
+
     def matvec(self, v: Tensor) -> Tensor:
         """The Hessian of these terms times ``v`` (rows)."""
-        product = v @ self.matrix
+        if self.low_rank:
+            product = torch.addmm(self.coefficient * v, v @ self.factor, self.factor.T)
+        else:
+            product = v @ self.matrix
         if self.context_factor is not None:
             inner = torch.einsum("nd,ndr->nr", v, self.context_factor)
             product = product + torch.einsum("nr,ndr->nd", inner, self.context_factor)
@@ -374,7 +393,7 @@ class QuadraticTerms:
 
     def detach(self) -> "QuadraticTerms":
         context = None if self.context_factor is None else self.context_factor.detach()
-        return QuadraticTerms(self.matrix.detach(), self.shift.detach(), context)
+        return QuadraticTerms(self.coefficient.detach(), self.factor.detach(), self.shift.detach(), context)
 
 
 class PotentialTrace:

@@ -313,7 +313,7 @@ class _Preconditioner(Protocol):
 
     def solve(self, rows: Tensor) -> Tensor: ...
 
-    def sample_rows(self, eps: Tensor) -> Tensor: ...
+    def probe_rows(self, like: Tensor) -> Tensor: ...
 
     def matvec(self, rows: Tensor) -> Tensor: ...
 
@@ -354,17 +354,20 @@ def stochastic_logdet(
 ) -> StochasticLogdet:
     r"""Value and gradient of :math:`\log\det H` from one preconditioned CG solve per probe.
 
-    Let :math:`Q = C C^\top` be the preconditioner (the potential's quadratic, with
-    :math:`Q \preceq H`), :math:`\varepsilon` a Rademacher probe, :math:`b = C\varepsilon`
-    (covariance :math:`Q`) and :math:`v = Q^{-1} b = C^{-\top}\varepsilon`. Preconditioned CG
-    on :math:`H w = b` is CG on :math:`A = C^{-1} H C^{-\top}` (the same spectrum as
-    :math:`Q^{-1} H`) started from :math:`u = \varepsilon`; its coefficients give the
+    Let :math:`Q` be the preconditioner (the potential's quadratic, with :math:`Q \preceq H`)
+    and :math:`b` a random probe with :math:`\mathbb{E}[b b^\top] = Q` (:math:`C\varepsilon` for a
+    Cholesky factor :math:`C` and Rademacher :math:`\varepsilon`, or
+    :math:`\sqrt c\,\varepsilon_1 + L\varepsilon_2` when :math:`Q = cI + LL^\top` is low rank), and
+    :math:`v = Q^{-1} b`. Preconditioned CG on :math:`H w = b` is CG on
+    :math:`A = Q^{-1/2} H Q^{-1/2}` (the spectrum of :math:`Q^{-1} H`) started from
+    :math:`u = Q^{-1/2} b`, with :math:`\mathbb{E}[u u^\top] = I` and
+    :math:`|u|^2 = b^\top Q^{-1} b`, CG's first inner product. Its coefficients give the
     Lanczos matrix :math:`T` of :math:`A` and :math:`u` at no extra cost, so
 
     .. math::
 
         \log\det H = \log\det Q + \mathbb{E}\bigl[u^\top \log(A)\, u\bigr]
-        \approx \log\det Q + |\varepsilon|^2\, e_1^\top \log(T)\, e_1 .
+        \approx \log\det Q + |u|^2\, e_1^\top \log(T)\, e_1 .
 
     For the gradient, with :math:`w = H^{-1} b` and :math:`v` held constant,
     :math:`\mathbb{E}[w v^\top] = H^{-1}` and :math:`\mathbb{E}[v v^\top] = Q^{-1}`, so the
@@ -386,7 +389,7 @@ def stochastic_logdet(
     :math:`1/x`); a sample that misses ``rtol`` is flagged in ``cg.converged``.
 
     :param trace: the potential evaluated at the rows (``x``, ``hvp``, ``detach``).
-    :param preconditioner: a :class:`~pyro_cpflow.potential.QuadraticFactor` or ``None``.
+    :param preconditioner: a factorisation of :math:`Q` (:func:`~pyro_cpflow.potential.factorize`) or ``None``.
     :param num_probes: probes averaged.
     :param rtol, max_iter, check_every: for :func:`conjugate_gradient`.
     :param gradient: form the surrogate (otherwise ``surrogate`` is ``None``).
@@ -397,12 +400,12 @@ def stochastic_logdet(
     surrogate = torch.zeros_like(value) if gradient else None
     results, conditions = [], []
     for _ in range(num_probes):
-        eps = rademacher(x.shape, x)
         if preconditioner is None:
-            rhs, probe, solve = eps, eps, None
+            rhs = probe = rademacher(x.shape, x)
+            solve = None
         else:
-            rhs = preconditioner.sample_rows(eps)
-            probe = preconditioner.solve(rhs)  # Q^-1 C eps = C^-T eps
+            rhs = preconditioner.probe_rows(x)  # covariance Q
+            probe = preconditioner.solve(rhs)  # Q^-1 b: covariance Q^-1
             solve = preconditioner.solve
         result = conjugate_gradient(
             constant.hvp, rhs, rtol=rtol, max_iter=max_iter, preconditioner=solve,

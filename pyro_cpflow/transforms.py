@@ -253,7 +253,7 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
             return cholesky_logdet(trace.hessian())
         estimate = stochastic_logdet(
             trace,
-            self.potential.factorize(trace.quadratic.matrix),
+            self.potential.factorize(trace.quadratic),
             num_probes=options.num_probes,
             rtol=options.cg_rtol,
             max_iter=options.cg_max_iter,

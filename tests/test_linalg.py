@@ -9,7 +9,7 @@ from pyro_cpflow.linalg import (
     lanczos_quadrature,
     stochastic_logdet,
 )
-from pyro_cpflow.potential import QuadraticFactor
+from pyro_cpflow.potential import DenseQuadraticFactor, LowRankQuadraticFactor
 
 
 def _spd_batch(n, d, condition=10.0):
@@ -164,7 +164,7 @@ def _replicated_logdet(theta, quadratic, runs, preconditioned):
     """The stochastic log-det of A = B B^T + Q on ``runs`` copies (one probe each) and its exact value."""
     copies = theta.repeat(runs, 1, 1).requires_grad_(True)
     matrices = copies @ copies.transpose(-1, -2) + quadratic
-    factor = QuadraticFactor(quadratic) if preconditioned else None
+    factor = DenseQuadraticFactor(quadratic) if preconditioned else None
     estimate = stochastic_logdet(_MatrixTrace(matrices, copies[:, 0]), factor, rtol=1e-12)
     return copies, estimate
 
@@ -246,13 +246,31 @@ def test_quadrature_in_chunks_equals_one_pass(monkeypatch):
 def test_quadratic_factor_logdet_gradient_and_solves():
     raw = torch.randn(5, 5, requires_grad=True)
     matrix = raw @ raw.T + torch.eye(5)
-    factor = QuadraticFactor(matrix)
+    factor = DenseQuadraticFactor(matrix)
     (grad,) = torch.autograd.grad(factor.logdet, raw)
     (expected,) = torch.autograd.grad(torch.logdet(raw @ raw.T + torch.eye(5)), raw)
     assert torch.allclose(grad, expected, atol=1e-12)
     rows = torch.randn(3, 5)
     assert torch.allclose(factor.solve(rows), torch.linalg.solve(matrix.detach(), rows.T).T, atol=1e-12)
-    eps = torch.randn(3, 5)
     chol = factor.cholesky
     assert torch.allclose(chol @ chol.T, matrix.detach(), atol=1e-12)
-    assert torch.allclose(factor.sample_rows(eps), eps @ chol.T)
+
+
+def test_low_rank_factor_matches_the_dense_one():
+    d, r = 9, 3
+    coefficient = torch.tensor(0.7, requires_grad=True)
+    factor = torch.randn(d, r, requires_grad=True)
+    low = LowRankQuadraticFactor(coefficient, factor)
+    matrix = coefficient * torch.eye(d) + factor @ factor.T
+    dense = DenseQuadraticFactor(matrix)
+    rows = torch.randn(4, d)
+    assert torch.allclose(low.solve(rows), dense.solve(rows), atol=1e-12)
+    assert torch.allclose(low.matvec(rows), dense.matvec(rows), atol=1e-12)
+    assert torch.allclose(low.logdet, dense.logdet, atol=1e-12)
+    grads = torch.autograd.grad(low.logdet, [coefficient, factor])
+    expected = torch.autograd.grad(torch.logdet(coefficient * torch.eye(d) + factor @ factor.T), [coefficient, factor])
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, expected))
+    # the probes have covariance Q
+    probes = low.probe_rows(torch.zeros(200000, d))
+    covariance = probes.T @ probes / probes.shape[0]
+    assert torch.allclose(covariance, matrix.detach(), atol=0.05 * float(matrix.detach().abs().max()))

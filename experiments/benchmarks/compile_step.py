@@ -56,7 +56,7 @@ def make_loss(dim: int, mode: str, device: torch.device, dtype: torch.dtype) -> 
             logdet = 2.0 * torch.linalg.cholesky(trace.hessian()).diagonal(dim1=-2, dim2=-1).log().sum(-1)
         else:
             logdet = stochastic_logdet(
-                trace, potential.factorize(trace.quadratic.matrix), rtol=0.0,
+                trace, potential.factorize(trace.quadratic), rtol=0.0,
                 max_iter=CG_ITERATIONS, check_every=0,
             ).combined()
         return (0.5 * (y * y).sum(-1) - logdet).mean()
