@@ -15,8 +15,10 @@
 # First, experiments/gpu_sync_check.py counts the host synchronisations of a training step
 # per posterior under torch.cuda.set_sync_debug_mode (expected 0 for the Gaussian and the
 # CP-Flow posteriors; Pyro's planar and IAF are measured as they are).
-# Output: $OUT/sync_check.txt, $OUT/<dataset>-<flow>/metrics.jsonl and the table
-# $OUT/summary.md (printed).
+# Then experiments/benchmarks/compile_step.py times the CP-Flow training step eagerly and
+# under torch.compile on the GPU (one run, at most PER_RUN_TIMEOUT seconds).
+# Output: $OUT/sync_check.txt, $OUT/compile_step.{json,md}, $OUT/<dataset>-<flow>/metrics.jsonl
+# and the table $OUT/summary.md (printed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +36,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nv
 
 echo "=== host synchronisations per training step"
 timeout "$PER_RUN_TIMEOUT" "$PY" experiments/gpu_sync_check.py --flows $FLOWS 2>&1 | tee "$OUT/sync_check.txt"
+
+echo "=== torch.compile of the training step"
+timeout "$PER_RUN_TIMEOUT" "$PY" experiments/benchmarks/compile_step.py --device cuda --dtype "$DTYPE" \
+  --dims 16 64 --repeats 10 --out "$OUT/compile_step.json" > "$OUT/compile_step.log" 2>&1 \
+  || echo "    compile_step FAILED or timed out: see $OUT/compile_step.log"
+tail -n 8 "$OUT/compile_step.log"
 
 for dataset in $DATASETS; do
   batches=0

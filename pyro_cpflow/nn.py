@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .derivatives import Activation, AffineLayer, NetworkTrace
+from .affine import Activation, AffineLayer
+from .derivatives import NetworkTrace
 
 __all__ = [
     "ACTIVATIONS",

@@ -325,7 +325,8 @@ def solve_gradient_equation(
     >>> torch.allclose(2 * x + x ** 3, y) and report.all_converged
     True
     """
-    solver = make_solver(method, 0.0, max_iter)  # validates the method first
+    if method not in _SOLVERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(_SOLVERS)}")
     if on_failure not in FAILURE_POLICIES:
         raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}")
     _check_batch(y, y.shape[-1] if y.dim() else 0)

@@ -16,7 +16,9 @@ exact mode and in the stochastic mode with a fixed number of CG iterations and n
 convergence test (``check_every=0``: no host synchronisation, the setting that lets a
 compiler see one graph). Each is timed eagerly and after ``torch.compile`` (default
 mode; the compile time of the first call is reported separately), median of
-``--repeats`` steps after warm-up. The compiled loss is checked against the eager one.
+``--repeats`` steps after warm-up. The compiled loss is checked against the eager one: equal
+in the exact mode; in the stochastic mode the compiled code draws its Rademacher probes from
+another generator (inductor's), so the two differ by the probe noise.
 
 How to run
 ----------

@@ -2,7 +2,7 @@ r"""Benchmark of the inverse solvers, and of per-sample against batch-global CG.
 
 What is measured
 ----------------
-**Table 1 - Newton-CG against batch-wide L-BFGS.** :func:`pyro_cpflow.inverse.
+**Table 1 - Newton-CG against batch-wide L-BFGS.** :func:`pyro_cpflow.solvers.
 solve_gradient_equation` with ``method="newton-cg"`` (the default: per-sample
 Hessian-free Newton, CG inner solves preconditioned by the potential's quadratic
 :math:`Q^{-1}` as in :class:`~pyro_cpflow.CPFlow`, per-sample backtracking) and ``method="lbfgs"``
@@ -26,7 +26,7 @@ and report: wall time (one warm-up solve on 8 points, then the median of up to
 ``--repeats`` full solves within a time budget), final max residual, max error
 :math:`|\hat x - x|_\infty` against the true points, iterations (Newton steps per
 sample: max / mean; L-BFGS: its batch-wide count), the work counted by the
-:class:`~pyro_cpflow.inverse.InverseReport` (batched Hessian-vector products for
+:class:`~pyro_cpflow.solvers.InverseReport` (batched Hessian-vector products for
 Newton-CG, gradient evaluations for L-BFGS), the number of batched potential
 evaluations, the converged fraction, why the solver stopped, and the speed-up
 :math:`t_\text{L-BFGS} / t_\text{Newton-CG}`. L-BFGS gets ``--lbfgs-max-iter``
