@@ -29,6 +29,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) experiments/benchmarks/inverse_solvers.py
 	$(PY) experiments/benchmarks/engine.py
+	$(PY) experiments/benchmarks/derivatives.py
+	$(PY) experiments/benchmarks/logdet_variance.py
+	$(PY) experiments/benchmarks/compile_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -28,7 +28,8 @@ backward pass by conjugate gradients, never by backpropagating through iteration
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -41,6 +42,7 @@ __all__ = [
     "Diagnostics",
     "INVERSE_METHODS",
     "InverseReport",
+    "InverseSolver",
     "LBFGS",
     "NewtonCG",
     "NonConvergenceError",
@@ -122,16 +124,16 @@ def _rows(context: Tensor | None, rows: Tensor) -> Tensor | None:
 
 
 @dataclass(frozen=True)
-class NewtonCG:
-    """Per-sample Hessian-free Newton with inexact CG steps and backtracking (see the module docstring).
+class InverseSolver:
+    """A solver of :math:`\\nabla F(x_i) = y_i`, row by row; ``solve`` returns ``(x, report)``.
 
     :param tol: tolerance on :math:`|\\nabla F(x) - y|_\\infty`.
-    :param max_iter: Newton steps.
+    :param max_iter: outer iterations.
     """
 
     tol: float
     max_iter: int = 100
-    method: str = field(default="newton-cg", init=False)
+    method: ClassVar[str] = ""
 
     def solve(
         self,
@@ -141,6 +143,18 @@ class NewtonCG:
         context: Tensor | None = None,
         preconditioner: MatVec | None = None,
     ) -> tuple[Tensor, InverseReport]:
+        """From starting points ``x``, with the potential's engine ``evaluate``, ``context``
+        rows and an optional preconditioner :math:`M^{-1} v` of the Hessian."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class NewtonCG(InverseSolver):
+    """Per-sample Hessian-free Newton with inexact CG steps and backtracking (see the module docstring)."""
+
+    method: ClassVar[str] = "newton-cg"
+
+    def solve(self, evaluate, y, x, context=None, preconditioner=None):  # type: ignore[no-untyped-def]
         with torch.no_grad():
             return self._solve(evaluate, y, x.clone(), context, preconditioner)
 
@@ -207,25 +221,13 @@ class NewtonCG:
 
 
 @dataclass(frozen=True)
-class LBFGS:
-    """One batch-wide :class:`torch.optim.LBFGS` with strong-Wolfe line search (the reference code's approach).
+class LBFGS(InverseSolver):
+    """One batch-wide :class:`torch.optim.LBFGS` with strong-Wolfe line search (the reference
+    code's approach); use a loose ``tol`` (see the module docstring)."""
 
-    :param tol: tolerance on :math:`|\\nabla F(x) - y|_\\infty`; use a loose one (see the module docstring).
-    :param max_iter: L-BFGS iterations.
-    """
+    method: ClassVar[str] = "lbfgs"
 
-    tol: float
-    max_iter: int = 100
-    method: str = field(default="lbfgs", init=False)
-
-    def solve(
-        self,
-        evaluate: Evaluate,
-        y: Tensor,
-        x: Tensor,
-        context: Tensor | None = None,
-        preconditioner: MatVec | None = None,
-    ) -> tuple[Tensor, InverseReport]:
+    def solve(self, evaluate, y, x, context=None, preconditioner=None):  # type: ignore[no-untyped-def]
         del preconditioner  # L-BFGS builds its own curvature model
         variable = x.detach().clone().requires_grad_(True)
         optimizer = torch.optim.LBFGS(
@@ -257,7 +259,7 @@ _SOLVERS = {"newton-cg": NewtonCG, "lbfgs": LBFGS}
 assert tuple(_SOLVERS) == INVERSE_METHODS
 
 
-def make_solver(method: str, tol: float, max_iter: int) -> NewtonCG | LBFGS:
+def make_solver(method: str, tol: float, max_iter: int) -> InverseSolver:
     """The solver object for ``method`` (one of :data:`~pyro_cpflow.options.INVERSE_METHODS`)."""
     if method not in _SOLVERS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(_SOLVERS)}")
