@@ -393,6 +393,13 @@ def stochastic_logdet(
     :param num_probes: probes averaged.
     :param rtol, max_iter, check_every: for :func:`conjugate_gradient`.
     :param gradient: form the surrogate (otherwise ``surrogate`` is ``None``).
+
+    >>> from pyro_cpflow import cpflow
+    >>> potential = cpflow(3, hidden_dims=(8, 8)).potential
+    >>> trace = potential.evaluate(torch.randn(5, 3))
+    >>> estimate = stochastic_logdet(trace, potential.factorize(trace.quadratic))
+    >>> estimate.combined().shape, bool(estimate.cg.converged.all())
+    (torch.Size([5]), True)
     """
     constant = trace.detach()
     x = trace.x

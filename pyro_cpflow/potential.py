@@ -164,7 +164,17 @@ QuadraticFactor = DenseQuadraticFactor | LowRankQuadraticFactor
 
 
 def factorize(terms: QuadraticTerms) -> QuadraticFactor:
-    """The factorisation of :math:`Q` that is cheaper for its shape: low rank when :math:`2r < d`."""
+    """The factorisation of :math:`Q` that is cheaper for its shape: low rank when :math:`2r < d`.
+
+    >>> from pyro_cpflow.nn import ICNN
+    >>> potential = ConvexPotential(ICNN(100, [8]), 100, quadratic_rank=10)
+    >>> type(potential.factorize()).__name__
+    'LowRankQuadraticFactor'
+    >>> rows = torch.randn(2, 100)
+    >>> factor = potential.factorize()
+    >>> torch.allclose(factor.matvec(factor.solve(rows)), rows, atol=1e-5)
+    True
+    """
     if terms.low_rank:
         return LowRankQuadraticFactor(terms.coefficient, terms.factor)
     return DenseQuadraticFactor(terms.matrix)
