@@ -59,7 +59,7 @@ def _normal_pdf(x: Tensor) -> Tensor:
 
 
 def _gaussian_softplus_orders(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:math:`(s, s', s'') = (x\Phi + \varphi, \Phi, \varphi)` from one evaluation of each."""
+    r""":math:`(s, s', s'') = (x\Phi + \varphi, \Phi, \varphi)` from one evaluation of each."""
     cdf, pdf = _normal_cdf(x), _normal_pdf(x)
     return torch.addcmul(pdf, x, cdf), cdf, pdf
 

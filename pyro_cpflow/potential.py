@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .derivatives import NetworkTrace, PotentialTrace, QuadraticTerms
-from .linalg import cholesky_logdet, rademacher
+from .linalg import rademacher
 
 __all__ = [
     "ContextQuadratic",
@@ -122,7 +122,7 @@ class DenseQuadraticFactor:
         return rows @ self.matrix
 
     def probe_rows(self, like: Tensor) -> Tensor:
-        """Random rows :math:`C \varepsilon`, :math:`\varepsilon` Rademacher: covariance :math:`Q`."""
+        r"""Random rows :math:`C \varepsilon`, :math:`\varepsilon` Rademacher: covariance :math:`Q`."""
         return rademacher(like.shape, like) @ self.cholesky.T
 
 
@@ -141,9 +141,13 @@ class LowRankQuadraticFactor:
         rank = factor.shape[1]
         small = torch.addmm(coefficient * torch.eye(rank, dtype=factor.dtype, device=factor.device),
                             factor.T, factor)
-        self.logdet = (factor.shape[0] - rank) * torch.log(coefficient) + cholesky_logdet(small)
+        # one factorisation of M serves the solves and the log-det (whose gradient is M^-1)
         cholesky, _ = torch.linalg.cholesky_ex(small.detach())
         self._small_inverse = torch.cholesky_inverse(cholesky)
+        small_logdet = 2.0 * cholesky.diagonal().log().sum()
+        if small.requires_grad:
+            small_logdet = _LogdetWithKnownInverse.apply(small, small_logdet, self._small_inverse)
+        self.logdet = (factor.shape[0] - rank) * torch.log(coefficient) + small_logdet
         self._constant_factor, self._constant_coefficient = factor.detach(), coefficient.detach()
 
     def solve(self, rows: Tensor) -> Tensor:
@@ -243,13 +247,13 @@ class ConvexPotential(nn.Module):
 
     def quadratic_matrix(self) -> Tensor:
         """The dense :math:`Q = (\\alpha + \\beta) I + L L^\\top`, shape ``(d, d)``."""
-        eye = torch.eye(self.input_dim, dtype=self.factor.dtype, device=self.factor.device)
-        return torch.addmm((self.alpha + self.beta) * eye, self.factor, self.factor.T)
+        return self.quadratic_terms(with_context=False).matrix
 
-    def quadratic_terms(self, context: Tensor | None = None) -> QuadraticTerms:
-        """The quadratic and linear terms of :math:`F` (with the context terms, if any)."""
+    def quadratic_terms(self, context: Tensor | None = None, with_context: bool = True) -> QuadraticTerms:
+        """The quadratic and linear terms of :math:`F`: :math:`Q`, :math:`b` and, unless
+        ``with_context=False``, the context terms (if any)."""
         context_factor, shift = None, self.shift
-        if self.context_terms is not None:
+        if with_context and self.context_terms is not None:
             context_factor, context_shift = self.context_terms.terms(context)
             shift = shift + context_shift
         return QuadraticTerms(self.alpha + self.beta, self.factor, shift, context_factor)
@@ -272,15 +276,13 @@ class ConvexPotential(nn.Module):
         return self.evaluate(x, context, derivatives=False).value
 
     def gradient(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """:math:`\nabla F(x)` for ``x`` of shape ``(N, d)``, differentiable (analytic backward sweep)."""
+        r""":math:`\nabla F(x)` for ``x`` of shape ``(N, d)``, differentiable (analytic backward sweep)."""
         return self.evaluate(x, context).gradient
 
     def factorize(self, terms: QuadraticTerms | None = None) -> QuadraticFactor:
         """The factorisation of :math:`Q` (from ``terms``, if already formed), for
         preconditioning and log-dets (:func:`factorize`)."""
-        if terms is None:  # Q alone: the context terms are not part of it
-            terms = QuadraticTerms(self.alpha + self.beta, self.factor, self.shift)
-        return factorize(terms)
+        return factorize(self.quadratic_terms(with_context=False) if terms is None else terms)
 
     def initial_inverse_guess(self, y: Tensor, factor: QuadraticFactor | None = None) -> Tensor:
         """:math:`Q^{-1} (y - b)`: the inverse of the affine part, a good start for solvers."""

@@ -83,10 +83,7 @@ class _OptionAttributes:
         """The log-det mode used now (train/eval state) for ``batch`` rows of dimension ``dim``
         (by default the flow's own)."""
         dim = self.potential.input_dim if dim is None else dim
-        return self.options.resolve_logdet(dim, batch, self._is_training())
-
-    def _is_training(self) -> bool:
-        return self.training
+        return self.options.resolve_logdet(dim, batch, self.training)
 
     @property
     def last_cg(self) -> CGResult | None:
@@ -145,10 +142,7 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
         self.context = context
         self.options = FlowOptions() if options is None else options
         self.diagnostics = Diagnostics() if diagnostics is None else diagnostics
-        self._training = training
-
-    def _is_training(self) -> bool:
-        return self._training
+        self.training = training  # for a CPFlow, nn.Module's own flag (train() / eval() set it)
 
     @property
     def input_dim(self) -> int:
@@ -249,7 +243,7 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
     def _logdet(self, trace: PotentialTrace) -> Tensor:
         options = self.options
         rows = trace.x.shape[0]
-        if options.resolve_logdet(self.input_dim, rows, self._is_training()) == "exact":
+        if options.resolve_logdet(self.input_dim, rows, self.training) == "exact":
             return cholesky_logdet(trace.hessian())
         estimate = stochastic_logdet(
             trace,
@@ -258,7 +252,7 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
             rtol=options.cg_rtol,
             max_iter=options.cg_max_iter,
             check_every=options.cg_check_every,
-            gradient=trace.value.requires_grad,
+            gradient=trace.gradient.requires_grad,
         )
         self.diagnostics.cg, self.diagnostics.condition = estimate.cg, estimate.condition
         if options.on_failure != "ignore" and not bool(estimate.cg.converged.all()):
@@ -278,7 +272,7 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
         if cache_size == self._cache_size:
             return self
         return ConditionedCPFlow(
-            self.potential, self.context, self.options, self.diagnostics, self._is_training(), cache_size
+            self.potential, self.context, self.options, self.diagnostics, self.training, cache_size
         )
 
 
@@ -328,9 +322,6 @@ class CPFlow(ModuleInverseMixin, ConditionedCPFlow, TransformModule):
 
     def __init__(self, potential: ConvexPotential, cache_size: int = 1, **options) -> None:
         super().__init__(potential, None, FlowOptions().replace(**options), None, True, cache_size)
-
-    def _is_training(self) -> bool:
-        return self.training
 
 
 class ConditionalCPFlow(_OptionAttributes, ConditionalTransformModule):
