@@ -181,7 +181,7 @@ class NetworkTrace:
         copy.slopes = [t.detach() for t in slopes]
         copy.second_derivatives = []
         copy.value = self.value.detach()
-        copy.__dict__["_backward"] = (gradient.detach(), [s.detach() for s in slopes], [])
+        copy.__dict__["_backward"] = (gradient.detach(), copy.slopes, [])
         copy.__dict__["curvatures"] = [c.detach() for c in self.curvatures]
         return copy
 

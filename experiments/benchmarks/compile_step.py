@@ -55,6 +55,8 @@ def make_loss(dim: int, mode: str, device: torch.device, dtype: torch.dtype) -> 
         trace = potential.evaluate(x)
         y = trace.gradient
         if mode == "exact":
+            # not cholesky_logdet: its positive-definiteness check reads a flag on the host,
+            # which would split the compiled graph
             logdet = 2.0 * torch.linalg.cholesky(trace.hessian()).diagonal(dim1=-2, dim2=-1).log().sum(-1)
         else:
             logdet = stochastic_logdet(

@@ -3,8 +3,9 @@ r"""Noise of the stochastic log-det: the preconditioned estimator against plain 
 What is measured
 ----------------
 A flow ``cpflow(d, hidden_dims=(64, 64))`` is trained for ``--train-steps`` maximum-likelihood
-steps (Adam 3e-3, batch 100, float64) on an anisotropic Gaussian (log-uniform variances in
-[0.1, 10], randomly rotated), so that its quadratic ``Q`` has learnt the data's covariance.
+steps (Adam 3e-3, batch 100, float64) on the anisotropic Gaussian of ``engine.py`` (log-uniform
+variances in [0.1, 10], randomly rotated; its training code), so that its quadratic ``Q`` has
+learnt the data's covariance.
 At a fixed batch of 100 data points, ``--repeats`` independent draws of the mean stochastic
 log-det and of its gradient with respect to every parameter are taken with
 
@@ -31,45 +32,28 @@ How to run
 
 from __future__ import annotations
 
-import argparse
 import math
+import tempfile
 import time
+from pathlib import Path
 
-import pyro.distributions as dist
 import torch
 from torch import Tensor
 
 from common import base_parser, fmt, machine_summary, markdown_table, save_results, setup
-from pyro_cpflow import cpflow
+from engine_harness import fixed_batch, make_flow, task_train
 from pyro_cpflow.linalg import cholesky_logdet, stochastic_logdet
 
-DTYPE = torch.float64
+HIDDEN = (64, 64)
+LEARNING_RATE = 3e-3
 
 
-def data_sampler(dim: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=DTYPE))
-    scales = torch.exp(torch.empty(dim, dtype=DTYPE).uniform_(math.log(0.1), math.log(10.0), generator=generator)).sqrt()
-    factor = rotation * scales
-
-    def sample(n: int) -> Tensor:
-        return torch.randn(n, dim, generator=generator, dtype=DTYPE) @ factor.T
-
-    return sample
-
-
-def trained_flow(dim: int, steps: int, seed: int):
-    torch.manual_seed(seed)
-    flow = cpflow(dim, hidden_dims=(64, 64), logdet="stochastic", on_failure="ignore").to(DTYPE)
-    sample = data_sampler(dim, seed)
-    base = dist.Normal(torch.zeros(dim, dtype=DTYPE), 1.0).to_event(1)
-    model = dist.TransformedDistribution(base, [flow.inv])
-    optimizer = torch.optim.Adam(flow.parameters(), lr=3e-3)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        (-model.log_prob(sample(100)).mean()).backward()
-        optimizer.step()
-    return flow, sample(100)
+def trained_flow(dim: int, steps: int, seed: int, folder: str):
+    """The flow of ``engine.py`` (a) trained the same way, and a fixed data batch of 100."""
+    state = str(Path(folder) / f"trained-{dim}.pt")
+    task_train(dim, list(HIDDEN), "stochastic", steps, LEARNING_RATE, 100, seed, state, "cpu")
+    flow = make_flow(dim, list(HIDDEN), state, "cpu", logdet="stochastic")
+    return flow, fixed_batch(dim, 100, seed + 1, "cpu")
 
 
 def draws(flow, x: Tensor, preconditioned: bool, repeats: int) -> tuple[Tensor, Tensor]:
@@ -97,8 +81,9 @@ def main() -> None:
     started = time.perf_counter()
     device = setup(args)
     rows, records = [], []
+    folder = tempfile.TemporaryDirectory()
     for dim in args.dims:
-        flow, x = trained_flow(dim, args.train_steps, args.seed)
+        flow, x = trained_flow(dim, args.train_steps, args.seed, folder.name)
         params = list(flow.parameters())
         exact = cholesky_logdet(flow.potential.evaluate(x).hessian()).mean()
         exact_grads = torch.autograd.grad(exact, params, allow_unused=True)
@@ -116,6 +101,7 @@ def main() -> None:
             records.append({"dim": dim, "estimator": name, "value_sd": value_sd, "value_bias_over_se": value_z,
                             "relative_gradient_sd": grad_sd, "gradient_mean_squared_z": grad_z})
             print(records[-1], flush=True)
+    folder.cleanup()
     table = markdown_table(
         ["d", "estimator", "sd of the mean log-det", "bias / SE", "relative sd of the gradient",
          "mean (bias / SE)² over parameters (≈ 1 if unbiased)"], rows)
