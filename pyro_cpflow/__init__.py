@@ -1,6 +1,7 @@
 """Convex Potential Flows (Huang et al., ICLR 2021) as Pyro transforms."""
 
 from .actnorm import ActNorm
+from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .derivatives import AutogradTrace, NetworkTrace, PotentialTrace
 from .factories import conditional_cpflow, conditional_cpflow_stack, cpflow, cpflow_stack
 from .linalg import CGResult, StochasticLogdet, conjugate_gradient, stochastic_logdet
@@ -27,6 +28,7 @@ __all__ = [
     "CGResult",
     "CPFlow",
     "CPFlowStack",
+    "CheckpointError",
     "ConditionalCPFlow",
     "ConditionedCPFlow",
     "ConvexPotential",
@@ -52,6 +54,8 @@ __all__ = [
     "cpflow_stack",
     "gaussian_softplus",
     "invert_gradient_map",
+    "load_checkpoint",
+    "save_checkpoint",
     "solve_gradient_equation",
     "stochastic_logdet",
 ]
