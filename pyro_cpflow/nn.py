@@ -26,7 +26,8 @@ of the convex path through an ordinary network.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from .affine import Activation, AffineLayer
 from .derivatives import NetworkTrace
+from .packing import PackedParameters
 
 __all__ = [
     "ACTIVATIONS",
@@ -131,6 +133,11 @@ def get_activation(name: str) -> Activation:
         ) from None
 
 
+def positive_weight(raw: Tensor, fan_in: int) -> Tensor:
+    r"""The non-negative weight :math:`\mathrm{softplus}(A) / \mathrm{fan\_in}` of raw ``A``."""
+    return F.softplus(raw) / fan_in
+
+
 class PositiveLinear(nn.Module):
     r"""Linear map with non-negative weights :math:`\mathrm{softplus}(A) / \mathrm{fan\_in}`.
 
@@ -151,7 +158,7 @@ class PositiveLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        return F.softplus(self.raw_weight) / self.in_features
+        return positive_weight(self.raw_weight, self.in_features)
 
     def forward(self, z: Tensor) -> Tensor:
         return F.linear(z, self.weight)
@@ -179,7 +186,7 @@ def _check_dims(input_dim: int, hidden_dims: Sequence[int], augmented: bool) -> 
         raise ValueError("an augmented network needs hidden widths of at least 2")
 
 
-class ICNN(nn.Module):
+class ICNN(PackedParameters):
     r"""Fully input-convex network :math:`g: \mathbb{R}^d \to \mathbb{R}`.
 
     .. math::
@@ -191,6 +198,10 @@ class ICNN(nn.Module):
     with non-negative :math:`P_k, p` (:class:`PositiveLinear`). With
     ``augmented=True`` half of each hidden layer after the first is
     :math:`s(L_k x + c_k)`, a convex feature computed directly from the input.
+
+    The parameters are packed into one tensor (:class:`~pyro_cpflow.packing.PackedParameters`);
+    the state dict names them one by one (``first.weight``, ``convex_paths.0.raw_weight``,
+    ``input_paths.0.weight``, ..., ``output_input.weight``).
 
     :param input_dim: dimension :math:`d` of :math:`x`.
     :param hidden_dims: widths of the hidden layers.
@@ -220,28 +231,42 @@ class ICNN(nn.Module):
         self.input_dim = input_dim
         self.augmented = augmented
         self.activation = get_activation(activation)
-        self.first = nn.Linear(input_dim, hidden_dims[0])
-        self.convex_paths = nn.ModuleList()
-        # one linear map of x per layer: the rows of W_k (convex units) and, when augmented,
-        # those of L_k (input-augmented units) below them, as the layer's outputs are ordered
-        self.input_paths = nn.ModuleList()
+        self.hidden_dims = tuple(hidden_dims)
+        # the initial values are drawn by ordinary layers (PyTorch's initialisation, in a
+        # fixed order), then packed: one linear map of x per layer, the rows of W_k (convex
+        # units) and, when augmented, those of L_k (input-augmented units) below them
+        first = nn.Linear(input_dim, hidden_dims[0])
+        convex_paths, input_paths = [], []
         for width_in, width in zip(hidden_dims[:-1], hidden_dims[1:]):
             convex_width = width - width // 2 if augmented else width
-            self.convex_paths.append(PositiveLinear(width_in, convex_width))
-            self.input_paths.append(nn.Linear(input_dim, width))
-        self.output_convex = PositiveLinear(hidden_dims[-1], 1)
+            convex_paths.append(PositiveLinear(width_in, convex_width))
+            input_paths.append(nn.Linear(input_dim, width))
+        output_convex = PositiveLinear(hidden_dims[-1], 1)
         # no bias: a constant does not change the gradient map, so it would never train
-        self.output_input = nn.Linear(input_dim, 1, bias=False)
-        _scale_init([self.first, *self.input_paths], input_gain)
+        output_input = nn.Linear(input_dim, 1, bias=False)
+        _scale_init([first, *input_paths], input_gain)
+        tensors = {"first.weight": first.weight, "first.bias": first.bias}
+        for k, (convex, direct) in enumerate(zip(convex_paths, input_paths)):
+            tensors[f"convex_paths.{k}.raw_weight"] = convex.raw_weight
+            tensors[f"input_paths.{k}.weight"] = direct.weight
+            tensors[f"input_paths.{k}.bias"] = direct.bias
+        tensors["output_convex.raw_weight"] = output_convex.raw_weight
+        tensors["output_input.weight"] = output_input.weight
+        self.pack(tensors)
 
     def affine_layers(self, context: Tensor | None = None) -> tuple[list[AffineLayer], AffineLayer]:
         """The pre-activations as :class:`~pyro_cpflow.derivatives.AffineLayer` s: ``(hidden, output)``."""
         if context is not None:
             raise ValueError("ICNN takes no context; use PICNN for a conditional potential")
-        hidden = [AffineLayer((self.first.weight,), (None,), self.first.bias)]
-        for convex, direct in zip(self.convex_paths, self.input_paths):
-            hidden.append(AffineLayer((direct.weight,), (None,), direct.bias, convex.weight))
-        output = AffineLayer((self.output_input.weight,), (None,), None, self.output_convex.weight)
+        p = self.unpacked()
+        hidden = [AffineLayer((p["first.weight"],), (None,), p["first.bias"])]
+        for k, width_in in enumerate(self.hidden_dims[:-1]):
+            hidden.append(AffineLayer(
+                (p[f"input_paths.{k}.weight"],), (None,), p[f"input_paths.{k}.bias"],
+                positive_weight(p[f"convex_paths.{k}.raw_weight"], width_in),
+            ))
+        output_convex = positive_weight(p["output_convex.raw_weight"], self.hidden_dims[-1])
+        output = AffineLayer((p["output_input.weight"],), (None,), None, output_convex)
         return hidden, output
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -249,7 +274,7 @@ class ICNN(nn.Module):
         return NetworkTrace(self.affine_layers(context), self.activation, x, derivatives=False).value
 
 
-class PICNN(nn.Module):
+class PICNN(PackedParameters):
     r"""Partially input-convex network :math:`g(x, c)`, convex in :math:`x` for every :math:`c`.
 
     A context path :math:`u_0 = c,\ u_{k+1} = \tanh(V_k u_k + a_k)` is an ordinary
@@ -265,6 +290,9 @@ class PICNN(nn.Module):
     non-negative and the term in :math:`x` is linear, so convexity in :math:`x` holds
     as in the :class:`ICNN`. With ``augmented=True`` half of each hidden layer after
     the first is :math:`s(W'_k(x \odot (H'_k u_k + 1)) + U'_k u_k + b'_k)`.
+
+    The parameters are packed into one tensor, as in :class:`ICNN`; the state dict names
+    them one by one (``context_layers.0.weight``, ``layers.0.input_gate.weight``, ...).
 
     :param input_dim: dimension of the convex input :math:`x`.
     :param context_dim: dimension of the context :math:`c`.
@@ -298,11 +326,13 @@ class PICNN(nn.Module):
         self.augmented = augmented
         self.activation = get_activation(activation)
         context_widths = [context_dim] + hidden_dims
-        self.context_layers = nn.ModuleList(
+        # initial values from ordinary layers (drawn in a fixed order), then packed
+        draft = nn.Module()
+        draft.context_layers = nn.ModuleList(
             nn.Linear(a, b) for a, b in zip(context_widths[:-1], context_widths[1:])
         )
-        self.layers = nn.ModuleList()
-        self.augment_layers = nn.ModuleList()
+        draft.layers = nn.ModuleList()
+        draft.augment_layers = nn.ModuleList()
         widths_in = [None] + hidden_dims
         widths_out = hidden_dims + [1]
         for k, (width_in, width) in enumerate(zip(widths_in, widths_out)):
@@ -310,29 +340,35 @@ class PICNN(nn.Module):
             first_or_output = width_in is None or not hidden
             convex_width = width if (first_or_output or not augmented) else width - width // 2
             # the output's offset would be constant in x: no effect on the gradient map
-            self.layers.append(
+            draft.layers.append(
                 _PICNNLayer(input_dim, context_widths[k], width_in, convex_width, offset=hidden)
             )
             if hidden and augmented and width_in is not None:
-                self.augment_layers.append(
+                draft.augment_layers.append(
                     _PICNNLayer(input_dim, context_widths[k], None, width // 2)
                 )
-        for layer in [*self.layers[:-1], *self.augment_layers]:
+        for layer in [*draft.layers[:-1], *draft.augment_layers]:
             _scale_init([layer.input_weight, layer.context_offset], input_gain)
+        self._layers = [layer.spec(f"layers.{k}.") for k, layer in enumerate(draft.layers)]
+        self._augment_layers = [
+            layer.spec(f"augment_layers.{k}.") for k, layer in enumerate(draft.augment_layers)
+        ]
+        self.pack(dict(draft.named_parameters()))
 
     def affine_layers(self, context: Tensor | None) -> tuple[list[AffineLayer], AffineLayer]:
         """The pre-activations for context rows ``(N, c)``: ``(hidden, output)`` (see :class:`ICNN`)."""
         if context is None:
             raise ValueError("PICNN needs a context tensor")
+        p = self.unpacked()
         u = context
         hidden = []
-        for k, layer in enumerate(self.layers[:-1]):
-            affine = layer.affine(u)
+        for k, layer in enumerate(self._layers[:-1]):
+            affine = layer.affine(p, u)
             if self.augmented and k > 0:
-                affine = affine.stacked_with(self.augment_layers[k - 1].affine(u))
+                affine = affine.stacked_with(self._augment_layers[k - 1].affine(p, u))
             hidden.append(affine)
-            u = torch.tanh(self.context_layers[k](u))
-        return hidden, self.layers[-1].affine(u)
+            u = torch.tanh(F.linear(u, p[f"context_layers.{k}.weight"], p[f"context_layers.{k}.bias"]))
+        return hidden, self._layers[-1].affine(p, u)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate :math:`g(x, c)` for ``x`` ``(N, d)`` and ``context`` ``(N, c)``; returns ``(N,)``."""
@@ -340,7 +376,7 @@ class PICNN(nn.Module):
 
 
 class _PICNNLayer(nn.Module):
-    """One pre-activation of the PICNN convex path (see :class:`PICNN`)."""
+    """The initial parameters of one pre-activation of the PICNN convex path (see :class:`PICNN`)."""
 
     def __init__(
         self, input_dim: int, context_width: int, convex_in: int | None, width: int, offset: bool = True
@@ -351,16 +387,34 @@ class _PICNNLayer(nn.Module):
         nn.init.ones_(self.input_gate.bias)
         self.input_weight = nn.Linear(input_dim, width, bias=False)
         self.context_offset = nn.Linear(context_width, width) if offset else None
+        self.convex_in = convex_in
         if convex_in is not None:
             self.convex_gate = nn.Linear(context_width, convex_in)
             self.convex_weight = PositiveLinear(convex_in, width)
 
-    def affine(self, u: Tensor) -> AffineLayer:
+    def spec(self, prefix: str) -> "_PICNNLayerSpec":
+        return _PICNNLayerSpec(prefix, self.convex_in, self.context_offset is not None)
+
+
+@dataclass(frozen=True)
+class _PICNNLayerSpec:
+    """Where one PICNN pre-activation finds its parameters among the packed ones, and its shape."""
+
+    prefix: str
+    convex_in: int | None
+    offset: bool
+
+    def _linear(self, p: dict[str, Tensor], name: str, u: Tensor) -> Tensor:
+        return F.linear(u, p[f"{self.prefix}{name}.weight"], p[f"{self.prefix}{name}.bias"])
+
+    def affine(self, p: dict[str, Tensor], u: Tensor) -> AffineLayer:
         """This pre-activation, for context features ``u`` ``(N, c_k)``, as an affine map of ``(z, x)``."""
-        offset = None if self.context_offset is None else self.context_offset(u)
-        if not hasattr(self, "convex_weight"):
-            return AffineLayer((self.input_weight.weight,), (self.input_gate(u),), offset)
+        weight = p[f"{self.prefix}input_weight.weight"]
+        gate = self._linear(p, "input_gate", u)
+        offset = self._linear(p, "context_offset", u) if self.offset else None
+        if self.convex_in is None:
+            return AffineLayer((weight,), (gate,), offset)
+        convex_weight = positive_weight(p[f"{self.prefix}convex_weight.raw_weight"], self.convex_in)
         return AffineLayer(
-            (self.input_weight.weight,), (self.input_gate(u),), offset,
-            self.convex_weight.weight, F.softplus(self.convex_gate(u)),
+            (weight,), (gate,), offset, convex_weight, F.softplus(self._linear(p, "convex_gate", u))
         )

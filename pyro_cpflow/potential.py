@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .derivatives import NetworkTrace, PotentialTrace, QuadraticTerms
 from .linalg import rademacher
+from .packing import PackedParameters
 
 __all__ = [
     "ContextQuadratic",
@@ -44,7 +45,7 @@ def inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-class ContextQuadratic(nn.Module):
+class ContextQuadratic(PackedParameters):
     r"""Context-dependent terms :math:`\tfrac12 |L(c)^\top x|^2 + b(c)^\top x`, convex in :math:`x`.
 
     :math:`L(c) \in \mathbb{R}^{d \times r}` and :math:`b(c)` come from a one-hidden-layer
@@ -64,14 +65,18 @@ class ContextQuadratic(nn.Module):
             raise ValueError(f"rank must be positive, got {rank}")
         self.input_dim = input_dim
         self.rank = rank
-        self.body = nn.Sequential(nn.Linear(context_dim, hidden_dim), nn.Tanh())
-        self.head = nn.Linear(hidden_dim, input_dim * rank + input_dim)
-        nn.init.normal_(self.head.weight, std=initial_std / math.sqrt(hidden_dim))
-        nn.init.normal_(self.head.bias, std=initial_std)
+        body = nn.Linear(context_dim, hidden_dim)
+        head = nn.Linear(hidden_dim, input_dim * rank + input_dim)
+        nn.init.normal_(head.weight, std=initial_std / math.sqrt(hidden_dim))
+        nn.init.normal_(head.bias, std=initial_std)
+        self.pack({"body.0.weight": body.weight, "body.0.bias": body.bias,
+                   "head.weight": head.weight, "head.bias": head.bias})
 
     def terms(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """:math:`L(c)` ``(N, d, r)`` and :math:`b(c)` ``(N, d)`` for context rows ``(N, c)``."""
-        out = self.head(self.body(context))
+        p = self.unpacked()
+        features = torch.tanh(F.linear(context, p["body.0.weight"], p["body.0.bias"]))
+        out = F.linear(features, p["head.weight"], p["head.bias"])
         split = self.input_dim * self.rank
         return out[:, :split].reshape(-1, self.input_dim, self.rank), out[:, split:]
 
@@ -184,7 +189,7 @@ def factorize(terms: QuadraticTerms) -> QuadraticFactor:
     return DenseQuadraticFactor(terms.matrix)
 
 
-class ConvexPotential(nn.Module):
+class ConvexPotential(PackedParameters):
     r"""Strongly convex potential :math:`F(x) = \sigma g(x) + \frac12 x^\top Q x + b^\top x`.
 
     :param network: an :class:`~pyro_cpflow.nn.ICNN` or :class:`~pyro_cpflow.nn.PICNN`
@@ -199,7 +204,8 @@ class ConvexPotential(nn.Module):
         quadratic and linear terms (conditional potentials only).
 
     The quadratic starts at :math:`Q \approx I`, so :math:`\nabla F` starts near the
-    identity.
+    identity. ``raw_scale``, ``raw_beta``, ``factor`` and ``shift`` are views of one packed
+    parameter (:class:`~pyro_cpflow.packing.PackedParameters`), each its own state-dict entry.
 
     >>> from pyro_cpflow.nn import ICNN
     >>> potential = ConvexPotential(ICNN(3, [8, 8]), 3)
@@ -227,13 +233,35 @@ class ConvexPotential(nn.Module):
         self.network = network
         self.input_dim = input_dim
         self.alpha = float(alpha)
-        self.raw_scale = nn.Parameter(torch.tensor(inverse_softplus(initial_scale)))
         start_beta = max(1.0 - alpha - (initial_factor_std**2 if rank else 0.0), 1e-3)
-        self.raw_beta = nn.Parameter(torch.tensor(inverse_softplus(start_beta)))
         factor = torch.randn(input_dim, rank) * (initial_factor_std / math.sqrt(max(rank, 1)))
-        self.factor = nn.Parameter(factor)
-        self.shift = nn.Parameter(torch.zeros(input_dim))
+        self.pack({
+            "raw_scale": torch.tensor(inverse_softplus(initial_scale)),
+            "raw_beta": torch.tensor(inverse_softplus(start_beta)),
+            "factor": factor,
+            "shift": torch.zeros(input_dim),
+        })
         self.context_terms = context_terms
+
+    @property
+    def raw_scale(self) -> Tensor:
+        """The raw (unconstrained) :math:`\\sigma`, a view of ``packed``."""
+        return self.view("raw_scale")
+
+    @property
+    def raw_beta(self) -> Tensor:
+        """The raw (unconstrained) :math:`\\beta`, a view of ``packed``."""
+        return self.view("raw_beta")
+
+    @property
+    def factor(self) -> Tensor:
+        """:math:`L` ``(d, r)``, a view of ``packed``."""
+        return self.view("factor")
+
+    @property
+    def shift(self) -> Tensor:
+        """:math:`b` ``(d,)``, a view of ``packed``."""
+        return self.view("shift")
 
     @property
     def scale(self) -> Tensor:
@@ -252,24 +280,31 @@ class ConvexPotential(nn.Module):
     def quadratic_terms(self, context: Tensor | None = None, with_context: bool = True) -> QuadraticTerms:
         """The quadratic and linear terms of :math:`F`: :math:`Q`, :math:`b` and, unless
         ``with_context=False``, the context terms (if any)."""
-        context_factor, shift = None, self.shift
+        return self._quadratic_terms(self.unpacked(), context, with_context)
+
+    def _quadratic_terms(
+        self, parameters: dict[str, Tensor], context: Tensor | None, with_context: bool = True
+    ) -> QuadraticTerms:
+        context_factor, shift = None, parameters["shift"]
         if with_context and self.context_terms is not None:
             context_factor, context_shift = self.context_terms.terms(context)
             shift = shift + context_shift
-        return QuadraticTerms(self.alpha + self.beta, self.factor, shift, context_factor)
+        coefficient = self.alpha + F.softplus(parameters["raw_beta"])
+        return QuadraticTerms(coefficient, parameters["factor"], shift, context_factor)
 
     def evaluate(self, x: Tensor, context: Tensor | None = None, derivatives: bool = True) -> PotentialTrace:
         """:math:`F` at rows ``x`` ``(N, d)`` (context rows ``(N, c)``): a lazy
         :class:`~pyro_cpflow.derivatives.PotentialTrace` with the value, gradient, Hessian-vector
         products and Hessian, all differentiable in the parameters, ``x`` and the context."""
+        parameters = self.unpacked()
         network = NetworkTrace(
             self.network.affine_layers(context),  # type: ignore[operator]
             self.network.activation,  # type: ignore[arg-type]
             x,
-            scale=self.scale,
+            scale=F.softplus(parameters["raw_scale"]),
             derivatives=derivatives,
         )
-        return PotentialTrace(network, self.quadratic_terms(context))
+        return PotentialTrace(network, self._quadratic_terms(parameters, context))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """:math:`F(x)` for ``x`` of shape ``(N, d)`` (and ``context`` ``(N, c)``); returns ``(N,)``."""

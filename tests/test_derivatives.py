@@ -92,17 +92,28 @@ def test_network_value_matches_the_written_definition():
     net = ICNN(D, [8, 6], augmented=True)
     x = torch.randn(N, D)
     s = gaussian_softplus
-    z = s(net.first(x))
-    direct = net.input_paths[0](x)  # rows of W_1 (3 convex units), then of L_1 (3 augmented)
-    z = torch.cat([s(net.convex_paths[0](z) + direct[:, :3]), s(direct[:, 3:])], -1)
-    expected = (net.output_convex(z) + net.output_input(x)).squeeze(-1)
+    p = net.state_dict()  # the packed parameters by name
+    z = s(x @ p["first.weight"].T + p["first.bias"])
+    # rows of W_1 (3 convex units), then of L_1 (3 augmented)
+    direct = x @ p["input_paths.0.weight"].T + p["input_paths.0.bias"]
+    convex = z @ (F.softplus(p["convex_paths.0.raw_weight"]) / 8).T
+    z = torch.cat([s(convex + direct[:, :3]), s(direct[:, 3:])], -1)
+    output = z @ (F.softplus(p["output_convex.raw_weight"]) / 6).T + x @ p["output_input.weight"].T
+    expected = output.squeeze(-1)
     assert torch.allclose(net(x), expected, atol=1e-14)
     picnn = PICNN(D, C, [8], augmented=False)
     c = torch.randn(N, C)
-    first, out = picnn.layers
-    z = s(first.input_weight(x * first.input_gate(c)) + first.context_offset(c))
-    u = torch.tanh(picnn.context_layers[0](c))
-    expected = out.input_weight(x * out.input_gate(u)) + out.convex_weight(z * F.softplus(out.convex_gate(u)))
+    q = picnn.state_dict()
+
+    def linear(name, inputs):
+        return F.linear(inputs, q[f"{name}.weight"], q.get(f"{name}.bias"))
+
+    z = s(linear("layers.0.input_weight", x * linear("layers.0.input_gate", c))
+          + linear("layers.0.context_offset", c))
+    u = torch.tanh(linear("context_layers.0", c))
+    convex = F.softplus(q["layers.1.convex_weight.raw_weight"]) / 8
+    gated = z * F.softplus(linear("layers.1.convex_gate", u))
+    expected = linear("layers.1.input_weight", x * linear("layers.1.input_gate", u)) + gated @ convex.T
     assert torch.allclose(picnn(x, c), expected.squeeze(-1), atol=1e-14)
 
 
@@ -113,4 +124,4 @@ def test_a_wrong_formula_would_be_caught():
     trace = potential.evaluate(x)
     full = trace.hessian()
     trace.network.curvatures[0] = torch.zeros_like(trace.network.curvatures[0])
-    assert float((trace.hessian() - full).abs().max()) > 1e3 * TOL
+    assert float((trace.hessian() - full).detach().abs().max()) > 1e3 * TOL
