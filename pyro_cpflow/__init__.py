@@ -1,6 +1,7 @@
 """Convex Potential Flows (Huang et al., ICLR 2021) as Pyro transforms."""
 
 from .actnorm import ActNorm
+from .autoguide import AutoCPFlow
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .derivatives import AutogradTrace, NetworkTrace, PotentialTrace
 from .factories import conditional_cpflow, conditional_cpflow_stack, cpflow, cpflow_stack
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActNorm",
+    "AutoCPFlow",
     "AutogradTrace",
     "CGResult",
     "CPFlow",

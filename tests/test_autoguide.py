@@ -1,0 +1,227 @@
+"""AutoCPFlow against the patterns of Pyro's own autoguide tests (tests/infer/test_autoguide.py).
+
+Each test below reproduces a parametrisation that Pyro's ``AutoIAFNormal`` passes there,
+run against the installed Pyro, plus what a CP-Flow guide adds (median and quantiles by
+sampling, round trips of the parameters).
+"""
+
+import functools
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
+from pyro.infer.autoguide import (
+    AutoDiscreteParallel,
+    AutoGuideList,
+    init_to_feasible,
+    init_to_mean,
+    init_to_median,
+    init_to_sample,
+    init_to_value,
+)
+
+from pyro_cpflow import AutoCPFlow
+
+SMALL = functools.partial(AutoCPFlow, hidden_dims=(8, 8))
+ELBOS = [Trace_ELBO, TraceGraph_ELBO, TraceEnum_ELBO]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_param_store():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def test_scores():
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0).expand([10]))
+
+    guide = SMALL(model)
+    guide_trace = poutine.trace(guide).get_trace()
+    model_trace = poutine.trace(poutine.replay(model, guide_trace)).get_trace()
+    guide_trace.compute_log_prob()
+    model_trace.compute_log_prob()
+    assert "_AutoCPFlow_latent" not in model_trace.nodes
+    assert guide_trace.nodes["_AutoCPFlow_latent"]["log_prob_sum"].item() != 0.0
+    assert model_trace.nodes["z"]["log_prob_sum"].item() != 0.0
+    assert guide_trace.nodes["z"]["log_prob_sum"].item() == 0.0
+
+
+@pytest.mark.parametrize("Elbo", ELBOS)
+def test_factor(Elbo):
+    def model(log_factor):
+        pyro.sample("z1", dist.Normal(0.0, 1.0))
+        pyro.factor("f1", log_factor)
+        pyro.sample("z2", dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1))
+        with pyro.plate("plate", 3):
+            pyro.factor("f2", log_factor)
+            pyro.sample("z3", dist.Normal(torch.zeros(3), torch.ones(3)))
+
+    guide = SMALL(model)
+    elbo = Elbo(strict_enumeration_warning=False)
+    elbo.loss(model, guide, torch.tensor(0.0))
+    pyro.set_rng_seed(123)
+    loss_5 = elbo.loss(model, guide, torch.tensor(5.0))
+    pyro.set_rng_seed(123)
+    loss_4 = elbo.loss(model, guide, torch.tensor(4.0))
+    assert loss_5 - loss_4 == pytest.approx(-1 - 3)
+
+
+@pytest.mark.parametrize("Elbo", ELBOS)
+@pytest.mark.parametrize("init_loc_fn", [init_to_feasible, init_to_mean, init_to_median, init_to_sample])
+def test_shapes(init_loc_fn, Elbo):
+    def model():
+        pyro.sample("z1", dist.Normal(0.0, 1.0))
+        pyro.sample("z2", dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1))
+        with pyro.plate("plate", 3):
+            pyro.sample("z3", dist.Normal(torch.zeros(3), torch.ones(3)))
+        pyro.sample("z4", dist.MultivariateNormal(torch.zeros(2), torch.eye(2)))
+        pyro.sample("z5", dist.Dirichlet(torch.ones(3)))
+        pyro.sample("z6", dist.Normal(0, 1).expand((2,)).mask(torch.arange(2) > 0).to_event(1))
+
+    guide = SMALL(model, init_loc_fn=init_loc_fn)
+    loss = Elbo(strict_enumeration_warning=False).loss(model, guide)
+    assert np.isfinite(loss), loss
+
+
+def test_discrete_parallel():
+    data = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])
+
+    def model(data):
+        weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(2)))
+        locs = pyro.sample("locs", dist.Normal(0, 10).expand_by([2]).to_event(1))
+        scale = pyro.sample("scale", dist.LogNormal(0, 1))
+        with pyro.plate("data", len(data)):
+            weights = weights.expand(torch.Size((len(data),)) + weights.shape)
+            assignment = pyro.sample("assignment", dist.Categorical(weights))
+            pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
+
+    guide = AutoGuideList(model)
+    guide.append(SMALL(poutine.block(model, hide=["assignment"])))
+    guide.append(AutoDiscreteParallel(poutine.block(model, expose=["assignment"])))
+    loss = TraceEnum_ELBO(max_plate_nesting=1).loss_and_grads(model, guide, data)
+    assert np.isfinite(loss), loss
+
+
+def test_guide_list():
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0).expand([2]))
+        pyro.sample("y", dist.MultivariateNormal(torch.zeros(5), torch.eye(5, 5)))
+
+    guide = AutoGuideList(model)
+    guide.append(SMALL(poutine.block(model, expose=["x"])))
+    guide.append(SMALL(poutine.block(model, expose=["y"])))
+    assert set(guide()) == {"x", "y"}
+
+
+def _three_site_model():
+    pyro.sample("x", dist.Normal(0.0, 1.0))
+    pyro.sample("y", dist.LogNormal(0.0, 1.0))
+    pyro.sample("z", dist.Beta(2.0, 2.0))
+
+
+def _trained_three_site_guide(Elbo):
+    guide = SMALL(_three_site_model)
+    elbo = Elbo(strict_enumeration_warning=False, num_particles=100, vectorize_particles=True)
+    svi = SVI(_three_site_model, guide, pyro.optim.Adam({"lr": 0.05, "betas": (0.8, 0.99)}), elbo)
+    for _ in range(100):
+        svi.step()
+    return guide
+
+
+@pytest.mark.parametrize("Elbo", ELBOS)
+def test_median(Elbo):
+    median = _trained_three_site_guide(Elbo).median()
+    assert median["x"].item() == pytest.approx(0.0, abs=0.1)
+    assert median["y"].item() == pytest.approx(1.0, abs=0.1)
+    assert median["z"].item() == pytest.approx(0.5, abs=0.1)
+
+
+def test_quantiles():
+    guide = _trained_three_site_guide(Trace_ELBO)
+    pyro.set_rng_seed(1)
+    quantiles = guide.quantiles([0.1, 0.5, 0.9])
+    pyro.set_rng_seed(1)
+    median = guide.median()
+    for name in ["x", "y", "z"]:
+        assert quantiles[name].shape == (3,)
+        assert torch.equal(median[name], quantiles[name][1])
+    x, y, z = ([v.item() for v in quantiles[name]] for name in ["x", "y", "z"])
+    assert -3.0 < x[0] and x[0] + 1.0 < x[1] and x[1] + 1.0 < x[2] < 3.0
+    assert 0.01 < y[0] and y[0] * 2.0 < y[1] and y[1] * 2.0 < y[2] < 100.0
+    assert 0.01 < z[0] and z[0] + 0.1 < z[1] and z[1] + 0.1 < z[2] < 0.99
+    with pytest.raises(ValueError, match="quantiles must lie in"):
+        guide.quantiles([0.5, 1.5])
+
+
+def test_the_guide_starts_at_init_loc_with_init_scale():
+    def model():
+        pyro.sample("a", dist.Normal(torch.zeros(3), 10.0).to_event(1))
+        pyro.sample("b", dist.LogNormal(0.0, 1.0))
+
+    start = {"a": torch.tensor([1.0, -2.0, 3.0]), "b": torch.tensor(5.0)}
+    guide = SMALL(model, init_loc_fn=init_to_value(values=start), init_scale=0.01)
+    guide()
+    samples = guide.get_posterior().sample((2000,))
+    expected = torch.cat([start["a"], start["b"].log()[None]])
+    assert torch.allclose(samples.mean(0), expected, atol=0.01)
+    # the flow starts near (not at) the identity: spreads within a factor 2 of init_scale
+    assert bool(((samples.std(0) > 0.005) & (samples.std(0) < 0.02)).all())
+
+
+def test_predictive_and_param_store_round_trip(tmp_path):
+    def model(data=None):
+        loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
+        with pyro.plate("data", 20):
+            return pyro.sample("obs", dist.Normal(loc, 1.0), obs=data)
+
+    data = torch.randn(20) + 2.0
+    guide = SMALL(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(50):
+        svi.step(data)
+    predictive = Predictive(model, guide=guide, num_samples=7, return_sites=["loc", "obs"])
+    draws = predictive()
+    # Predictive puts each sample in its own batch slot, as for Pyro's autoguides
+    assert draws["loc"].shape == (7, 1) and draws["obs"].shape == (7, 20)
+    assert bool((draws["loc"] - data.mean()).abs().max() < 1.5)
+
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.set_rng_seed(3)
+    expected = guide()["loc"]
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    restored = SMALL(model)
+    restored(data)  # builds the prototype; the parameters come from the loaded store
+    pyro.set_rng_seed(3)
+    assert torch.equal(restored()["loc"], expected)
+
+
+def test_state_dict_round_trip_with_weights_only_load(tmp_path):
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    guide = SMALL(model, num_blocks=2)
+    guide()
+    with torch.no_grad():
+        guide.flow.parts[0].potential.packed.add_(0.1)
+    torch.save(guide.state_dict(), tmp_path / "guide.pt")
+    pyro.clear_param_store()
+    fresh = SMALL(model, num_blocks=2)
+    fresh()
+    fresh.load_state_dict(torch.load(tmp_path / "guide.pt", weights_only=True))
+    eps = torch.randn(5, 3)
+    assert torch.equal(fresh.get_transform()(eps), guide.get_transform()(eps))
+
+
+@pytest.mark.parametrize("bad", [{"init_scale": 0.0}, {"init_scale": -1}, {"num_blocks": 0}])
+def test_bad_arguments_name_themselves(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        AutoCPFlow(_three_site_model, **bad)
