@@ -106,6 +106,11 @@ class AutoCPFlow(AutoContinuous):
         else:
             flow = cpflow_stack(self.latent_dim, self._num_blocks, actnorm="none", **options)
         self.flow = flow.to(dtype=loc.dtype, device=loc.device)
+        if not pyro.settings.get("module_local_params"):
+            # a param store loaded before this call holds the flow's parameters under its
+            # names: take those (a plain pyro.module would keep the fresh ones and leave the
+            # loaded ones untrained)
+            pyro.module(self._pyro_get_fullname("flow"), self.flow, update_module_params=True)
 
     def get_base_dist(self) -> dist.Distribution:
         """:math:`\\mathcal N(0, I_d)`."""
@@ -117,16 +122,10 @@ class AutoCPFlow(AutoContinuous):
         return dist.transforms.ComposeTransform(self._transforms())
 
     def _transforms(self) -> list:
-        return [self._flow_from_param_store(), AffineTransform(self.loc, self.scale, event_dim=1)]
-
-    def _flow_from_param_store(self) -> nn.Module:
-        """The flow, with its parameters taken from Pyro's param store when the store holds
-        others under its names (after ``get_param_store().load``): a plain ``pyro.module``
-        would keep the module's own tensors and leave the loaded ones untrained."""
-        flow = self.flow
-        if self._pyro_context.active and not pyro.settings.get("module_local_params"):
-            pyro.module(self._pyro_get_fullname("flow"), flow, update_module_params=True)
-        return flow
+        # the affine map caches its input, the flow's output, so that scoring a sample
+        # finds the flow's own cache instead of running its inverse
+        affine = AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
+        return [self.flow, affine]
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.Distribution:
         return dist.TransformedDistribution(self.get_base_dist(), self._transforms())

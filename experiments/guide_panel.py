@@ -1,0 +1,275 @@
+r"""Autoguides on real models against a long NUTS run: does a Pyro user gain by picking CP-Flow?
+
+Every guide of ``--guides`` is trained on every model of ``--models``
+(:mod:`guide_models`: a funnel, a hierarchical model with plates, a linear and a logistic
+regression on real data) with the same budget: ``--steps`` steps of ClippedAdam from
+``--lr``, decayed geometrically to a tenth, ``--particles`` vectorised ELBO particles,
+float64. Then, with the guide in eval mode (exact densities) and ``--eval-samples`` draws:
+
+* the **ELBO** :math:`\mathbb E_q[\log p(x, z) - \log q(z)]` with its standard error;
+* the **importance-sampling ESS** :math:`(\sum w)^2 / \sum w^2` of the weights
+  :math:`w = p(x, z)/q(z)`, as a share of the draws, and the IS estimate of
+  :math:`\log p(x)`;
+* the **error of posterior means and standard deviations** against NUTS, coordinate by
+  coordinate in the constrained space: the largest :math:`|m_q - m| / s` and the mean of
+  :math:`|\log(s_q / s)|`;
+* the **time per step** (median, after 20 warm-up steps) and its ratio to AutoIAFNormal's,
+  measured in the same run.
+
+The NUTS reference (``--nuts-samples`` after ``--nuts-warmup``, one chain; eight schools
+on its non-centred form) is cached in ``results/guide_panel_nuts.json`` and recomputed with
+``--refresh-nuts``. A KL gap is reported against the best IS log-evidence of the run.
+
+Run ``python experiments/guide_panel.py`` (about 15 minutes on 2 CPU cores; the first run
+adds the NUTS references, about 10 minutes); ``--quick`` runs a smoke version in seconds.
+It writes ``results/guide_panel.json`` (refusing to overwrite a full run unless
+``--overwrite``) and the "Autoguides on real models" section of ``RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer.autoguide import (
+    AutoIAFNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+    AutoNormalizingFlow,
+)
+from pyro.infer.importance import vectorized_importance_weights
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    RESULTS_MD,
+    environment,
+    format_command,
+    markdown_table,
+    progress,
+    read_json,
+    replace_markdown_section,
+    write_json,
+)
+from guide_models import MODEL_NAMES, PanelModel, build  # noqa: E402
+
+from pyro_cpflow import AutoCPFlow  # noqa: E402
+
+NUTS_CACHE = RESULTS_DIR / "guide_panel_nuts.json"
+PANEL_JSON = RESULTS_DIR / "guide_panel.json"
+WARMUP_STEPS = 20
+
+
+def _spline_flow(dim: int):
+    return dist.transforms.iterated(2, dist.transforms.spline_autoregressive, dim)
+
+
+GUIDES: dict[str, Callable[[Callable[[], None]], Any]] = {
+    "AutoNormal": AutoNormal,
+    "AutoMultivariateNormal": AutoMultivariateNormal,
+    "AutoIAFNormal": AutoIAFNormal,
+    "AutoNormalizingFlow (2 NSF)": lambda model: AutoNormalizingFlow(model, _spline_flow),
+    "AutoCPFlow": AutoCPFlow,
+}
+"""Every guide with its defaults."""
+
+
+# ---------------------------------------------------------------------------- NUTS
+
+
+def _flatten(sites: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-site samples ``(S, ...)`` as ``(S, k)``."""
+    return {name: value.reshape(value.shape[0], -1) for name, value in sites.items()}
+
+
+def nuts_reference(panel: PanelModel, samples: int, warmup: int, seed: int, show: bool) -> dict[str, Any]:
+    """Means and standard deviations of every site coordinate from one NUTS chain."""
+    pyro.set_rng_seed(seed)
+    mcmc = MCMC(NUTS(panel.nuts_model), num_samples=samples, warmup_steps=warmup,
+                disable_progbar=not show)
+    start = time.perf_counter()
+    mcmc.run()
+    sites = _flatten(panel.to_sites({k: v.double() for k, v in mcmc.get_samples().items()}))
+    diagnostics = mcmc.diagnostics()
+    ess = [float(v["n_eff"].min()) for k, v in diagnostics.items() if isinstance(v, dict) and "n_eff" in v]
+    return {
+        "mean": {k: v.mean(0).tolist() for k, v in sites.items()},
+        "std": {k: v.std(0).tolist() for k, v in sites.items()},
+        "samples": samples, "warmup": warmup, "seed": seed,
+        "min_ess": min(ess) if ess else None,
+        "divergences": int(sum(len(v) for v in mcmc.diagnostics()["divergences"].values())),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def load_references(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    cache = read_json(NUTS_CACHE) if NUTS_CACHE.exists() else {}
+    changed = False
+    for name in names:
+        if name in cache and not args.refresh_nuts:
+            continue
+        print(f"NUTS reference for {name} ({args.nuts_samples} samples after {args.nuts_warmup})")
+        cache[name] = nuts_reference(build(name), args.nuts_samples, args.nuts_warmup, args.seed,
+                                     show=args.progress)
+        changed = True
+    if changed and not args.quick:
+        write_json(NUTS_CACHE, cache)
+    return cache
+
+
+# ---------------------------------------------------------------------------- guides
+
+
+def train(guide_name: str, panel: PanelModel, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """Train one guide with the shared budget; the guide and its training record."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    guide = GUIDES[guide_name](panel.model)
+    optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": 0.1 ** (1.0 / args.steps)})
+    elbo = Trace_ELBO(num_particles=args.particles, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(panel.model, guide, optim, elbo)
+    times, losses = [], []
+    bar = progress(args.steps, f"{panel.name}: {guide_name}", enabled=args.progress)
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        losses.append(svi.step())
+        times.append(time.perf_counter() - start)
+        bar.update()
+    bar.close()
+    timed = times[WARMUP_STEPS:] or times
+    return guide, {"ms_per_step": 1e3 * statistics.median(timed), "final_loss": losses[-1],
+                   "finite": all(math.isfinite(v) for v in losses)}
+
+
+@torch.no_grad()
+def evaluate(guide: Any, panel: PanelModel, reference: dict[str, Any], samples: int, seed: int) -> dict[str, Any]:
+    """ELBO, IS-ESS, IS log-evidence and moment errors of a trained guide."""
+    guide.eval()
+    pyro.set_rng_seed(seed + 1)
+    log_weights, _, guide_trace = vectorized_importance_weights(
+        panel.model, guide, num_samples=samples, max_plate_nesting=1
+    )
+    log_weights = log_weights.double()
+    finite = torch.isfinite(log_weights)
+    w = log_weights[finite]
+    elbo = float(w.mean())
+    elbo_se = float(w.std() / math.sqrt(w.numel()))
+    ess = float(torch.exp(2 * torch.logsumexp(w, 0) - torch.logsumexp(2 * w, 0))) / samples
+    log_evidence = float(torch.logsumexp(w, 0) - math.log(samples))
+    z_errors, log_sd_ratios = [], []
+    for name, mean in reference["mean"].items():
+        values = guide_trace.nodes[name]["value"].double().reshape(samples, -1)
+        ref_mean, ref_std = torch.tensor(mean), torch.tensor(reference["std"][name])
+        z_errors.append(((values.mean(0) - ref_mean).abs() / ref_std))
+        log_sd_ratios.append((values.std(0) / ref_std).log().abs())
+    z, r = torch.cat(z_errors), torch.cat(log_sd_ratios)
+    return {"elbo": elbo, "elbo_se": elbo_se, "is_ess": ess, "log_evidence": log_evidence,
+            "non_finite_weights": int((~finite).sum()), "max_mean_error": float(z.max()),
+            "mean_abs_log_sd_ratio": float(r.mean())}
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def report(results: dict[str, Any]) -> str:
+    """The Markdown tables of a panel run."""
+    lines = []
+    for name, rows in results["models"].items():
+        best = max(row["elbo"] for row in rows.values())
+        best_se = next(row["elbo_se"] for row in rows.values() if row["elbo"] == best)
+        evidence = max(row["log_evidence"] for row in rows.values())
+        iaf = rows.get("AutoIAFNormal", {}).get("ms_per_step")
+        table = []
+        for guide, row in rows.items():
+            within = row["elbo"] >= best - 2 * math.hypot(row["elbo_se"], best_se)
+            elbo = f"{row['elbo']:.2f} ± {row['elbo_se']:.2f}"
+            table.append([
+                guide, f"**{elbo}**" if within else elbo, f"{evidence - row['elbo']:.2f}",
+                f"{100 * row['is_ess']:.1f}%", f"{row['max_mean_error']:.2f}",
+                f"{row['mean_abs_log_sd_ratio']:.3f}", f"{row['ms_per_step']:.1f}",
+                f"{row['ms_per_step'] / iaf:.2f}" if iaf else "",
+            ])
+        ref = results["nuts"][name]
+        lines += [f"**{name}** (NUTS: {ref['samples']} draws, min ESS {ref['min_ess']:.0f}, "
+                  f"{ref['divergences']} divergences)", "",
+                  markdown_table(["guide", "ELBO ± SE", "KL gap", "IS-ESS", "max |mean err| / sd",
+                                  "mean abs log sd ratio", "ms / step", "time vs IAF"], table), ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    def positive(kind):
+        def check(text: str):
+            value = kind(text)
+            if not value > 0:
+                raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+            return value
+        return check
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
+    parser.add_argument("--guides", nargs="+", choices=list(GUIDES), default=list(GUIDES))
+    parser.add_argument("--steps", type=positive(int), default=3000)
+    parser.add_argument("--particles", type=positive(int), default=4)
+    parser.add_argument("--lr", type=positive(float), default=1e-2)
+    parser.add_argument("--eval-samples", type=positive(int), default=5000)
+    parser.add_argument("--nuts-samples", type=positive(int), default=3000)
+    parser.add_argument("--nuts-warmup", type=positive(int), default=1000)
+    parser.add_argument("--refresh-nuts", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 30 steps, 200 evaluation draws, short NUTS; writes nothing")
+    parser.add_argument("--out", type=Path, default=PANEL_JSON)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing full run")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_samples, args.nuts_samples, args.nuts_warmup = 30, 200, 100, 100
+    elif args.out.exists() and not args.overwrite:
+        parser.error(f"{args.out} holds a run: pass --overwrite to replace it or --out elsewhere")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    references = load_references(args.models, args)
+    results: dict[str, Any] = {
+        "command": format_command("guide_panel.py", sys.argv[1:] if argv is None else argv),
+        "environment": environment(torch.device("cpu")),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "nuts": {name: {k: v for k, v in references[name].items() if k not in ("mean", "std")}
+                 for name in args.models},
+        "models": {},
+    }
+    for name in args.models:
+        panel = build(name)
+        results["models"][name] = {}
+        for guide_name in args.guides:
+            guide, record = train(guide_name, panel, args)
+            record |= evaluate(guide, panel, references[name], args.eval_samples, args.seed)
+            results["models"][name][guide_name] = record
+            print(f"{name:14s} {guide_name:28s} ELBO {record['elbo']:9.2f} ± {record['elbo_se']:.2f}  "
+                  f"IS-ESS {100 * record['is_ess']:5.1f}%  {record['ms_per_step']:6.1f} ms/step")
+    print(report(results))
+    if not args.quick:
+        write_json(args.out, results)
+        replace_markdown_section(RESULTS_MD, "Autoguides on real models", f"Command: `{results['command']}`\n\n"
+                                 + report(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
