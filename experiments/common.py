@@ -22,6 +22,7 @@ import re
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,8 @@ __all__ = [
     "link",
     "markdown_table",
     "progress",
+    "read_json",
+    "read_jsonl",
     "replace_markdown_section",
     "seed_everything",
     "setup_torch",
@@ -243,6 +246,44 @@ def write_json(path: Path, data: Any) -> Path:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file such as a run's ``metrics.jsonl``.
+
+    A last line that does not parse was cut off by a kill during its write: it is dropped
+    with a warning. A damaged line elsewhere raises :class:`ValueError` naming the file and
+    the line.
+
+    >>> import pathlib, tempfile, warnings
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = pathlib.Path(folder) / "metrics.jsonl"
+    ...     _ = path.write_text('{"epoch": 1}\\n{"epoch": 2, "lo')
+    ...     with warnings.catch_warnings(record=True):
+    ...         read_jsonl(path)
+    [{'epoch': 1}]
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                warnings.warn(f"{path}: dropped its last line, cut off in the middle of a record "
+                              f"(a write interrupted by a kill): {line[:80]!r}", stacklevel=2)
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg}); the file "
+                             "is damaged: repair or delete that line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: a JSON record must be an object, got {line[:80]!r}")
+        records.append(record)
+    return records
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:

@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -61,8 +60,7 @@ class Run:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.config: dict[str, Any] = common.read_json(self.folder / "config.json")
-        lines = (self.folder / "metrics.jsonl").read_text().splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
+        records = common.read_jsonl(self.folder / "metrics.jsonl")
         self.epochs = [r for r in records if r.get("event") == "epoch"]
         results = self.folder / "results.json"
         self.final: dict[str, Any] | None = common.read_json(results) if results.exists() else None
