@@ -15,11 +15,14 @@ Examples::
     python experiments/vae.py --dataset freyfaces --flow cpflow            # the demo
     python experiments/vae.py --dataset binarized_mnist --flow iaf --preset paper --device cuda
     python experiments/vae.py ... --resume                                 # continue after a kill
+    python experiments/vae.py ... --overwrite                              # replace the run
     torchrun --nproc_per_node 2 experiments/vae.py ...                     # data parallel
 
 Outputs go to ``experiments/runs/<dataset>-<flow>-s<seed>/`` unless ``--out-dir`` is given:
 ``metrics.jsonl``, ``results.json``, ``checkpoint.pt``, ``config.json``, ``samples.png``
-and ``reconstructions.png``.
+and ``reconstructions.png``. A folder that already holds a run is refused unless
+``--resume`` (continue it) or ``--overwrite`` (delete its files and start again) is given.
+Every value is checked: one outside its range is refused with the range it must lie in.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from experiments.vae.data import DATASETS  # noqa: E402
-from experiments.vae.posteriors import POSTERIORS  # noqa: E402
-from experiments.vae.train import DTYPES, Config, run  # noqa: E402
+from experiments.vae.config import CHOICES, Config, ConfigError  # noqa: E402
+from experiments.vae.train import RunExistsError, run  # noqa: E402
+from pyro_cpflow import CheckpointError  # noqa: E402
 
 PRESETS: dict[str, dict] = {
     "demo": {
@@ -64,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--dataset", choices=DATASETS, default="freyfaces")
-    add("--flow", choices=POSTERIORS, default="cpflow",
+    add("--dataset", choices=CHOICES["dataset"], default="freyfaces")
+    add("--flow", choices=CHOICES["flow"], default="cpflow",
         help="posterior: cpflow = input-augmented PICNN blocks, cpflow-vanilla = plain PICNN")
     add("--preset", choices=sorted(PRESETS), default="demo",
         help="run length and evaluation protocol (options below override it)")
@@ -88,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--flow-steps", type=int, help="flow steps / CP-Flow blocks (default 4)")
     group.add_argument("--flow-hidden", type=_hidden,
                        help="hidden widths inside a flow step, e.g. 64,64,64,64,64")
-    group.add_argument("--logdet", choices=("auto", "exact", "stochastic"), default="auto",
+    group.add_argument("--logdet", choices=CHOICES["logdet"], default="auto",
                        help="CP-Flow log-det while training (evaluation is always exact)")
-    group.add_argument("--actnorm", choices=("between", "around", "none"), default="between",
+    group.add_argument("--actnorm", choices=CHOICES["actnorm"], default="between",
                        help="CP-Flow ActNorm layers between blocks, or also before the first and "
                             "after the last (around; the reference code)")
     group.add_argument("--cg-max-iter", type=int,
@@ -110,12 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("engineering")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun)")
-    group.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+    group.add_argument("--dtype", choices=CHOICES["dtype"], default="float32",
                        help="float32 for speed; the paper used float64")
     group.add_argument("--threads", type=int, default=0,
                        help="torch CPU threads (0 = torch's default; 1 per process under torchrun)")
     group.add_argument("--out-dir", default="", help="default: experiments/runs/<dataset>-<flow>-s<seed>")
-    group.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    again = group.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete the run already in OUT_DIR and start again")
     group.add_argument("--log-every", type=int, default=10, help="steps between loss read-outs")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--validate", action="store_true", help="Pyro's argument validation (slower)")
@@ -143,8 +149,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    return run(config_from_args(args), resume=args.resume)
+    """Parse ``argv``, train and test; a refused value or run folder exits with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+    except ConfigError as error:
+        parser.error(f"argument --{error.option.replace('_', '-')}: {error.message}")
+    except (RunExistsError, CheckpointError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

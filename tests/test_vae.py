@@ -12,11 +12,13 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +36,10 @@ from experiments.vae.evaluate import evaluate_bounds, importance_sampled_log_lik
 from experiments.vae.model import VAE, Architecture, elbo_loss  # noqa: E402
 from experiments.vae.posteriors import POSTERIORS, PosteriorConfig, build_posterior  # noqa: E402
 from experiments.vae.train import Config, Trainer, run, state_dict_equal  # noqa: E402
+from experiments.vae.config import ConfigError  # noqa: E402
+from experiments.vae.posteriors import cpflow_blocks  # noqa: E402
+from pyro_cpflow import CheckpointError, NonConvergenceWarning, load_checkpoint  # noqa: E402
+from tests.test_checkpoints import CreatesAFile  # noqa: E402
 from tests.sync_counter import HostSyncCounter  # noqa: E402
 
 SCRIPT = ROOT / "experiments" / "vae.py"
@@ -219,15 +225,24 @@ def test_cpflow_training_step_never_reads_the_device_with_the_cuda_settings():
                                       for _, where in counter.counts), dict(counter.counts)
 
 
-def test_cg_misses_are_counted_per_epoch(tmp_path):
+def test_cg_misses_are_counted_per_epoch_and_warned_about_past_a_small_share(tmp_path):
     stochastic = replace(TINY, flow="cpflow", logdet="stochastic")
-    converged = run(replace(stochastic, out_dir=str(tmp_path / "a")))
-    starved = run(replace(stochastic, cg_max_iter=1, cg_check_every=0, out_dir=str(tmp_path / "b")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonConvergenceWarning)
+        converged = run(replace(stochastic, out_dir=str(tmp_path / "a")))
+    advice = "epoch 1: .* raise --cg-max-iter .now 1. or use --logdet exact"
+    with pytest.warns(NonConvergenceWarning, match=advice):
+        starved = run(replace(stochastic, cg_max_iter=1, cg_check_every=0, out_dir=str(tmp_path / "b")))
     first = _records(tmp_path / "a" / "metrics.jsonl")[0]
     assert first["cg_unconverged"] == 0 and first["cg_iterations_max"] >= 2
+    assert first["cg_solves"] == 2 * 2 * 20  # batches x blocks x images
     first = _records(tmp_path / "b" / "metrics.jsonl")[0]
     assert first["cg_unconverged"] > 0 and first["cg_iterations_max"] == 1
     assert math.isfinite(converged["test_nelbo"]) and math.isfinite(starved["test_nelbo"])
+    results = json.loads((tmp_path / "b" / "results.json").read_text())  # not only in the log
+    assert results["cg_warned_epochs"] == [1] and results["cg_unconverged"] == first["cg_unconverged"]
+    assert results["cg_unconverged_share"] > 0.01
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["cg_warned_epochs"] == []
 
 
 # ----------------------------------------------------------------------------- training
@@ -297,8 +312,8 @@ def test_resume_in_process_equals_an_uninterrupted_run(tmp_path):
     assert {k: v for k, v in straight.items() if k not in drop} == {
         k: v for k, v in resumed.items() if k not in drop
     }
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     assert state_dict_equal(a["model"], b["model"]) and state_dict_equal(a["best_model"], b["best_model"])
     # the resumed log holds every epoch once (the final record of the 1-epoch run is dropped)
     assert _records(tmp_path / "a" / "metrics.jsonl") == _records(tmp_path / "b" / "metrics.jsonl")
@@ -308,6 +323,137 @@ def test_resume_refuses_a_checkpoint_written_with_other_settings(tmp_path):
     run(replace(TINY, out_dir=str(tmp_path)))
     with pytest.raises(RuntimeError, match="different settings.*latent_dim"):
         Trainer(replace(TINY, latent_dim=4, out_dir=str(tmp_path)), resume=True)
+
+
+def test_resume_refuses_a_code_carrying_checkpoint_and_its_code_never_runs(tmp_path):
+    run(replace(TINY, out_dir=str(tmp_path)))
+    checkpoint, marker = tmp_path / "checkpoint.pt", tmp_path / "payload-ran"
+    state = load_checkpoint(checkpoint)
+    torch.save({**state, "trap": CreatesAFile(marker)}, checkpoint)  # what an attacker would leave
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(checkpoint))}.*--overwrite"):
+        Trainer(_resumed(tmp_path), resume=True)
+    assert not marker.exists()
+
+
+def _resumed(folder: Path) -> Config:
+    """The configuration of a one-epoch TINY run in ``folder``, continued to two epochs."""
+    return replace(TINY, epochs=2, out_dir=str(folder))
+
+
+DAMAGE = {"flipped bit": "is damaged", "truncated": "is truncated", "empty": "is empty"}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_refuses_a_damaged_checkpoint_naming_the_file(tmp_path, damage):
+    run(replace(TINY, out_dir=str(tmp_path)))
+    checkpoint = tmp_path / "checkpoint.pt"
+    data = checkpoint.read_bytes()
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 1  # the lowest bit of one byte
+    damaged = {"flipped bit": bytes(flipped), "truncated": data[: len(data) // 2], "empty": b""}
+    checkpoint.write_bytes(damaged[damage])
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(checkpoint))} {DAMAGE[damage]}.*backup"):
+        Trainer(_resumed(tmp_path), resume=True)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_a_run_folder_is_never_started_over_without_resume_or_overwrite(tmp_path, capsys):
+    flags = [*TINY_FLAGS, "--dataset", "binarized_mnist", "--flow", "gaussian", "--max-batches", "1",
+             "--out-dir", str(tmp_path)]
+    _cli().main([*flags, "--epochs", "2"])
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        _cli().main([*flags, "--epochs", "1"])
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err
+    assert f"{tmp_path} already holds a run" in message and "--resume" in message and "--overwrite" in message
+    assert _snapshot(tmp_path) == before  # nothing touched
+    with pytest.raises(SystemExit):
+        _cli().main([*flags, "--resume", "--overwrite"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    _cli().main([*flags, "--epochs", "1", "--overwrite"])
+    assert [r["event"] for r in _records(tmp_path / "metrics.jsonl")] == ["epoch", "final"]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_resume_drops_a_torn_last_metrics_line_with_a_warning(tmp_path):
+    run(replace(TINY, out_dir=str(tmp_path)))
+    metrics = tmp_path / "metrics.jsonl"
+    intact = _records(metrics)[:1]
+    with metrics.open("a") as handle:
+        handle.write('{"event": "epoch", "epoch": 2, "train_lo')  # a write cut off by a kill
+    with pytest.warns(UserWarning, match=f"{re.escape(str(metrics))}: dropped its last line"):
+        run(_resumed(tmp_path), resume=True)
+    records = _records(metrics)
+    assert records[:1] == intact and [r["event"] for r in records] == ["epoch", "epoch", "final"]
+
+
+def test_resume_refuses_metrics_damaged_before_the_last_line_naming_file_and_line(tmp_path):
+    run(replace(TINY, out_dir=str(tmp_path)))
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(["{not json", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=f"{re.escape(str(metrics))}, line 1: not a JSON record"):
+        Trainer(_resumed(tmp_path), resume=True)
+
+
+BAD_VALUES = [
+    ("--epochs", "-1", "must be an integer >= 1"),
+    ("--epochs", "0", "must be an integer >= 1"),
+    ("--time-limit", "-1", "must be a finite number >= 0"),
+    ("--time-limit", "inf", "must be a finite number >= 0"),
+    ("--batch-size", "-5", "must be an integer >= 1"),
+    ("--batch-size", "0", "must be an integer >= 1"),
+    ("--batch-size", "1", "must be >= 2 with actnorm 'between'"),
+    ("--max-batches", "-1", "must be an integer >= 0"),
+    ("--test-images", "-5", "must be an integer >= 0"),
+    ("--valid-images", "-1", "must be an integer >= 0"),
+    ("--is-samples", "-1", "must be an integer >= 0"),
+    ("--flow-steps", "0", "must be an integer >= 1"),
+    ("--elbo-samples", "0", "must be an integer >= 1"),
+    ("--log-every", "0", "must be an integer >= 1"),
+    ("--lr", "0", "must be a finite number > 0"),
+    ("--lr", "nan", "must be a finite number > 0"),
+    ("--warmup", "-1", "must be an integer >= 0"),
+    ("--early-stopping", "-1", "must be an integer >= 0"),
+    ("--latent-dim", "0", "must be an integer >= 1"),
+    ("--chunk", "0", "must be an integer >= 1"),
+    ("--cg-max-iter", "0", "must be an integer >= 1"),
+    ("--cg-check-every", "-1", "must be an integer >= 0"),
+    ("--cg-check-every", "0", "0 .never test convergence. needs cg_max_iter"),
+    ("--seed", "-1", "must be an integer in \\[0, 4294967295\\]"),
+    ("--threads", "-1", "must be an integer >= 0"),
+    ("--device", "gpu", "must name a torch device"),
+    ("--out-dir", "FILE", "must be a folder"),
+]
+
+
+@pytest.mark.parametrize("option, value, expected", BAD_VALUES, ids=[f"{o}={v}" for o, v, _ in BAD_VALUES])
+def test_every_bad_command_line_value_is_refused_naming_the_option(tmp_path, capsys, option, value, expected):
+    if value == "FILE":
+        value = str(tmp_path / "a-file")
+        Path(value).write_text("")
+    flags = [*TINY_FLAGS, "--dataset", "binarized_mnist", "--flow", "cpflow", "--epochs", "1",
+             "--max-batches", "1", "--out-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_:
+        _cli().main([*flags, option, value])  # the last occurrence of an option wins
+    assert exit_.value.code == 2
+    assert re.search(f"argument {option}: {expected}", capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_flow_steps_are_honoured_and_zero_is_refused():
+    for steps in (1, 3):
+        posterior = build_posterior(PosteriorConfig("cpflow", 8, 16, steps=steps, hidden_dims=(8,)))
+        assert len(cpflow_blocks(posterior)) == steps
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        PosteriorConfig("cpflow", 8, 16, steps=0)
+    with pytest.raises(ConfigError, match="flow_steps must be an integer >= 1, got 0"):
+        replace(TINY, flow_steps=0)
 
 
 def test_options_added_later_take_their_defaults_when_resuming_an_older_run():
@@ -335,12 +481,12 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
     finally:
         process.kill()
         process.wait()
-    checkpoint = torch.load(killed / "checkpoint.pt", weights_only=False)
+    checkpoint = load_checkpoint(killed / "checkpoint.pt")
     assert checkpoint["epoch"] < 4 and not (killed / "results.json").exists()
     subprocess.run([*command, "--out-dir", str(killed), "--resume"], check=True,
                    env=_environment(), capture_output=True, timeout=300)
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(killed / "checkpoint.pt", weights_only=False)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(killed / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == 4
     for key in ("model", "best_model"):
         assert state_dict_equal(a[key], b[key])
@@ -372,7 +518,7 @@ def test_two_process_distributed_run_keeps_the_ranks_identical(tmp_path):
     final = _records(tmp_path / "metrics.jsonl")[-1]
     assert final["event"] == "final" and final["world_size"] == 2 and final["ranks_identical"]
     assert math.isfinite(final["test_nll"])
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
     assert checkpoint["rng"][0]["torch"].ne(checkpoint["rng"][1]["torch"]).any()  # own streams
 

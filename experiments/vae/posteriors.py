@@ -77,10 +77,14 @@ class PosteriorConfig:
     def __post_init__(self) -> None:
         if self.name not in POSTERIORS:
             raise ValueError(f"unknown posterior {self.name!r}; choose one of {POSTERIORS}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (or None for the default), got {self.steps}")
 
     @property
     def resolved_steps(self) -> int:
-        return 0 if self.name == "gaussian" else (self.steps or DEFAULT_STEPS[self.name])
+        if self.name == "gaussian":
+            return 0
+        return DEFAULT_STEPS[self.name] if self.steps is None else self.steps
 
     @property
     def resolved_hidden(self) -> tuple[int, ...]:

@@ -17,14 +17,20 @@ The recipe of the Sylvester-flows / CP-Flow VAE experiments:
 
 Engineering:
 
-* a checkpoint ``checkpoint.pt`` after every epoch, written atomically (temporary file,
-  ``fsync``, ``os.replace``), holding the model, the optimizer, the best model, the
-  early-stopping state and every RNG state (Python, NumPy, torch CPU and CUDA: Pyro draws
-  from torch) of every rank; ``resume=True`` continues from it and ends bit-identical to an
-  uninterrupted run (data order and binarisation come from per-epoch seeded generators,
-  evaluations from forked RNGs);
-* ``metrics.jsonl``: one JSON record per epoch and a final record; on resume the records of
-  epochs after the checkpoint are dropped;
+* a checkpoint ``checkpoint.pt`` after every epoch, written by
+  :func:`pyro_cpflow.save_checkpoint` (atomic, with its SHA-256) and read back by
+  :func:`pyro_cpflow.load_checkpoint` (hash checked, ``weights_only=True``: no code in the
+  file runs), holding the model, the optimizer, the best model, the early-stopping state
+  and every RNG state (Python, NumPy, torch CPU and CUDA: Pyro draws from torch) of every
+  rank; ``resume=True`` continues from it and ends bit-identical to an uninterrupted run
+  (data order and binarisation come from per-epoch seeded generators, evaluations from
+  forked RNGs);
+* a folder that holds a run is never started over by accident: without ``resume`` or
+  ``overwrite`` (which deletes the run's files first) the trainer refuses it;
+* ``metrics.jsonl``: one JSON record per epoch (``fsync``-ed before the checkpoint) and a
+  final record; on resume the records of epochs after the checkpoint are dropped, as is a
+  last line cut off by a kill (with a warning); damage elsewhere is an error naming the
+  line;
 * ``samples.png`` and ``reconstructions.png`` (torchvision grids) after every epoch and at
   the end;
 * the training step itself never waits for the device: losses accumulate on the device and
@@ -33,7 +39,9 @@ Engineering:
   is off unless ``validate``. On a GPU the CP-Flow blocks run a fixed number of CG
   iterations (:meth:`Config.cg_options`), so a training step reads nothing from the
   device (``tests/test_vae.py`` counts the reads); CG misses are counted on the device
-  and logged per epoch as ``cg_unconverged``;
+  and logged per epoch as ``cg_unconverged`` of ``cg_solves``; an epoch with more than
+  :data:`CG_MISS_SHARE` of them missed warns (the log-det gradient is biased) and is
+  listed in ``results.json``;
 * ``time_limit`` stops training after the epoch that passes that many minutes (training plus
   validation), for fixed compute budgets; where it stops depends on the machine's speed;
 * data parallel with ``torch.distributed`` when launched by ``torchrun`` (``WORLD_SIZE`` >
@@ -47,8 +55,9 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +69,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from pyro_cpflow import CheckpointError, NonConvergenceWarning, load_checkpoint, save_checkpoint
+from pyro_cpflow.checkpoints import atomic_write, rng_state, set_rng_state
+
+from ..common import read_jsonl
+from .config import DTYPES, Config, ConfigError
 from .data import ImageDataset, load_dataset
 from .evaluate import Bounds, evaluate_bounds
 from .model import VAE, Architecture, count_parameters
 from .posteriors import PosteriorConfig, build_posterior, cpflow_blocks
 
 __all__ = [
+    "CG_MISS_SHARE",
     "Config",
-    "DTYPES",
-    "RUNS_DIR",
+    "RunExistsError",
     "Trainer",
     "build_vae",
     "run",
@@ -76,148 +90,23 @@ __all__ = [
     "state_dict_equal",
 ]
 
-RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
-CHECKPOINT_FORMAT = 1
+RUN_FILES = (CHECKPOINT, METRICS, RESULTS, "config.json", "samples.png", "reconstructions.png")
+"""The files of a run folder: their presence means the folder holds a run."""
+CHECKPOINT_FORMAT = 2  # 2: RNG states as plain data (pyro_cpflow.checkpoints.rng_state)
+CG_MISS_SHARE = 0.01
+"""Share of an epoch's CG solves that may stop before their tolerance without a warning."""
 
 
-@dataclass
-class Config:
-    """Everything a run depends on (the CLI's options; see ``experiments/vae.py --help``)."""
-
-    dataset: str = "freyfaces"
-    flow: str = "cpflow"
-    epochs: int = 2000
-    max_batches: int = 0
-    batch_size: int = 100
-    lr: float = 5e-4
-    warmup: int = 100
-    early_stopping: int = 100
-    time_limit: float = 0.0
-    latent_dim: int = 64
-    feature_dim: int = 256
-    channels: int = 32
-    head_channels: int = 256
-    flow_steps: int | None = None
-    flow_hidden: tuple[int, ...] | None = None
-    logdet: str = "auto"
-    actnorm: str = "between"
-    cg_max_iter: int | None = None
-    cg_check_every: int | None = None
-    elbo_samples: int = 1
-    is_samples: int = 5000
-    test_images: int = 0
-    valid_images: int = 0
-    chunk: int = 500
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    threads: int = 0
-    out_dir: str = ""
-    log_every: int = 10
-    progress: bool = True
-    validate: bool = False
-
-    # options that may change between a run and its resumption
-    RESUMABLE = (
-        "epochs", "time_limit", "device", "threads", "out_dir", "log_every", "progress", "validate",
-    )
-
-    def __post_init__(self) -> None:
-        if self.flow_hidden is not None:
-            self.flow_hidden = tuple(self.flow_hidden)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-
-    @property
-    def name(self) -> str:
-        return f"{self.dataset}-{self.flow}-s{self.seed}"
-
-    @property
-    def output(self) -> Path:
-        return Path(self.out_dir) if self.out_dir else RUNS_DIR / self.name
-
-    def cg_options(self) -> dict[str, Any]:
-        """CP-Flow CG settings for this run's device.
-
-        On a GPU the default is a fixed-length CG (16 iterations, converged samples frozen)
-        that never waits for the device; on a CPU, where waiting costs nothing, CG stops as
-        soon as every sample has converged (cap ``2 d``). Misses are counted on the device
-        and logged per epoch (``cg_unconverged``) instead of warned about per step.
-        """
-        gpu = torch.device(self.device).type == "cuda"
-        check_every = self.cg_check_every if self.cg_check_every is not None else (0 if gpu else 1)
-        max_iter = self.cg_max_iter if self.cg_max_iter is not None else (16 if gpu else None)
-        if check_every == 0 and max_iter is None:
-            raise ValueError("cg_check_every=0 needs cg_max_iter: the number of CG iterations to run")
-        return {"cg_max_iter": max_iter, "cg_check_every": check_every, "on_failure": "ignore"}
-
-    def to_dict(self) -> dict[str, Any]:
-        record = asdict(self)
-        record["flow_hidden"] = list(self.flow_hidden) if self.flow_hidden else None
-        return record
-
-    def differences(self, other: dict[str, Any]) -> list[str]:
-        """Fields (outside :attr:`RESUMABLE`) whose values differ from ``other``'s."""
-        mine, defaults = self.to_dict(), Config().to_dict()
-        return [  # an option missing from ``other`` (an older run) had its default value
-            f.name for f in fields(self)
-            if f.name not in self.RESUMABLE and mine[f.name] != other.get(f.name, defaults[f.name])
-        ]
+class RunExistsError(FileExistsError):
+    """The output folder already holds a run, and neither resuming nor overwriting was asked."""
 
 
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy and torch (CPU and CUDA): Pyro's RNG is torch's."""
     pyro.set_rng_seed(seed)  # random, numpy and torch.manual_seed (which seeds CUDA too)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG state this process draws from."""
-    state = pyro.util.get_rng_state()  # torch CPU, Python random, NumPy
-    state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    cuda = state.get("cuda")
-    pyro.util.set_rng_state({k: v for k, v in state.items() if k != "cuda"})
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, ``fsync``, then rename over ``path``."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def build_vae(config: Config, data: ImageDataset) -> VAE:
@@ -304,16 +193,30 @@ class Distributed:
 
 @dataclass
 class Trainer:
-    """One training run: set up from a :class:`Config`, then :meth:`fit` and :meth:`test`."""
+    """One training run: set up from a :class:`Config`, then :meth:`fit` and :meth:`test`.
+
+    :param resume: continue the run in the output folder from its checkpoint.
+    :param overwrite: delete the run files in the output folder and start again. Without
+        either, a folder that holds a run (any of :data:`RUN_FILES`) raises
+        :class:`RunExistsError` and is left as it is.
+    """
 
     config: Config
     resume: bool = False
+    overwrite: bool = False
     data: ImageDataset = field(init=False)
     vae: VAE = field(init=False)
 
     def __post_init__(self) -> None:
         config = self.config
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
         self.ddp = Distributed.from_environment(torch.device(config.device).type)
+        if config.batch_size < self.ddp.world:
+            raise ConfigError(
+                "batch_size", f"must be at least the number of processes ({self.ddp.world}), "
+                f"got {config.batch_size}",
+            )
         self.device = self._device()
         self.dtype = DTYPES[config.dtype]
         threads = config.threads or (1 if self.ddp.world > 1 and self.device.type == "cpu" else 0)
@@ -321,8 +224,7 @@ class Trainer:
             torch.set_num_threads(threads)
         pyro.clear_param_store()
         self.out = config.output
-        if self.ddp.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        self._claim_folder()
         self.data = load_dataset(config.dataset)
         self.train_images = self.data.train.to(self.device)
         self.valid_images = self.data.valid.to(self.device)
@@ -337,6 +239,7 @@ class Trainer:
         self.optimizer = torch.optim.Adamax(self.vae.parameters(), lr=config.lr, eps=1e-7)
         self.stopping = EarlyStopping(config.early_stopping, config.warmup)
         self.best_model: dict[str, Tensor] | None = None
+        self.cg = {"unconverged": 0, "solves": 0, "warned_epochs": []}
         self.epoch = 0
         self.train_seconds = 0.0
         self.wall_seconds = 0.0
@@ -348,6 +251,21 @@ class Trainer:
             self.model = DistributedDataParallel(self.vae, device_ids=device_ids, broadcast_buffers=False)
 
     # ------------------------------------------------------------------ setup
+
+    def _claim_folder(self) -> None:
+        """Create the output folder; refuse one holding a run unless resuming or overwriting."""
+        found = self.ddp.gather([name for name in RUN_FILES if (self.out / name).exists()])[0]
+        if found and not (self.resume or self.overwrite):
+            raise RunExistsError(
+                f"{self.out} already holds a run ({', '.join(found)}): pass --resume to continue "
+                "it, or --overwrite to delete its files and start again (or choose another "
+                "--out-dir)"
+            )
+        if self.ddp.main:
+            if self.overwrite:
+                for name in found:
+                    (self.out / name).unlink()
+            self.out.mkdir(parents=True, exist_ok=True)
 
     def _device(self) -> torch.device:
         device = torch.device(self.config.device)
@@ -369,7 +287,8 @@ class Trainer:
             seed_everything(self.config.seed + 104729 * self.ddp.rank)
         if self.ddp.main:
             (self.out / METRICS).write_text("")
-            atomic_write_text(json.dumps(self.config.to_dict(), indent=2) + "\n", self.out / "config.json")
+            config_json = json.dumps(self.config.to_dict(), indent=2) + "\n"
+            atomic_write(self.out / "config.json", config_json.encode())
 
     def _permutation(self, epoch: int) -> Tensor:
         generator = torch.Generator().manual_seed(_epoch_seed(self.config.seed, epoch, 0))
@@ -391,7 +310,8 @@ class Trainer:
         states = self.ddp.gather(rng_state())
         if not self.ddp.main:
             return
-        atomic_save(
+        save_checkpoint(
+            self.checkpoint_path,
             {
                 "format": CHECKPOINT_FORMAT,
                 "config": self.config.to_dict(),
@@ -403,9 +323,9 @@ class Trainer:
                 "early_stopping": asdict(self.stopping),
                 "train_seconds": self.train_seconds,
                 "wall_seconds": self.wall_seconds,
+                "cg": self.cg,
                 "rng": states,
             },
-            self.checkpoint_path,
         )
 
     def _load_checkpoint(self) -> bool:
@@ -414,8 +334,12 @@ class Trainer:
             if self.ddp.main:
                 print(f"--resume: no checkpoint at {path}; starting from scratch")
             return False
-        # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest
+            state = load_checkpoint(path, map_location="cpu")
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"{error}. To start this run again instead: drop --resume, pass --overwrite"
+            ) from None
         if state.get("format") != CHECKPOINT_FORMAT:
             raise RuntimeError(f"{path}: unknown checkpoint format {state.get('format')!r}")
         changed = self.config.differences(state["config"])
@@ -437,6 +361,7 @@ class Trainer:
         self.epoch = state["epoch"]
         self.train_seconds = state["train_seconds"]
         self.wall_seconds = state["wall_seconds"]
+        self.cg = state["cg"]
         set_rng_state(state["rng"][self.ddp.rank])
         if self.ddp.main:
             self._truncate_metrics()
@@ -446,18 +371,20 @@ class Trainer:
     def _truncate_metrics(self) -> None:
         """Drop the records of epochs the checkpoint does not contain (and final records)."""
         path = self.out / METRICS
-        lines = path.read_text().splitlines() if path.is_file() else []
-        kept = [
-            line for line in lines
-            if line.strip() and json.loads(line).get("event") == "epoch"
-            and json.loads(line)["epoch"] <= self.epoch
-        ]
-        atomic_write_text("".join(f"{line}\n" for line in kept), path)
+        records = read_jsonl(path) if path.is_file() else []
+        kept = [r for r in records if r.get("event") == "epoch" and r["epoch"] <= self.epoch]
+        missing = sorted(set(range(1, self.epoch + 1)) - {r["epoch"] for r in kept})
+        if missing:
+            warnings.warn(f"{path} lacks the records of epochs {missing} of the checkpoint", stacklevel=2)
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``metrics.jsonl``, on disk before the next checkpoint is."""
         if self.ddp.main:
             with (self.out / METRICS).open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
 
     # ------------------------------------------------------------------ training
 
@@ -483,7 +410,9 @@ class Trainer:
         self.model.train()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         blocks = cpflow_blocks(self.vae.posterior)
+        counted = [block.last_cg for block in blocks]  # an exact log-det leaves the last CG result
         unconverged = torch.zeros((), dtype=torch.long, device=self.device)
+        solves = 0
         window = torch.zeros((), dtype=torch.float64, device=self.device)
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{config.epochs}",
                    disable=not (config.progress and self.ddp.main), leave=False)
@@ -496,9 +425,12 @@ class Trainer:
             self.optimizer.step()
             total += loss.detach()
             window += loss.detach()
-            for block in blocks:  # CG misses, counted without waiting for the device
-                if block.last_cg is not None:
-                    unconverged += (~block.last_cg.converged).sum()
+            for index, block in enumerate(blocks):  # CG misses, counted without waiting for the device
+                cg = block.last_cg
+                if cg is not None and cg is not counted[index]:
+                    unconverged += (~cg.converged).sum()
+                    solves += cg.converged.numel()
+                    counted[index] = cg
             bar.update()
             if step % config.log_every == 0 or step == len(batches):
                 # the only host synchronisation of the loop
@@ -515,10 +447,34 @@ class Trainer:
             "train_loss": train_loss,
             "epoch_seconds": seconds,
         }
-        if blocks and blocks[0].last_cg is not None:
-            record["cg_iterations_max"] = max(int(b.last_cg.iterations.max()) for b in blocks)
-            record["cg_unconverged"] = round(float(self.ddp.mean(unconverged.double())) * self.ddp.world)
+        if blocks:  # on every rank: the sums are collective
+            counts = torch.stack([unconverged.double(), unconverged.new_tensor(solves).double()])
+            misses, solves = (round(v) for v in (self.ddp.mean(counts) * self.ddp.world).tolist())
+            if solves:
+                last = [int(cg.iterations.max()) for cg in counted if cg is not None]
+                record.update(cg_iterations_max=max(last, default=0), cg_unconverged=misses, cg_solves=solves)
         return record
+
+    def _check_cg(self, record: dict[str, Any]) -> None:
+        """Count an epoch's CG misses; warn if more than :data:`CG_MISS_SHARE` of its solves missed."""
+        solves = record.get("cg_solves", 0)
+        if not solves:
+            return
+        misses = record["cg_unconverged"]
+        self.cg["unconverged"] += misses
+        self.cg["solves"] += solves
+        if misses <= CG_MISS_SHARE * solves:
+            return
+        self.cg["warned_epochs"].append(record["epoch"])
+        if self.ddp.main:
+            cap = self.config.cg_options()["cg_max_iter"]
+            warnings.warn(
+                f"epoch {record['epoch']}: the CG solves of the stochastic log-det stopped before "
+                f"their tolerance in {misses} of {solves} cases ({misses / solves:.1%}, more than "
+                f"{CG_MISS_SHARE:.0%}), so the log-det gradient is biased: raise --cg-max-iter "
+                f"(now {cap or '2 x latent dim'}) or use --logdet exact",
+                NonConvergenceWarning, stacklevel=2,
+            )
 
     def validate(self) -> Bounds:
         return evaluate_bounds(
@@ -545,6 +501,7 @@ class Trainer:
             epoch = self.epoch + 1
             start = time.perf_counter()
             record = self.train_epoch(epoch)
+            self._check_cg(record)
             valid = self.validate()
             elapsed = time.perf_counter() - start
             record["valid_seconds"] = elapsed - record["epoch_seconds"]
@@ -643,20 +600,26 @@ class Trainer:
             "world_size": self.ddp.world,
             "ranks_identical": identical,
         }
+        if self.cg["solves"]:
+            record.update(
+                cg_unconverged=self.cg["unconverged"], cg_solves=self.cg["solves"],
+                cg_unconverged_share=self.cg["unconverged"] / self.cg["solves"],
+                cg_warned_epochs=self.cg["warned_epochs"],
+            )
         record.update(valid.reported(self.data, "valid"))
         record.update(test.reported(self.data, "test"))
         if self.data.note:
             record["note"] = self.data.note
         self.log(record)
         if self.ddp.main:
-            atomic_write_text(json.dumps(record, indent=2) + "\n", self.out / RESULTS)
+            atomic_write(self.out / RESULTS, (json.dumps(record, indent=2) + "\n").encode())
         self.write_images()
         return record
 
 
-def run(config: Config, resume: bool = False) -> dict[str, Any]:
+def run(config: Config, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train and test one configuration; returns the final record (see :class:`Trainer`)."""
-    trainer = Trainer(config, resume=resume)
+    trainer = Trainer(config, resume=resume, overwrite=overwrite)
     try:
         trainer.fit()
         record = trainer.test()
@@ -684,6 +647,9 @@ def _print_report(trainer: Trainer, record: dict[str, Any]) -> None:
         lines.append(f"  test {label}: {text} on {record['test_images']} images")
     if data.note:
         lines.append(f"  note: {data.note}")
+    if record.get("cg_warned_epochs"):
+        lines.append(f"  warning: CG missed on more than {CG_MISS_SHARE:.0%} of the solves of "
+                     f"epochs {record['cg_warned_epochs']} (biased gradients; see the warnings)")
     lines += [
         f"  metrics:         {out / METRICS}",
         f"  results:         {out / RESULTS}",
