@@ -1,0 +1,50 @@
+"""The guide panel's models and a smoke run of its script."""
+
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+from pyro.infer.autoguide import AutoDiagonalNormal
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import guide_models  # noqa: E402
+import guide_panel  # noqa: E402
+
+
+@pytest.mark.parametrize("name", guide_models.MODEL_NAMES)
+def test_each_model_has_its_latent_dimension_and_vectorises(name):
+    panel = guide_models.build(name)
+    pyro.clear_param_store()
+    guide = AutoDiagonalNormal(panel.model)
+    guide()
+    assert guide.latent_dim == panel.latent_dim
+    elbo = pyro.infer.Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+    single = pyro.infer.Trace_ELBO(max_plate_nesting=1)
+    assert torch.isfinite(torch.tensor([elbo.loss(panel.model, guide), single.loss(panel.model, guide)])).all()
+
+
+def test_the_non_centred_reference_maps_back_to_the_centred_sites():
+    panel = guide_models.build("eight_schools")
+    samples = {"mu": torch.tensor([1.0, 2.0]), "tau": torch.tensor([2.0, 3.0]), "eta": torch.ones(2, 8)}
+    theta = panel.to_sites(samples)["theta"]
+    assert torch.equal(theta, torch.tensor([[3.0] * 8, [5.0] * 8]))
+
+
+def test_quick_panel_run_reports_every_guide():
+    results = guide_panel.main(["--quick", "--no-progress", "--models", "eight_schools",
+                                "--guides", "AutoNormal", "AutoCPFlow"])
+    rows = results["models"]["eight_schools"]
+    assert set(rows) == {"AutoNormal", "AutoCPFlow"}
+    for row in rows.values():
+        assert row["finite"] and 0 < row["is_ess"] <= 1 and row["elbo_se"] > 0
+
+
+def test_a_full_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "panel.json"
+    out.write_text("{}")
+    with pytest.raises(SystemExit):
+        guide_panel.parse_args(["--out", str(out)])
+    assert guide_panel.parse_args(["--out", str(out), "--overwrite"]).overwrite
