@@ -175,6 +175,23 @@ def task_density_step(dim: int, hidden: list[int], logdet: str, state: str | Non
     return {**times, "loss": float(loss), **cg_stats(flow)}
 
 
+def task_gradient_step(dim: int, hidden: list[int], state: str | None, batch: int, seed: int,
+                       timing: dict[str, Any], device: str) -> dict[str, Any]:
+    """The density step of (a) without its log-det, ``-log p_base(grad F(x))`` and backward:
+    a floor under any step that also needs the log-det."""
+    flow = make_flow(dim, hidden, state, device)
+    x, base = fixed_batch(dim, batch, seed, device), base_distribution(dim, device)
+
+    def step() -> Tensor:
+        flow.zero_grad(set_to_none=True)
+        loss = -base.log_prob(flow(x.clone())).mean()
+        loss.backward()
+        return loss.detach()
+
+    times, _ = _timed(step, device, timing)
+    return times
+
+
 def task_reference_step(dim: int, hidden: list[int], state: str | None, batch: int, seed: int,
                         timing: dict[str, Any], device: str) -> dict[str, Any]:
     flow = make_flow(dim, hidden, state, device, logdet="stochastic")
@@ -327,7 +344,8 @@ def task_sampling_step(dim: int, hidden: list[int], logdet: str, batch: int, see
 
 TASKS: dict[str, Callable[..., dict[str, Any]]] = {
     "info": task_info, "train": task_train, "density_step": task_density_step,
-    "reference_step": task_reference_step, "peak_memory": task_peak_memory,
+    "reference_step": task_reference_step, "gradient_step": task_gradient_step,
+    "peak_memory": task_peak_memory,
     "inversion": task_inversion, "svi_step": task_svi_step,
     "conditioned_flow": task_conditioned_flow, "logdet_bias": task_logdet_bias,
     "sampling_step": task_sampling_step,
