@@ -1,3 +1,3 @@
-"""VAE experiments of CP-Flow (Huang et al. 2021, section 5.4): data, model, posteriors,
-training and evaluation. The command line is ``experiments/vae.py``; results are in
-``experiments/RESULTS.md`` (section "VAE on Frey Faces") and ``experiments/vae/results/``."""
+"""VAE experiments of CP-Flow (Huang et al. 2021, section 5.4): data, model, posteriors, run
+configuration, training and evaluation. The command line is ``experiments/vae.py``; results
+are in ``experiments/RESULTS.md`` (section "VAE on Frey Faces") and ``experiments/vae/results/``."""
