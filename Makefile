@@ -23,8 +23,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -m slow -q
 
+# each demo run gets its own folder: a finished run is never started over
 demo: $(STAMP)
-	$(PY) experiments/vae.py --dataset freyfaces --flow cpflow
+	$(PY) experiments/vae.py --dataset freyfaces --flow cpflow --out-dir experiments/runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 bench: $(STAMP)
 	$(PY) experiments/benchmarks/inverse_solvers.py
