@@ -35,7 +35,7 @@ from experiments.vae import data as vae_data  # noqa: E402
 from experiments.vae.evaluate import evaluate_bounds, importance_sampled_log_likelihood  # noqa: E402
 from experiments.vae.model import VAE, Architecture, elbo_loss  # noqa: E402
 from experiments.vae.posteriors import POSTERIORS, PosteriorConfig, build_posterior  # noqa: E402
-from experiments.vae.train import Config, Trainer, run, state_dict_equal  # noqa: E402
+from experiments.vae.train import Config, RunExistsError, Trainer, run, state_dict_equal  # noqa: E402
 from experiments.vae.config import ConfigError  # noqa: E402
 from experiments.vae.posteriors import cpflow_blocks  # noqa: E402
 from pyro_cpflow import CheckpointError, NonConvergenceWarning, load_checkpoint  # noqa: E402
@@ -378,6 +378,15 @@ def test_a_run_folder_is_never_started_over_without_resume_or_overwrite(tmp_path
     _cli().main([*flags, "--epochs", "1", "--overwrite"])
     assert [r["event"] for r in _records(tmp_path / "metrics.jsonl")] == ["epoch", "final"]
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_resume_without_a_checkpoint_refuses_to_start_a_run_over(tmp_path):
+    run(replace(TINY, out_dir=str(tmp_path)))
+    (tmp_path / "checkpoint.pt").unlink()
+    before = _snapshot(tmp_path)
+    with pytest.raises(RunExistsError, match="no checkpoint.pt to resume from"):
+        Trainer(_resumed(tmp_path), resume=True)
+    assert _snapshot(tmp_path) == before
 
 
 def test_resume_drops_a_torn_last_metrics_line_with_a_warning(tmp_path):

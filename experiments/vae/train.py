@@ -255,6 +255,12 @@ class Trainer:
     def _claim_folder(self) -> None:
         """Create the output folder; refuse one holding a run unless resuming or overwriting."""
         found = self.ddp.gather([name for name in RUN_FILES if (self.out / name).exists()])[0]
+        if self.resume and found and CHECKPOINT not in found:
+            raise RunExistsError(
+                f"{self.out} holds a run ({', '.join(found)}) but no {CHECKPOINT} to resume "
+                "from: pass --overwrite (without --resume) to delete its files and start again, "
+                "or choose another --out-dir"
+            )
         if found and not (self.resume or self.overwrite):
             raise RunExistsError(
                 f"{self.out} already holds a run ({', '.join(found)}): pass --resume to continue "
