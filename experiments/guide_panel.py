@@ -173,10 +173,12 @@ def evaluate(guide: Any, panel: PanelModel, reference: dict[str, Any], samples: 
         ref_mean, ref_std = torch.tensor(mean), torch.tensor(reference["std"][name])
         z_errors.append(((values.mean(0) - ref_mean).abs() / ref_std))
         log_sd_ratios.append((values.std(0) / ref_std).log().abs())
-    z, r = torch.cat(z_errors), torch.cat(log_sd_ratios)
-    return {"elbo": elbo, "elbo_se": elbo_se, "is_ess": ess, "log_evidence": log_evidence,
-            "non_finite_weights": int((~finite).sum()), "max_mean_error": float(z.max()),
-            "mean_abs_log_sd_ratio": float(r.mean())}
+    record = {"elbo": elbo, "elbo_se": elbo_se, "is_ess": ess, "log_evidence": log_evidence,
+              "non_finite_weights": int((~finite).sum())}
+    if z_errors:
+        record["max_mean_error"] = float(torch.cat(z_errors).max())
+        record["mean_abs_log_sd_ratio"] = float(torch.cat(log_sd_ratios).mean())
+    return record
 
 
 # ---------------------------------------------------------------------------- report
