@@ -225,3 +225,13 @@ def test_bad_arguments_name_themselves(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
         AutoCPFlow(_three_site_model, **bad)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_jit_elbo_is_refused_with_what_to_use_instead():
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    svi = SVI(model, SMALL(model), pyro.optim.Adam({"lr": 1e-2}), pyro.infer.JitTrace_ELBO())
+    with pytest.raises(NotImplementedError, match="cannot be traced by torch.jit.*Use Trace_ELBO"):
+        svi.step()
