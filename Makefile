@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) experiments/benchmarks/derivatives.py
 	$(PY) experiments/benchmarks/logdet_variance.py
 	$(PY) experiments/benchmarks/compile_step.py
+	$(PY) experiments/benchmarks/optimizer_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
