@@ -18,7 +18,10 @@ Solvers are small objects (:class:`NewtonCG`, :class:`LBFGS`) whose ``solve`` re
 solution and an :class:`InverseReport`. They evaluate the potential through one engine,
 :meth:`~pyro_cpflow.potential.ConvexPotential.evaluate` (analytic gradient and
 Hessian-vector products; any other callable is evaluated by autograd,
-:class:`~pyro_cpflow.derivatives.AutogradTrace`). Both stop when every sample satisfies :math:`|\nabla F(x) - y|_\infty \le` ``tol``.
+:class:`~pyro_cpflow.derivatives.AutogradTrace`). Both stop when every sample satisfies
+:math:`|\nabla F(x) - y|_\infty \le \mathrm{tol} \cdot \max(1, |y|_\infty)`, a tolerance
+relative to the target with an absolute floor, and the report also checks that the
+residual is above its own rounding error (:mod:`pyro_cpflow.reports`).
 :func:`invert_gradient_map` makes the result differentiable by the implicit function
 theorem: :math:`\partial x/\partial y = H^{-1}` and
 :math:`\partial x/\partial\theta = -H^{-1}\,\partial_\theta \nabla F(x)`, applied in the
@@ -32,11 +35,22 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .derivatives import AutogradTrace, PotentialTrace
-from .linalg import CGResult, MatVec, conjugate_gradient
-from .options import FAILURE_POLICIES, INVERSE_METHODS, NonConvergenceError, NonConvergenceWarning, handle_failure
+from .linalg import MatVec, conjugate_gradient
+from .options import FAILURE_POLICIES, INVERSE_METHODS, NonConvergenceError, NonConvergenceWarning
+from .precision import float64_twin, judged_in_float64
+from .reports import (
+    Diagnostics,
+    InverseReport,
+    Linearization,
+    default_tolerance,
+    report_failure,
+    residual_scale,
+    rounding_noise,
+    still_moving,
+)
 
 __all__ = [
     "Diagnostics",
@@ -49,9 +63,11 @@ __all__ = [
     "NonConvergenceWarning",
     "default_tolerance",
     "evaluator",
+    "gradient_linearization",
     "invert_gradient_map",
     "make_solver",
     "solve_gradient_equation",
+    "with_implicit_gradients",
 ]
 
 Potential = Callable[..., Tensor]
@@ -74,51 +90,6 @@ def evaluator(potential: Potential) -> Evaluate:
     return by_autograd
 
 
-@dataclass
-class InverseReport:
-    """What the inverse solver did, one entry per sample where it applies.
-
-    :ivar method: ``"newton-cg"`` or ``"lbfgs"``.
-    :ivar iterations: ``(N,)`` outer iterations (Newton steps; for L-BFGS the batch count).
-    :ivar hessian_products: total Hessian-vector products (Newton-CG) or gradient
-        evaluations (L-BFGS) for the whole batch.
-    :ivar residual: ``(N,)`` final :math:`|\\nabla F(x) - y|_\\infty`.
-    :ivar converged: ``(N,)`` whether ``residual <= tol``.
-    :ivar tol: the tolerance used.
-    """
-
-    method: str
-    iterations: Tensor
-    hessian_products: int
-    residual: Tensor
-    converged: Tensor
-    tol: float
-
-    @property
-    def all_converged(self) -> bool:
-        return bool(self.converged.all())
-
-
-@dataclass
-class Diagnostics:
-    """The last solver reports of a flow, kept in one place (``flow.diagnostics``).
-
-    :ivar cg: :class:`~pyro_cpflow.linalg.CGResult` of the last stochastic log-det.
-    :ivar condition: ``(N,)`` its Ritz estimate of the condition number of :math:`Q^{-1} H`
-        per sample (a lower bound; see :class:`~pyro_cpflow.linalg.StochasticLogdet`).
-    :ivar inverse: :class:`InverseReport` of the last inverse.
-    """
-
-    cg: CGResult | None = None
-    condition: Tensor | None = None
-    inverse: InverseReport | None = None
-
-
-def default_tolerance(dtype: torch.dtype) -> float:
-    """Residual tolerance of the solvers: ``1e-10`` in float64, ``1e-5`` in float32."""
-    return 1e-10 if dtype == torch.float64 else 1e-5
-
-
 def _rows(context: Tensor | None, rows: Tensor) -> Tensor | None:
     return None if context is None else context[rows]
 
@@ -127,7 +98,8 @@ def _rows(context: Tensor | None, rows: Tensor) -> Tensor | None:
 class InverseSolver:
     """A solver of :math:`\\nabla F(x_i) = y_i`, row by row; ``solve`` returns ``(x, report)``.
 
-    :param tol: tolerance on :math:`|\\nabla F(x) - y|_\\infty`.
+    :param tol: relative tolerance: row ``i`` has converged once
+        :math:`|\\nabla F(x_i) - y_i|_\\infty \\le` ``tol`` :math:`\\max(1, |y_i|_\\infty)`.
     :param max_iter: outer iterations.
     """
 
@@ -142,10 +114,47 @@ class InverseSolver:
         x: Tensor,
         context: Tensor | None = None,
         preconditioner: MatVec | None = None,
+        judge: Evaluate | None = None,
     ) -> tuple[Tensor, InverseReport]:
         """From starting points ``x``, with the potential's engine ``evaluate``, ``context``
-        rows and an optional preconditioner :math:`M^{-1} v` of the Hessian."""
+        rows and an optional preconditioner :math:`M^{-1} v` of the Hessian; ``judge``, an
+        engine on float64 rows, computes the final residuals of a lower-precision solve
+        (:mod:`pyro_cpflow.precision`)."""
         raise NotImplementedError
+
+    def _report(
+        self, evaluate: Evaluate, y: Tensor, x: Tensor, context: Tensor | None, iterations: Tensor,
+        products: int, judge: Evaluate | None,
+    ) -> InverseReport:
+        """The report at the final ``x``: residuals (by ``judge`` in float64, if given) and
+        the rounding noise of ``evaluate``, judged."""
+        with torch.no_grad():
+            at = gradient_linearization(evaluate, x, context)
+            noise = rounding_noise(at, lambda z: gradient_linearization(evaluate, z, context), x).abs().amax(-1)
+            if judge is None:
+                residual = (at.value - y).abs().amax(-1)
+            else:
+                wide = None if context is None else context.double()
+                exact = judge(x.double(), wide).gradient
+                residual = (exact - y.double()).abs().amax(-1)
+                noise = torch.maximum(noise, (at.value - exact).abs().amax(-1).to(noise.dtype))  # measured
+        return InverseReport.judged(
+            self.method, iterations, products, residual, noise, self.tol, residual_scale(y), judge is not None
+        )
+
+
+def gradient_linearization(
+    evaluate: Evaluate, x: Tensor, context: Tensor | None, preconditioner: MatVec | None = None
+) -> Linearization:
+    """:math:`\\nabla F` linearised at the rows ``x`` (call without grad mode): its value, and
+    products and (preconditioned) CG solves with the Hessian."""
+    trace = evaluate(x, context)
+
+    def solve(v: Tensor, rtol: Tensor) -> tuple[Tensor, int]:
+        result = conjugate_gradient(trace.hvp, v, rtol=rtol, preconditioner=preconditioner)
+        return result.solution, int(result.iterations.max())
+
+    return Linearization(trace.gradient, solve, trace.hvp)
 
 
 @dataclass(frozen=True)
@@ -154,17 +163,19 @@ class NewtonCG(InverseSolver):
 
     method: ClassVar[str] = "newton-cg"
 
-    def solve(self, evaluate, y, x, context=None, preconditioner=None):  # type: ignore[no-untyped-def]
+    def solve(self, evaluate, y, x, context=None, preconditioner=None, judge=None):  # type: ignore[no-untyped-def]
         with torch.no_grad():
-            return self._solve(evaluate, y, x.clone(), context, preconditioner)
+            return self._solve(evaluate, y, x.clone(), context, preconditioner, judge)
 
     def _solve(
-        self, evaluate: Evaluate, y: Tensor, x: Tensor, context: Tensor | None, preconditioner: MatVec | None
+        self, evaluate: Evaluate, y: Tensor, x: Tensor, context: Tensor | None, preconditioner: MatVec | None,
+        judge: Evaluate | None,
     ) -> tuple[Tensor, InverseReport]:
         n, d = y.shape
         eps = torch.finfo(y.dtype).eps
+        tolerance = self.tol * residual_scale(y)
+        previous = torch.full_like(tolerance, torch.inf)  # each sample's residual one step before
         iterations = torch.zeros(n, dtype=torch.long, device=y.device)
-        residual_inf = torch.zeros(n, dtype=y.dtype, device=y.device)
         rows = torch.arange(n, device=y.device)  # samples still iterating: the others cost nothing
         products = 0
         trace = None  # the potential at x[rows], when the last line search already evaluated it
@@ -173,9 +184,9 @@ class NewtonCG(InverseSolver):
             if trace is None:
                 trace = evaluate(x_rows, context_rows)
             residual = trace.gradient - y_rows
-            res_inf = residual.abs().amax(-1)
-            residual_inf[rows] = res_inf
-            moving = res_inf > self.tol
+            size = residual.abs().amax(-1)
+            moving = still_moving(size, previous[rows], tolerance[rows])
+            previous[rows] = size
             if newton_step == self.max_iter or not bool(moving.any()):
                 break
             forcing = torch.clamp(residual.norm(dim=-1).sqrt(), max=0.5)
@@ -205,7 +216,13 @@ class NewtonCG(InverseSolver):
                 # its terms, F(x) and y^T x, which can be much larger than phi itself
                 scale = value.abs() + linear.abs() + trial_value.abs() + trial_linear.abs()
                 slack = 64 * eps * scale
-                pending = pending & ~(phi <= phi0 + 1e-4 * step * slope + slack)
+                accept = phi <= phi0 + 1e-4 * step * slope + slack
+                if attempt == 0:
+                    # ... and that error can exceed the slack when large terms of F cancel (a
+                    # stiff quadratic): a full step that halves the residual is taken anyway
+                    trial_residual = (trial_trace.gradient - y_rows).abs().amax(-1)
+                    accept = accept | (trial_residual <= 0.5 * residual.abs().amax(-1))
+                pending = pending & ~accept
                 if not bool(pending.any()):
                     break
                 step = torch.where(pending, 0.5 * step, step)
@@ -214,10 +231,7 @@ class NewtonCG(InverseSolver):
             x[rows] = torch.where(moving[:, None], x_rows + step[:, None] * direction, x_rows)
             iterations[rows] += moving.long()
             rows = rows[moving]
-        report = InverseReport(
-            self.method, iterations, products, residual_inf, residual_inf <= self.tol, self.tol
-        )
-        return x, report
+        return x, self._report(evaluate, y, x, context, iterations, products, judge)
 
 
 @dataclass(frozen=True)
@@ -227,12 +241,14 @@ class LBFGS(InverseSolver):
 
     method: ClassVar[str] = "lbfgs"
 
-    def solve(self, evaluate, y, x, context=None, preconditioner=None):  # type: ignore[no-untyped-def]
+    def solve(self, evaluate, y, x, context=None, preconditioner=None, judge=None):  # type: ignore[no-untyped-def]
         del preconditioner  # L-BFGS builds its own curvature model
+        scale = residual_scale(y)
         variable = x.detach().clone().requires_grad_(True)
         optimizer = torch.optim.LBFGS(
             [variable], lr=1.0, max_iter=self.max_iter, max_eval=2 * self.max_iter,
-            tolerance_grad=self.tol, tolerance_change=0.0, history_size=20,
+            # its test is batch-wide: stop only when the strictest row's tolerance is met
+            tolerance_grad=self.tol * float(scale.min()), tolerance_change=0.0, history_size=20,
             line_search_fn="strong_wolfe",
         )
         evaluations = [0]
@@ -247,12 +263,9 @@ class LBFGS(InverseSolver):
         with torch.enable_grad():
             optimizer.step(closure)
         x = variable.detach()
-        with torch.no_grad():
-            residual = (evaluate(x, context).gradient - y).abs().amax(-1)
         steps = optimizer.state[optimizer._params[0]].get("n_iter", 0)
-        iterations = torch.full_like(residual, steps, dtype=torch.long)
-        report = InverseReport(self.method, iterations, evaluations[0], residual, residual <= self.tol, self.tol)
-        return x, report
+        iterations = torch.full(y.shape[:1], steps, dtype=torch.long, device=y.device)
+        return x, self._report(evaluate, y, x, context, iterations, evaluations[0], judge)
 
 
 _SOLVERS = {"newton-cg": NewtonCG, "lbfgs": LBFGS}
@@ -266,30 +279,15 @@ def make_solver(method: str, tol: float, max_iter: int) -> InverseSolver:
     return _SOLVERS[method](tol, max_iter)
 
 
-def _check_batch(y: Tensor, dim: int) -> None:
+def _check_batch(y: Tensor) -> None:
     if not isinstance(y, Tensor):
-        raise TypeError(f"expected a tensor, got {type(y).__name__}")
-    if y.dim() != 2 or y.shape[-1] != dim:
-        raise ValueError(f"expected a batch of shape (N, {dim}), got {tuple(y.shape)}")
+        raise TypeError(f"y must be a tensor, got {type(y).__name__}")
+    if y.dim() != 2:
+        raise ValueError(f"y must be a batch of shape (N, d), got {tuple(y.shape)}")
     if not y.dtype.is_floating_point:
-        raise ValueError(f"expected a floating-point tensor, got dtype {y.dtype}")
+        raise ValueError(f"y must be a floating-point tensor, got dtype {y.dtype}")
     if not bool(torch.isfinite(y).all()):
-        raise ValueError("the point to invert contains NaN or Inf")
-
-
-def report_failure(report: InverseReport, on_failure: str) -> None:
-    """Apply the failure policy to an :class:`InverseReport` that missed its tolerance."""
-    if report.all_converged or on_failure == "ignore":
-        return
-    failed = int((~report.converged).sum())
-    handle_failure(
-        on_failure,
-        f"{report.method} inverse did not converge for {failed} of {report.converged.numel()} "
-        f"samples: worst |grad F(x) - y|_inf = {float(report.residual.max()):.3e} > tol = "
-        f"{report.tol:.1e} after {int(report.iterations.max())} iterations; raise max_iter "
-        "or tol, or check that the potential is finite",
-        stacklevel=3,
-    )
+        raise ValueError("y contains NaN or Inf: there is no point to invert")
 
 
 def solve_gradient_equation(
@@ -312,14 +310,18 @@ def solve_gradient_equation(
     :param context: optional ``(N, c)`` rows passed to the potential; the solver
         evaluates only the samples that have not converged yet, with their context rows.
     :param method: ``"newton-cg"`` or ``"lbfgs"`` (see the module docstring).
-    :param tol: tolerance on :math:`|\nabla F(x) - y|_\infty` (default
+    :param tol: relative tolerance: row ``i`` converges once :math:`|\nabla F(x_i) -
+        y_i|_\infty \le` ``tol`` :math:`\cdot \max(1, |y_i|_\infty)` (default
         :func:`default_tolerance`).
     :param max_iter: Newton steps, or L-BFGS iterations.
     :param on_failure: ``"warn"`` (:class:`NonConvergenceWarning`), ``"raise"``
         (:class:`NonConvergenceError`) or ``"ignore"`` when some sample misses ``tol``.
     :param preconditioner: optional :math:`M^{-1} v` (rows) for the CG solves of the
         Newton steps, e.g. ``potential.factorize().solve``.
-    :returns: the solutions ``(N, d)`` (detached) and an :class:`InverseReport`.
+    :returns: the solutions ``(N, d)`` (detached) and an :class:`InverseReport`. For a
+        lower-precision potential that is an ``nn.Module``, the report's residuals are
+        computed in float64 (:mod:`pyro_cpflow.precision`); a plain callable is judged by
+        the rounding noise of its own dtype.
 
     >>> potential = lambda x: (x ** 2).sum(-1) + (x ** 4).sum(-1) / 4
     >>> y = torch.randn(10, 3, dtype=torch.float64)
@@ -331,7 +333,7 @@ def solve_gradient_equation(
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(_SOLVERS)}")
     if on_failure not in FAILURE_POLICIES:
         raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}")
-    _check_batch(y, y.shape[-1] if y.dim() else 0)
+    _check_batch(y)
     y = y.detach()
     tol = default_tolerance(y.dtype) if tol is None else tol
     solver = make_solver(method, tol, max_iter)
@@ -341,7 +343,10 @@ def solve_gradient_equation(
     if context is not None and context.shape[0] != y.shape[0]:
         raise ValueError(f"context has {context.shape[0]} rows, expected {y.shape[0]}")
     context_constant = None if context is None else context.detach()
-    x, report = solver.solve(evaluator(potential), y, start, context_constant, preconditioner)
+    judge = None
+    if isinstance(potential, nn.Module) and judged_in_float64(y.dtype, y.device):
+        judge = evaluator(float64_twin(potential))
+    x, report = solver.solve(evaluator(potential), y, start, context_constant, preconditioner, judge)
     report_failure(report, on_failure)
     return x, report
 
@@ -407,13 +412,29 @@ def invert_gradient_map(
     -0.5
     """
     solution, report = solve_gradient_equation(potential, y, initial, context, **solver_options)
+    preconditioner = solver_options.get("preconditioner")
+    return with_implicit_gradients(potential, solution, y, context, preconditioner), report
+
+
+def with_implicit_gradients(
+    potential: Potential,
+    solution: Tensor,
+    y: Tensor,
+    context: Tensor | None = None,
+    preconditioner: MatVec | None = None,
+) -> Tensor:
+    r"""``solution`` (a detached root of :math:`\nabla F(x) = y`), carrying the implicit
+    gradients of :func:`invert_gradient_map` to ``y``, the context and the parameters.
+
+    The value is ``solution`` itself; the gradients are those of the exact root at that
+    point. Without grad mode, or when nothing requires grad, ``solution`` is returned as is.
+    """
     if not torch.is_grad_enabled():
-        return solution, report
+        return solution
     evaluate = evaluator(potential)
     residual = evaluate(solution, context).gradient - y
     if not residual.requires_grad:
-        return solution, report
+        return solution
     cg_rtol = 1e-12 if y.dtype == torch.float64 else 1e-6
-    preconditioner = solver_options.get("preconditioner")
     correction = _ImplicitCorrection.apply(residual, solution, evaluate, context, preconditioner, cg_rtol)
-    return solution + correction, report
+    return solution + correction

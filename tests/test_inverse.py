@@ -7,9 +7,11 @@ import torch
 from torch.func import functional_call
 
 from pyro_cpflow.solvers import (
+    InverseReport,
     NonConvergenceError,
     NonConvergenceWarning,
     invert_gradient_map,
+    residual_scale,
     solve_gradient_equation,
 )
 from pyro_cpflow.nn import ICNN
@@ -52,7 +54,7 @@ def test_round_trip_lbfgs(d):
     potential = _potential(d, randomize=2.0)
     x = 3 * torch.randn(64, d)
     y = potential.gradient(x)
-    x_hat, report = solve_gradient_equation(potential, y, method="lbfgs", tol=1e-4, max_iter=500)
+    x_hat, report = solve_gradient_equation(potential, y, method="lbfgs", tol=1e-5, max_iter=500)
     assert report.all_converged
     assert (x_hat - x).abs().max() < 1e-3
 
@@ -78,9 +80,11 @@ def test_round_trip_ill_conditioned():
     hessian = torch.autograd.functional.hessian(lambda v: potential(v[None])[0], x[0])
     eigenvalues = torch.linalg.eigvalsh(hessian)
     assert eigenvalues.max() / eigenvalues.min() > 1e5
-    x_hat, report = solve_gradient_equation(potential, y, tol=1e-12)
+    # tol is relative to max(1, |y|_inf), here about 1e4: 1e-14 is near float64's resolution
+    x_hat, report = solve_gradient_equation(potential, y, tol=1e-14)
     assert report.all_converged
-    assert (x_hat - x).abs().max() < 1e-8
+    # |x_hat - x| <= |H^-1| |residual| <= tol max(1, |y|) / alpha
+    assert (x_hat - x).abs().max() < 1e-14 * float(report.scale.max()) / potential.alpha
 
 
 def test_newton_converges_quadratically():
@@ -208,7 +212,55 @@ def test_line_search_tolerates_round_off_of_large_terms():
         potential.shift.fill_(1e5)  # adds b^T x to F and b to y: they cancel in phi
     x = torch.randn(50, 3)
     y = potential.gradient(x)
-    x_hat, report = solve_gradient_equation(potential, y, tol=1e-10)
+    x_hat, report = solve_gradient_equation(potential, y, tol=1e-10 / float(residual_scale(y.detach()).max()))
     assert report.all_converged, report.residual.max()
     assert int(report.iterations.max()) <= 15
     assert (x_hat - x).abs().max() < 1e-8
+
+
+def test_tolerance_is_relative_to_the_target_in_float32():
+    """float32 holds about 7 digits of |y| = 1e4: an absolute 1e-5 would ask for 9."""
+    potential = _potential(4, randomize=0.5).float()
+    y = torch.randn(400, 4) * torch.logspace(-3, 4, 400)[:, None]
+    x, report = solve_gradient_equation(potential, y.float(), initial=potential.initial_inverse_guess(y.float()))
+    assert report.tol == 1e-5
+    assert report.all_converged, int((~report.converged).sum())
+    assert torch.equal(report.scale, residual_scale(y.float()))
+    # checked in float64, every converged answer holds
+    exact = potential.double()
+    error = (exact.gradient(x.double()) - y).abs().amax(-1) / residual_scale(y)
+    assert float(error.detach().max()) <= 2e-5
+
+
+def test_a_residual_below_its_own_rounding_error_is_not_a_success():
+    """A stiff rank-one quadratic (curvature 1e7 along u) and targets orthogonal to u: float32
+    evaluates L (L^T x) with an error far above 1e-5 |y|, so no residual certifies the answer."""
+    potential = _potential(3, randomize=0.5)
+    direction = torch.tensor([1.0, 2.0, 2.0]) / 3
+    with torch.no_grad():
+        potential.factor.zero_()
+        potential.factor[:, 0] = 3e3 * direction
+    potential = potential.float()
+    y = torch.randn(50, 3)
+    y = (y - (y @ direction)[:, None] * direction).float()
+    with pytest.warns(NonConvergenceWarning, match="torch.float32 cannot resolve it there; use float64"):
+        _, report = solve_gradient_equation(
+            potential, y, initial=potential.initial_inverse_guess(y), preconditioner=potential.factorize().solve
+        )
+    assert float(report.unresolved.double().mean()) > 0.5 and not bool(report.converged.any())
+    # float64 resolves it to 1e-6 (its rounding error here is about 1e-9 |y|)
+    potential, y = potential.double(), y.double()
+    _, report = solve_gradient_equation(
+        potential, y, tol=1e-6, initial=potential.initial_inverse_guess(y), preconditioner=potential.factorize().solve
+    )
+    assert report.all_converged and not bool(report.unresolved.any())
+
+
+def test_report_judges_residual_and_rounding_noise():
+    scale = torch.tensor([1.0, 100.0, 1.0])
+    report = InverseReport.judged(
+        "newton-cg", torch.zeros(3, dtype=torch.long), 0, residual=torch.tensor([5e-6, 5e-4, 5e-6]),
+        noise=torch.tensor([1e-7, 1e-7, 2e-5]), tol=1e-5, scale=scale,
+    )
+    assert report.converged.tolist() == [True, True, False]  # relative; the third is below its noise
+    assert report.unresolved.tolist() == [False, False, True]
