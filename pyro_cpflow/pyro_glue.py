@@ -8,14 +8,19 @@ again after ``optimizer.step()``, would be mapped with the old parameters throug
 graph that has already been freed. Every in-place update of a tensor (optimizer
 steps, ``load_state_dict``, ``copy_``) increments its version counter, so keying the
 cache on the parameters' versions as well as on the identity of ``x`` invalidates it
-exactly when it must. Two more things invalidate the pair: a change of grad mode (a
+exactly when it must. The same holds for the cached tensors themselves: ``x.mul_(2)``
+after ``f(x)`` leaves ``x`` the same object with new values, so the pair also records the
+versions of ``x`` and ``y``. Two more things invalidate the pair: a change of grad mode (a
 pair computed under ``torch.no_grad()`` has no graph, and returning it in grad mode
 would silently drop gradients), and a backward pass through the cached output (which
 frees its graph): a hook on the output forgets the pair as soon as a gradient flows
 through it. Subclasses may add further state to the key through
 :meth:`VersionedCacheMixin._cache_key_extra`, and keep side entries (such as the
 evaluated potential, so that ``log_abs_det_jacobian`` after a call does not evaluate it
-again) with :meth:`VersionedCacheMixin._side_lookup`.
+again) with :meth:`VersionedCacheMixin._side_lookup`. A result that a solver could not
+bring to its tolerance is never cached (:meth:`VersionedCacheMixin._mark_unconverged`):
+calling again solves again, and applies the failure policy again, instead of serving a
+failed inverse as if it were a success.
 
 **Module-valued inverses.** Pyro's generic inverse of a transform
 (``torch.distributions.transforms._InverseTransform``) is not an ``nn.Module``: put into a
@@ -62,20 +67,34 @@ class VersionedCacheMixin:
         """Further state whose change must invalidate the cache (none by default)."""
         return None
 
-    def _cache_stamp(self) -> tuple:
+    def _cache_stamp(self, *keys: Tensor) -> tuple:
+        """The state a cached entry depends on: parameters' versions, grad mode, the extra
+        key, and the versions of the cached tensors ``keys`` themselves."""
         versions = tuple((id(p), p._version) for p in self._cache_parameters())
-        return versions, torch.is_grad_enabled(), self._cache_key_extra()
+        own = tuple(key._version for key in keys)
+        return versions, own, torch.is_grad_enabled(), self._cache_key_extra()
 
     def _cache_lookup(self, key: Tensor, position: int) -> Tensor | None:
         cached = self._cached_x_y
-        if cached[position] is key and self.__dict__.get("_cached_stamp") == self._cache_stamp():
+        if isinstance(key, Tensor) and cached[position] is key and self.__dict__.get("_cached_stamp") == self._cache_stamp(*cached):
             return cached[1 - position]
         return None
 
     def _cache_store(self, x: Tensor, y: Tensor, output: Tensor) -> None:
         self._cached_x_y = x, y
-        self.__dict__["_cached_stamp"] = self._cache_stamp()
+        self.__dict__["_cached_stamp"] = self._cache_stamp(x, y)
         self._forget_after_backward(output, x)
+
+    def _mark_unconverged(self) -> None:
+        """Called by ``_call`` or ``_inverse`` when its solver missed the tolerance: the
+        result is returned but not cached."""
+        self.__dict__["_unconverged"] = True
+
+    def _computed(self, compute, value: Tensor) -> tuple[Tensor, bool]:  # type: ignore[no-untyped-def]
+        """``compute(value)`` and whether its result may be cached."""
+        self.__dict__["_unconverged"] = False
+        result = compute(value)
+        return result, not self.__dict__.pop("_unconverged")
 
     def _forget_after_backward(self, output: Tensor, x: Tensor) -> None:
         """Clear the cache when a gradient flows through ``output``, computed from the input ``x``:
@@ -99,8 +118,9 @@ class VersionedCacheMixin:
             return self._call(x)  # type: ignore[attr-defined]
         y = self._cache_lookup(x, 0)
         if y is None:
-            y = self._call(x)  # type: ignore[attr-defined]
-            self._cache_store(x, y, output=y)
+            y, keep = self._computed(self._call, x)  # type: ignore[attr-defined]
+            if keep:
+                self._cache_store(x, y, output=y)
         return y
 
     def _inv_call(self, y: Tensor) -> Tensor:
@@ -108,8 +128,9 @@ class VersionedCacheMixin:
             return self._inverse(y)  # type: ignore[attr-defined]
         x = self._cache_lookup(y, 1)
         if x is None:
-            x = self._inverse(y)  # type: ignore[attr-defined]
-            self._cache_store(x, y, output=x)
+            x, keep = self._computed(self._inverse, y)  # type: ignore[attr-defined]
+            if keep:
+                self._cache_store(x, y, output=x)
         return x
 
     def __getstate__(self) -> dict:
@@ -131,12 +152,12 @@ class VersionedCacheMixin:
     def _side_store(self, key: Tensor, value: Any) -> None:
         """Keep ``value`` for the input tensor ``key`` (one entry, same invalidation as the cache)."""
         if self._cache_size:
-            self.__dict__["_side_entry"] = key, self._cache_stamp(), value
+            self.__dict__["_side_entry"] = key, self._cache_stamp(key), value
 
     def _side_lookup(self, key: Tensor) -> Any:
         """The side value stored for this very tensor, if nothing has changed since; else ``None``."""
         entry = self.__dict__.get("_side_entry")
-        if entry is not None and entry[0] is key and entry[1] == self._cache_stamp():
+        if entry is not None and entry[0] is key and entry[1] == self._cache_stamp(key):
             return entry[2]
         return None
 

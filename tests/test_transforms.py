@@ -284,8 +284,11 @@ def test_actnorm_initialises_in_either_direction():
     x = backward.inv(data)
     assert torch.allclose(x.mean(0), torch.zeros(D), atol=1e-10)
     assert torch.allclose(x.std(0, unbiased=False), torch.ones(D), atol=1e-10)
-    with pytest.raises(ValueError, match="needs >= 2 samples"):
-        ActNorm(D)(torch.randn(1, D))
+    # one row: the location centres it, the scale stays 1 (no standard deviation from one row)
+    single = ActNorm(D)
+    row = torch.randn(1, D)
+    assert torch.equal(single(row), torch.zeros(1, D))
+    assert torch.equal(single.log_scale.detach(), torch.zeros(D)) and single.is_initialized()
 
 
 def test_auto_mode_follows_dimension_and_training_state():
@@ -367,3 +370,27 @@ def test_hessian_helper_and_factory_potential_options():
     assert hessian.shape == (2, 5, D, D)
     expected = torch.autograd.functional.hessian(lambda v: flow.potential(v[None])[0], x[1, 3])
     assert torch.allclose(hessian[1, 3], expected, atol=1e-12)
+
+
+def test_cache_sees_in_place_edits_of_its_input():
+    flow = cpflow(D, **SMALL)
+    _randomize(flow)
+    x = torch.randn(6, D)
+    with torch.no_grad():
+        y = flow(x)
+        x.mul_(2)
+        assert torch.allclose(flow(x), flow._call(x))
+        assert not torch.allclose(flow(x), y)
+    # the density of edited data is the density of the new values
+    p = dist.TransformedDistribution(dist.Normal(torch.zeros(D), 1.0).to_event(1), [flow.inv])
+    data = torch.randn(8, D)
+    p.log_prob(data)
+    data[0] += 5
+    assert torch.allclose(p.log_prob(data), p.log_prob(data.clone()), atol=1e-10)
+    # and an inverse is solved again for an edited target
+    target = torch.randn(4, D)
+    with torch.no_grad():
+        first = flow.inv(target)
+        target.mul_(3)
+        second = flow.inv(target)
+    assert second is not first and torch.allclose(flow._call(second), target, atol=1e-10)
