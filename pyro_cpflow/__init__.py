@@ -7,19 +7,13 @@ from .derivatives import AutogradTrace, NetworkTrace, PotentialTrace
 from .factories import conditional_cpflow, conditional_cpflow_stack, cpflow, cpflow_stack
 from .linalg import CGResult, StochasticLogdet, conjugate_gradient, stochastic_logdet
 from .nn import ICNN, PICNN, PositiveLinear, gaussian_softplus
-from .options import FlowOptions, NonConvergenceError, NonConvergenceWarning
+from .options import FlowOptions, NonConvergenceError, NonConvergenceWarning, StackOptions
 from .potential import ConvexPotential
 from .pyro_glue import InverseTransformModule
-from .solvers import (
-    LBFGS,
-    Diagnostics,
-    InverseReport,
-    InverseSolver,
-    NewtonCG,
-    invert_gradient_map,
-    solve_gradient_equation,
-)
-from .transforms import ConditionalCPFlow, ConditionedCPFlow, CPFlow, CPFlowStack
+from .reports import Diagnostics, InverseReport
+from .solvers import LBFGS, InverseSolver, NewtonCG, invert_gradient_map, solve_gradient_equation
+from .stack import ConditionalCPFlowStack, CPFlowStack
+from .transforms import ConditionalCPFlow, ConditionedCPFlow, CPFlow
 
 __version__ = "0.1.0"
 
@@ -32,6 +26,7 @@ __all__ = [
     "CPFlowStack",
     "CheckpointError",
     "ConditionalCPFlow",
+    "ConditionalCPFlowStack",
     "ConditionedCPFlow",
     "ConvexPotential",
     "Diagnostics",
@@ -48,6 +43,7 @@ __all__ = [
     "PICNN",
     "PositiveLinear",
     "PotentialTrace",
+    "StackOptions",
     "StochasticLogdet",
     "conditional_cpflow",
     "conditional_cpflow_stack",

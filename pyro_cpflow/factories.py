@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pyro.distributions.conditional import ConditionalComposeTransformModule
-
 from .actnorm import ActNorm
 from .nn import DEFAULT_INPUT_GAIN, ICNN, PICNN
+from .options import StackOptions
 from .potential import ContextQuadratic, ConvexPotential
-from .transforms import ConditionalCPFlow, CPFlow, CPFlowStack
+from .stack import ConditionalCPFlowStack, CPFlowStack
+from .transforms import ConditionalCPFlow, CPFlow
 
 __all__ = ["conditional_cpflow", "conditional_cpflow_stack", "cpflow", "cpflow_stack"]
 
@@ -121,27 +121,40 @@ def _with_actnorm(blocks: list, input_dim: int, placement: str) -> list:
     return parts
 
 
+def _stack_options(kwargs: dict) -> StackOptions:
+    """The :class:`StackOptions` in ``kwargs``: ``inverse_tol`` and ``on_failure`` stay there
+    for the blocks too, ``refine_max_iter`` is the stack's alone."""
+    values = {name: kwargs[name] for name in ("inverse_tol", "on_failure") if name in kwargs}
+    if "refine_max_iter" in kwargs:
+        values["refine_max_iter"] = kwargs.pop("refine_max_iter")
+    return StackOptions(**values)
+
+
 def cpflow_stack(input_dim: int, num_blocks: int, actnorm: str = "between", **kwargs) -> CPFlowStack:
     """``num_blocks`` CP-Flow blocks with data-initialised :class:`ActNorm` layers.
 
     :param actnorm: ``"between"`` the blocks (default), ``"around"`` them (also before the
         first and after the last, as in the reference VAE code) or ``"none"``.
 
-    Other keyword arguments go to :func:`cpflow`. The result is a
-    ``ComposeTransformModule`` (``cache_size=1``) whose ``stack.inv``, for the density
-    direction, is an ``nn.Module``.
+    Other keyword arguments go to :func:`cpflow`, except ``refine_max_iter``, which goes
+    with ``inverse_tol`` and ``on_failure`` to the stack's own
+    :class:`~pyro_cpflow.options.StackOptions`: the inverse of the stack meets
+    ``inverse_tol`` end to end (see :mod:`pyro_cpflow.stack`). The result is a
+    :class:`~pyro_cpflow.stack.CPFlowStack` (``cache_size=1``) whose ``stack.inv``, for
+    the density direction, is an ``nn.Module``.
 
     >>> stack = cpflow_stack(2, num_blocks=2, hidden_dims=(8, 8))
     >>> [type(t).__name__ for t in stack]
     ['CPFlow', 'ActNorm', 'CPFlow']
     """
+    options = _stack_options(kwargs)
     blocks = [cpflow(input_dim, **kwargs) for _ in range(num_blocks)]
-    return CPFlowStack(_with_actnorm(blocks, input_dim, actnorm), cache_size=1)
+    return CPFlowStack(_with_actnorm(blocks, input_dim, actnorm), cache_size=1, options=options)
 
 
 def conditional_cpflow_stack(
     input_dim: int, context_dim: int, num_blocks: int, actnorm: str = "between", **kwargs
-) -> ConditionalComposeTransformModule:
+) -> ConditionalCPFlowStack:
     """Conditional counterpart of :func:`cpflow_stack` (ActNorm is unconditional).
 
     >>> stack = conditional_cpflow_stack(2, 3, num_blocks=2, hidden_dims=(8, 8), actnorm="around")
@@ -150,5 +163,6 @@ def conditional_cpflow_stack(
     >>> stack.condition(torch.randn(3))(torch.randn(5, 2)).shape
     torch.Size([5, 2])
     """
+    options = _stack_options(kwargs)
     blocks = [conditional_cpflow(input_dim, context_dim, **kwargs) for _ in range(num_blocks)]
-    return ConditionalComposeTransformModule(_with_actnorm(blocks, input_dim, actnorm), cache_size=1)
+    return ConditionalCPFlowStack(_with_actnorm(blocks, input_dim, actnorm), cache_size=1, options=options)

@@ -1,4 +1,4 @@
-"""The numerical options of a CP-Flow as one frozen value, and the failure policy.
+"""The numerical options of a CP-Flow (and of a stack of them) as frozen values, and the failure policy.
 
 >>> options = FlowOptions(logdet="stochastic")
 >>> options.replace(cg_rtol=1e-8).cg_rtol
@@ -22,6 +22,8 @@ __all__ = [
     "LOGDET_MODES",
     "NonConvergenceError",
     "NonConvergenceWarning",
+    "StackOptions",
+    "add_option_properties",
     "exact_is_cheaper",
     "handle_failure",
 ]
@@ -87,7 +89,14 @@ class FlowOptions:
         ``0`` with a small ``cg_max_iter`` and ``on_failure="ignore"`` gives a training
         step that never waits for the device; read ``flow.diagnostics.cg`` when logging.
     :param inverse_method: ``"newton-cg"`` or ``"lbfgs"``.
-    :param inverse_tol: tolerance on :math:`|\\nabla F(x) - y|_\\infty` (default by dtype).
+    :param inverse_tol: relative tolerance of the inverse: a sample has converged once
+        :math:`|\\nabla F(x) - y|_\\infty \\le` ``inverse_tol`` :math:`\\cdot \\max(1,
+        |y|_\\infty)`. Default by dtype (:func:`~pyro_cpflow.reports.default_tolerance`):
+        ``1e-12`` in float64, ``1e-5`` in float32, about 4500 and 80 times the machine
+        epsilon, above the rounding of one evaluation of :math:`\\nabla F` unless its terms
+        cancel by orders of magnitude. The final residual of a float32 inverse is computed in
+        float64 (:mod:`pyro_cpflow.precision`), and a sample whose residual is below its own
+        rounding error is reported, not passed (:mod:`pyro_cpflow.reports`).
     :param inverse_max_iter: iteration cap of the inverse solver.
     :param on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a solver misses its
         tolerance.
@@ -127,10 +136,7 @@ class FlowOptions:
 
     def replace(self, **changes) -> "FlowOptions":
         """A copy with ``changes`` applied (and validated)."""
-        unknown = sorted(set(changes) - set(self.names()))
-        if unknown:
-            raise TypeError(f"unknown CP-Flow option(s) {unknown}; the options are {list(self.names())}")
-        return dataclasses.replace(self, **changes)
+        return _replace(self, changes, "CP-Flow")
 
     def resolve_logdet(self, dim: int, batch: int, training: bool) -> str:
         """The log-det mode used for ``batch`` rows of dimension ``dim`` in this train/eval state."""
@@ -141,3 +147,65 @@ class FlowOptions:
         if self.exact_max_dim is not None:
             return "exact" if dim <= self.exact_max_dim else "stochastic"
         return "exact" if exact_is_cheaper(dim, batch) else "stochastic"
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """Options of the inverse of a :class:`~pyro_cpflow.stack.CPFlowStack` as a whole.
+
+    The blocks are first inverted one by one, each with its own options; then Newton
+    steps on the whole composition :math:`S = s_K \\circ \\dots \\circ s_1` bring the
+    end-to-end residual under the tolerance (see :mod:`pyro_cpflow.stack`).
+
+    :param inverse_tol: relative tolerance on :math:`|S(x) - y|_\\infty \\le` ``inverse_tol``
+        :math:`\\cdot \\max(1, |y|_\\infty)` (default by dtype, as for one block).
+    :param refine_max_iter: Newton steps on the composition after the block-by-block inverse.
+    :param on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` when a sample misses the
+        end-to-end tolerance (the blocks' own policies do not apply inside a stack).
+
+    >>> StackOptions(refine_max_iter=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: refine_max_iter must be >= 1, got 0
+    """
+
+    inverse_tol: float | None = None
+    refine_max_iter: int = 10
+    on_failure: str = "warn"
+
+    def __post_init__(self) -> None:
+        _check_choice("on_failure", self.on_failure, FAILURE_POLICIES)
+        if self.inverse_tol is not None and not self.inverse_tol > 0:
+            raise ValueError(f"inverse_tol must be positive, got {self.inverse_tol}")
+        if self.refine_max_iter < 1:
+            raise ValueError(f"refine_max_iter must be >= 1, got {self.refine_max_iter}")
+
+    def replace(self, **changes) -> "StackOptions":
+        """A copy with ``changes`` applied (and validated)."""
+        return _replace(self, changes, "stack")
+
+
+def _replace(options, changes: dict, kind: str):  # type: ignore[no-untyped-def]
+    names = [field.name for field in dataclasses.fields(options)]
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        raise TypeError(f"unknown {kind} option(s) {unknown}; the options are {names}")
+    return dataclasses.replace(options, **changes)
+
+
+def add_option_properties(cls: type, options_type: type) -> type:
+    """Give ``cls`` one validated attribute per field of ``options_type``, read from and
+    written to ``self.options`` (a frozen value, replaced on every change)."""
+
+    def option(name: str) -> property:
+        def get(self):  # type: ignore[no-untyped-def]
+            return getattr(self.options, name)
+
+        def set_(self, value) -> None:  # type: ignore[no-untyped-def]
+            self.options = self.options.replace(**{name: value})
+
+        return property(get, set_, doc=f"The ``{name}`` option (see :class:`{options_type.__name__}`).")
+
+    for field in dataclasses.fields(options_type):
+        setattr(cls, field.name, option(field.name))
+    return cls

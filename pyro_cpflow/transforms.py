@@ -21,6 +21,13 @@ The potential is evaluated once per input: ``f(x)`` keeps the evaluated potentia
 (a :class:`~pyro_cpflow.derivatives.PotentialTrace`) beside the cached pair, and
 ``log_abs_det_jacobian(x, y)`` reuses it, as zuko's ``call_and_ladj`` does.
 
+Nothing fails silently: an inverse that misses its tolerance warns or raises by the
+``on_failure`` option and is not cached; a stochastic log-det whose CG misses its
+tolerance says so (once per setting, the reports keep the rest); and where a
+factorisation or a solve fails because the input, the context or the parameters hold NaN
+or Inf (possible with Pyro's validation off), the error says that, not something about
+positive definiteness or iteration caps.
+
 Following Pyro's pattern, :class:`ConditionedCPFlow` holds the maths for a fixed
 potential, context and :class:`~pyro_cpflow.options.FlowOptions` value, :class:`CPFlow`
 owns the parameters, and :class:`ConditionalCPFlow` returns a :class:`ConditionedCPFlow`
@@ -33,41 +40,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from pyro.distributions import constraints, is_validation_enabled
+from pyro.distributions import constraints
 from pyro.distributions.conditional import ConditionalTransformModule
-from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
+from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform
 
+from .checks import check_finite, check_like, check_rows, count_nonfinite
 from .derivatives import PotentialTrace
 from .linalg import CGResult, cholesky_logdet, stochastic_logdet
-from .options import FlowOptions, handle_failure
+from .options import FlowOptions, add_option_properties
 from .potential import ConvexPotential
+from .precision import float64_twin
 from .pyro_glue import ModuleInverseMixin, VersionedCacheMixin, module_parameters_and_buffers
-from .solvers import Diagnostics, InverseReport, invert_gradient_map
+from .reports import Diagnostics, InverseReport, Linearization
+from .solvers import gradient_linearization, invert_gradient_map, with_implicit_gradients
 
-__all__ = ["CPFlow", "CPFlowStack", "ConditionalCPFlow", "ConditionedCPFlow", "check_finite"]
-
-
-def check_finite(value: Tensor, name: str) -> None:
-    """Raise ``ValueError`` if ``value`` holds NaN or Inf, while Pyro's validation is on.
-
-    The check reads a flag on the host (a synchronisation on a GPU), so like Pyro's own
-    argument checks it follows ``pyro.enable_validation`` (on by default).
-    """
-    if is_validation_enabled() and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
-def check_like(value: Tensor, name: str, reference: Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` has the dtype and device of ``reference``."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
-    if value.dtype != reference.dtype or value.device != reference.device:
-        raise ValueError(
-            f"{name} has dtype {value.dtype} on {value.device} but the flow's parameters have "
-            f"dtype {reference.dtype} on {reference.device}; convert one of them"
-        )
+__all__ = ["CPFlow", "ConditionalCPFlow", "ConditionedCPFlow"]
 
 
 class _OptionAttributes:
@@ -96,18 +85,7 @@ class _OptionAttributes:
         return self.diagnostics.inverse
 
 
-def _option_attribute(name: str) -> property:
-    def get(self: _OptionAttributes):  # type: ignore[no-untyped-def]
-        return getattr(self.options, name)
-
-    def set_(self: _OptionAttributes, value) -> None:  # type: ignore[no-untyped-def]
-        self.options = self.options.replace(**{name: value})
-
-    return property(get, set_, doc=f"The ``{name}`` option (see :class:`~pyro_cpflow.options.FlowOptions`).")
-
-
-for _name in FlowOptions.names():
-    setattr(_OptionAttributes, _name, _option_attribute(_name))
+add_option_properties(_OptionAttributes, FlowOptions)
 
 
 class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
@@ -153,7 +131,7 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
 
     def _cache_key_extra(self) -> tuple:
         options = self.options  # a cached inverse must follow the solver's settings
-        return options.inverse_method, options.inverse_tol, options.inverse_max_iter
+        return options.inverse_method, options.inverse_tol, options.inverse_max_iter, options.on_failure
 
     def _needs_graph(self, rows: Tensor, context: Tensor | None) -> bool:
         """Whether the result must be differentiable: grad mode and something requiring grad."""
@@ -168,8 +146,7 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
         d = self.input_dim
         reference = self.potential.factor
         check_like(x, name, reference)
-        if x.dim() < 1 or x.shape[-1] != d:
-            raise ValueError(f"{name} must have shape (..., {d}), got {tuple(x.shape)}")
+        check_rows(x, name, d)
         check_finite(x, name)
         context = self.context
         if context is None:
@@ -209,6 +186,12 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
 
     def _inverse(self, y: Tensor) -> Tensor:
         rows, context, batch = self._flatten(y, "y")
+        x = self._solve(rows, context, self.options.on_failure)
+        return x.reshape(*batch, self.input_dim)
+
+    def _solve(self, rows: Tensor, context: Tensor | None, on_failure: str) -> Tensor:
+        """The rows of :math:`(\\nabla F)^{-1}`, differentiable where grad mode asks for it;
+        the report goes to ``diagnostics.inverse``, and a miss is not cached."""
         options = self.options
         factor = self.potential.factorize()
         x, report = invert_gradient_map(
@@ -220,9 +203,53 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
             method=options.inverse_method,
             tol=options.inverse_tol,
             max_iter=options.inverse_max_iter,
-            on_failure=options.on_failure,
+            on_failure=on_failure,
         )
         self.diagnostics.inverse = report
+        if not report.all_converged:
+            self._mark_unconverged()
+        return x
+
+    # What a stack needs to invert the composition (pyro_cpflow.stack): no graphs, no policy.
+
+    def _solve_inverse(self, y: Tensor) -> tuple[Tensor, InverseReport]:
+        """The inverse at ``y`` without gradients or failure policy, and its report."""
+        rows, context, batch = self._flatten(y, "y")
+        with torch.no_grad():
+            x = self._solve(rows, context, "ignore")
+        return x.reshape(*batch, self.input_dim), self.diagnostics.inverse  # type: ignore[return-value]
+
+    def _linearize(self, x: Tensor) -> Linearization:
+        """The map at ``x`` with products and CG solves (preconditioned by :math:`Q`) with the
+        Hessian there, on tensors of shape ``batch + (d,)`` (no graphs)."""
+        rows, context, batch = self._flatten(x, "x")
+        d = self.input_dim
+        with torch.no_grad():
+            at = gradient_linearization(self.potential.evaluate, rows, context, self.potential.factorize().solve)
+
+        def solve(v: Tensor, rtol: Tensor) -> tuple[Tensor, int]:
+            with torch.no_grad():
+                solution, products = at.solve(v.reshape(-1, d), rtol.reshape(-1))
+            return solution.reshape(v.shape), products
+
+        def multiply(v: Tensor) -> Tensor:
+            with torch.no_grad():
+                return at.multiply(v.reshape(-1, d)).reshape(v.shape)
+
+        return Linearization(at.value.reshape(*batch, d), solve, multiply)
+
+    def _float64_twin(self) -> "ConditionedCPFlow":
+        """This map in float64, with the same parameter values (:mod:`pyro_cpflow.precision`)."""
+        context = None if self.context is None else self.context.double()
+        return ConditionedCPFlow(float64_twin(self.potential), context, self.options, Diagnostics(), self.training, 0)
+
+    def _attach(self, value: Tensor, y: Tensor) -> Tensor:
+        """``value``, a detached root of :math:`\\nabla F(x) = y`, carrying the implicit
+        gradients to ``y``, the context and the parameters."""
+        rows, context, batch = self._flatten(y, "y")
+        x = with_implicit_gradients(
+            self.potential, value.reshape(-1, self.input_dim), rows, context, self.potential.factorize().solve
+        )
         return x.reshape(*batch, self.input_dim)
 
     def hessian(self, x: Tensor) -> Tensor:
@@ -244,7 +271,11 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
         options = self.options
         rows = trace.x.shape[0]
         if options.resolve_logdet(self.input_dim, rows, self.training) == "exact":
-            return cholesky_logdet(trace.hessian())
+            try:
+                return cholesky_logdet(trace.hessian())
+            except ValueError:  # not positive definite: only NaN or Inf can do that to F
+                self._raise_if_nonfinite(trace.x)
+                raise
         estimate = stochastic_logdet(
             trace,
             self.potential.factorize(trace.quadratic),
@@ -256,16 +287,44 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
         )
         self.diagnostics.cg, self.diagnostics.condition = estimate.cg, estimate.condition
         if options.on_failure != "ignore" and not bool(estimate.cg.converged.all()):
-            cg = estimate.cg
-            handle_failure(
-                options.on_failure,
+            self._report_cg_miss(trace.x, estimate.cg, estimate.condition)
+        return estimate.combined()
+
+    def _nonfinite_inputs(self, rows: Tensor) -> str | None:
+        """What holds NaN or Inf among the rows, the context and the parameters, if anything."""
+        unchecked = "(Pyro's validation is off, so nothing rejected it earlier)"
+        bad = count_nonfinite(rows)
+        if bad:
+            return f"x contains NaN or Inf in {bad} of {rows.shape[0]} samples {unchecked}"
+        if self.context is not None and count_nonfinite(self.context.reshape(1, -1)):
+            return f"the context contains NaN or Inf {unchecked}"
+        names = [name for name, p in self.potential.named_parameters() if count_nonfinite(p.reshape(1, -1))]
+        if names:
+            return f"the flow's parameters {names[:4]} contain NaN or Inf"
+        return None
+
+    def _raise_if_nonfinite(self, rows: Tensor) -> None:
+        culprit = self._nonfinite_inputs(rows)
+        if culprit is not None:
+            raise ValueError(f"{culprit}: the log-det is undefined")
+
+    def _report_cg_miss(self, rows: Tensor, cg: CGResult, condition: Tensor) -> None:
+        options = self.options
+        culprit = self._nonfinite_inputs(rows)
+        if culprit is not None:
+            situation: tuple = ("non-finite log-det input",)
+            message = f"{culprit}: the stochastic log-det of those samples is NaN"
+        else:
+            situation = ("stochastic log-det CG", options.cg_rtol, options.cg_max_iter, options.num_probes)
+            message = (
                 f"CG of the stochastic log-det missed rtol={options.cg_rtol:g} for "
                 f"{int((~cg.converged).sum())} of {cg.converged.numel()} samples (worst residual "
                 f"{float(cg.residual_norm.max()):.3e}; condition number of Q^-1 H at least "
-                f"{float(estimate.condition.max()):.1e}): their log-det values and gradients are "
-                "biased; raise cg_max_iter or use logdet='exact'",
+                f"{float(condition.max()):.1e}): their log-det values and gradients are "
+                f"biased; raise cg_max_iter (now {options.cg_max_iter or 'the default, 2 d'}) or "
+                "cg_rtol, or use logdet='exact'"
             )
-        return estimate.combined()
+        self.diagnostics.handle_failure_once(options.on_failure, situation, message, stacklevel=4)
 
     def with_cache(self, cache_size: int = 1) -> "ConditionedCPFlow":
         """``self``, or a parameter-sharing view with another cache size."""
@@ -274,28 +333,6 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
         return ConditionedCPFlow(
             self.potential, self.context, self.options, self.diagnostics, self.training, cache_size
         )
-
-
-class CPFlowStack(ComposeTransformModule):
-    """A ``ComposeTransformModule`` whose ``inv`` is one too (see :func:`~pyro_cpflow.cpflow_stack`).
-
-    The inverse composes the parts' inverses in reverse order; with parts whose ``inv``
-    is an ``nn.Module`` it registers every parameter, and ``stack.inv.inv is stack``.
-    """
-
-    @property
-    def inv(self) -> "CPFlowStack":
-        inverse = self.__dict__.get("_inverse_module")
-        if inverse is None:
-            inverse = CPFlowStack([part.inv for part in reversed(self.parts)], self._cache_size)
-            inverse.__dict__["_inverse_module"] = self  # kept outside the module tree: no cycle
-            self.__dict__["_inverse_module"] = inverse
-        return inverse
-
-    def with_cache(self, cache_size: int = 1) -> "CPFlowStack":
-        if cache_size == self._cache_size:
-            return self
-        return CPFlowStack(self.parts, cache_size=cache_size)
 
 
 class CPFlow(ModuleInverseMixin, ConditionedCPFlow, TransformModule):
@@ -349,10 +386,7 @@ class ConditionalCPFlow(_OptionAttributes, ConditionalTransformModule):
         self.diagnostics = Diagnostics()
 
     def condition(self, context: Tensor) -> ConditionedCPFlow:
-        expected = getattr(self.potential.network, "context_dim", None)
-        if not isinstance(context, Tensor) or context.dim() < 1 or context.shape[-1] != expected:
-            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
-            raise ValueError(f"context must have shape (..., {expected}), got {shape}")
         check_like(context, "context", self.potential.factor)
+        check_rows(context, "context", self.potential.network.context_dim)  # type: ignore[arg-type]
         check_finite(context, "context")
         return ConditionedCPFlow(self.potential, context, self.options, self.diagnostics, self.training)

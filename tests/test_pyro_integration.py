@@ -12,7 +12,7 @@ from pyro.infer.autoguide import AutoNormal, AutoNormalizingFlow
 from pyro.infer.reparam import NeuTraReparam
 
 import pyro_cpflow.transforms
-from pyro_cpflow import conditional_cpflow, cpflow
+from pyro_cpflow import ActNorm, conditional_cpflow, cpflow, cpflow_stack
 
 D = 5
 
@@ -228,3 +228,19 @@ def test_density_direction_trains_without_solver_and_samples_with_it(monkeypatch
     assert calls
     assert torch.isfinite(samples).all() and torch.isfinite(p.log_prob(samples)).all()
     assert flow.last_inverse.all_converged
+
+
+@pytest.mark.parametrize("actnorm", ["between", "around"])
+def test_cpflow_stack_guide_trains_from_a_single_sample(actnorm, forbid_inverse):
+    """Trace_ELBO runs the guide once with one sample first: ActNorm must initialise from it."""
+    problem = ConjugateGaussian()
+    torch.manual_seed(0)
+    stack = cpflow_stack(D, num_blocks=2, hidden_dims=(8, 8), logdet="exact", actnorm=actnorm)
+    guide, sample_and_log_q = _flow_guide(stack)
+    losses = _train(problem.model, guide, steps=20, lr=1e-2, loss=Trace_ELBO())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    norms = [part for part in stack if isinstance(part, ActNorm)]
+    assert norms and all(norm.is_initialized() for norm in norms)
+    with torch.no_grad():
+        z, log_q = sample_and_log_q(50)
+    assert torch.isfinite(log_q).all()

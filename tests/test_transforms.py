@@ -2,6 +2,7 @@
 
 import copy
 import io
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -13,6 +14,8 @@ from pyro_cpflow import (
     ActNorm,
     CPFlow,
     InverseTransformModule,
+    NonConvergenceError,
+    NonConvergenceWarning,
     conditional_cpflow,
     conditional_cpflow_stack,
     cpflow,
@@ -394,3 +397,77 @@ def test_cache_sees_in_place_edits_of_its_input():
         target.mul_(3)
         second = flow.inv(target)
     assert second is not first and torch.allclose(flow._call(second), target, atol=1e-10)
+
+
+def test_failed_inverse_is_never_served_from_the_cache():
+    flow = cpflow(D, **SMALL, inverse_tol=1e-17)  # below float64's resolution: cannot succeed
+    _randomize(flow, scale=2.0)
+    y = 50 * torch.randn(8, D)
+    with torch.no_grad():
+        with pytest.warns(NonConvergenceWarning, match="did not converge"):
+            flow.inv(y)
+        with pytest.warns(NonConvergenceWarning, match="did not converge"):
+            flow.inv(y)  # solved (and reported) again, not served silently
+        flow.on_failure = "raise"
+        with pytest.raises(NonConvergenceError):
+            flow.inv(y)
+        flow.on_failure, flow.inverse_tol = "warn", None
+        x = flow.inv(y)
+        assert flow.last_inverse.all_converged and flow.inv(y) is x
+
+
+def test_stochastic_logdet_warns_once_per_setting_and_says_what_to_change():
+    flow = cpflow(8, hidden_dims=(16, 16), logdet="stochastic", cg_max_iter=1)
+    _randomize(flow, scale=1.0)
+    x = 3 * torch.randn(16, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            flow.log_abs_det_jacobian(x, flow(x))
+            flow.clear_cache()
+        flow.cg_max_iter = 2  # a new setting: a new warning
+        flow.log_abs_det_jacobian(x, flow(x))
+    messages = [str(w.message) for w in caught if issubclass(w.category, NonConvergenceWarning)]
+    assert len(messages) == 2, messages
+    assert "raise cg_max_iter (now 1)" in messages[0] and "warned once" in messages[0]
+    assert not flow.diagnostics.cg.converged.all()  # the reports keep every miss
+    flow.on_failure = "raise"
+    with pytest.raises(NonConvergenceError, match="CG of the stochastic log-det"):
+        flow.log_abs_det_jacobian(x, flow(x))
+
+
+@pytest.mark.parametrize("logdet", LOGDET_MODES)
+def test_nan_with_validation_off_is_called_nan(logdet):
+    """Nothing checks values with validation off, but a failure must then name the NaN,
+    not positive definiteness or CG iteration caps."""
+    flow = cpflow(D, hidden_dims=(8, 8), logdet=logdet)
+    bad = torch.tensor([[0.0, float("nan"), 0.0], [1.0, 2.0, 3.0]])
+    with pyro.validation_enabled(False):
+        if logdet == "exact":
+            with pytest.raises(ValueError, match=r"x contains NaN or Inf in 1 of 2 samples") as error:
+                flow.log_abs_det_jacobian(bad, flow(bad))
+            assert "positive definite" not in str(error.value)
+        else:
+            with pytest.warns(NonConvergenceWarning, match="x contains NaN or Inf") as caught:
+                logdet_value = flow.log_abs_det_jacobian(bad, flow(bad))
+            assert "cg_max_iter" not in str(caught[0].message)
+            assert torch.isnan(logdet_value[0]) and torch.isfinite(logdet_value[1])
+        with torch.no_grad():
+            next(flow.parameters()).fill_(float("nan"))
+        flow.logdet = "exact"
+        good = torch.randn(2, D)
+        with pytest.raises(ValueError, match=r"the flow's parameters \[.*\] contain NaN or Inf"):
+            flow.log_abs_det_jacobian(good, flow(good))
+
+
+def test_non_tensor_and_integer_arguments_get_clear_errors():
+    cflow = conditional_cpflow(D, C, **SMALL)
+    with pytest.raises(TypeError, match="context must be a tensor, got list"):
+        cflow.condition([0.0, 0.0])
+    with pytest.raises(ValueError, match="context has dtype torch.int64"):
+        cflow.condition(torch.zeros(C, dtype=torch.long))
+    flow = cpflow(D, **SMALL)
+    with pytest.raises(ValueError, match="y has dtype torch.int64"):
+        flow.inv(torch.zeros(2, D, dtype=torch.long))
+    with pytest.raises(TypeError, match="x must be a tensor, got float"):
+        flow.log_abs_det_jacobian(1.0, torch.zeros(D))
