@@ -46,16 +46,11 @@ from pyro.nn import PyroParam
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
+from .checks import check_not_tracing
 from .factories import cpflow, cpflow_stack
 
-__all__ = ["AutoCPFlow", "JIT_MESSAGE"]
+__all__ = ["AutoCPFlow"]
 
-JIT_MESSAGE = (
-    "a CP-Flow cannot be traced by torch.jit (JitTrace_ELBO, JitTraceGraph_ELBO, "
-    "JitTraceEnum_ELBO, NUTS/HMC with jit_compile=True): torch.jit.trace is deprecated in torch "
-    "2.14, and the flow's caches and solvers are data-dependent Python. Use Trace_ELBO (or "
-    "TraceGraph_ELBO / TraceEnum_ELBO) and jit_compile=False"
-)
 
 
 class AutoCPFlow(AutoContinuous):
@@ -135,8 +130,7 @@ class AutoCPFlow(AutoContinuous):
         return [self.flow, affine]
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.Distribution:
-        if torch.jit.is_tracing():
-            raise NotImplementedError(JIT_MESSAGE)
+        check_not_tracing()
         return dist.TransformedDistribution(self.get_base_dist(), self._transforms())
 
     @torch.no_grad()

@@ -18,7 +18,20 @@ import torch
 from pyro.distributions import is_validation_enabled
 from torch import Tensor
 
-__all__ = ["check_finite", "check_like", "check_rows", "count_nonfinite"]
+__all__ = ["JIT_MESSAGE", "check_finite", "check_like", "check_not_tracing", "check_rows", "count_nonfinite"]
+
+JIT_MESSAGE = (
+    "a CP-Flow cannot be traced by torch.jit (JitTrace_ELBO, JitTraceGraph_ELBO, "
+    "JitTraceEnum_ELBO, NUTS/HMC with jit_compile=True): torch.jit.trace is deprecated in torch "
+    "2.14, and the flow's caches and solvers are data-dependent Python. Use Trace_ELBO (or "
+    "TraceGraph_ELBO / TraceEnum_ELBO) and jit_compile=False"
+)
+
+
+def check_not_tracing() -> None:
+    """Raise ``NotImplementedError`` (:data:`JIT_MESSAGE`) inside a ``torch.jit`` trace."""
+    if torch.jit.is_tracing():
+        raise NotImplementedError(JIT_MESSAGE)
 
 
 def check_like(value: object, name: str, reference: Tensor) -> None:

@@ -42,6 +42,12 @@ thread, at initialisation. Exact was not slower up to these dimensions in every 
 smaller value where two runs disagreed); beyond d = 64 it was not measured."""
 
 
+EXACT_SCORING_MAX_DIM = 64
+"""``logdet="auto"`` when no gradient is taken (scoring samples, importance weights): exact up
+to this dimension, whatever the batch and the train/eval state, so that a density a user
+reads is exact. Beyond it the dense Hessians of a large batch would not fit in memory."""
+
+
 def exact_is_cheaper(dim: int, batch: int) -> bool:
     """Whether the exact log-det step is measured to be no slower than the stochastic one."""
     for largest_batch, largest_dim in EXACT_MAX_DIM_BY_BATCH:
@@ -77,8 +83,10 @@ class FlowOptions:
 
     :param logdet: ``"exact"`` (dense Hessian, Cholesky), ``"stochastic"`` (one
         preconditioned CG solve per probe gives the value and the gradient) or ``"auto"``:
-        exact in eval mode, and while training wherever it is measured to be no slower
-        (:func:`exact_is_cheaper`, by dimension and batch size) or ``d <= exact_max_dim``.
+        exact in eval mode and wherever no gradient is taken up to
+        :data:`EXACT_SCORING_MAX_DIM` (scoring samples), and while training wherever it is
+        measured to be no slower (:func:`exact_is_cheaper`, by dimension and batch size) or
+        ``d <= exact_max_dim``.
     :param exact_max_dim: if set, replaces the measured rule of ``"auto"`` while training.
     :param num_probes: Rademacher probes of the stochastic log-det.
     :param cg_rtol: relative tolerance of its CG solves; the value's quadrature error and
@@ -138,11 +146,12 @@ class FlowOptions:
         """A copy with ``changes`` applied (and validated)."""
         return _replace(self, changes, "CP-Flow")
 
-    def resolve_logdet(self, dim: int, batch: int, training: bool) -> str:
-        """The log-det mode used for ``batch`` rows of dimension ``dim`` in this train/eval state."""
+    def resolve_logdet(self, dim: int, batch: int, training: bool, gradient: bool = True) -> str:
+        """The log-det mode used for ``batch`` rows of dimension ``dim`` in this train/eval
+        state, with or without a ``gradient`` to take."""
         if self.logdet != "auto":
             return self.logdet
-        if not training:
+        if not training or (not gradient and dim <= EXACT_SCORING_MAX_DIM):
             return "exact"
         if self.exact_max_dim is not None:
             return "exact" if dim <= self.exact_max_dim else "stochastic"

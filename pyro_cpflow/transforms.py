@@ -14,8 +14,9 @@ direction ``f(x)`` is one gradient evaluation; the inverse solves a convex probl
   (:func:`~pyro_cpflow.linalg.stochastic_logdet`), combined as
   ``value + (surrogate - surrogate.detach())``. Memory does not grow with the number of
   CG iterations; gradients reach the parameters and the input ``x``.
-* ``"auto"``: ``"exact"`` in eval mode and where it is measured to be no slower, else
-  ``"stochastic"`` (:meth:`~pyro_cpflow.options.FlowOptions.resolve_logdet`).
+* ``"auto"``: ``"exact"`` in eval mode, wherever no gradient is taken (scoring samples, up to
+  ``d = 64``) and where it is measured to be no slower, else ``"stochastic"``
+  (:meth:`~pyro_cpflow.options.FlowOptions.resolve_logdet`).
 
 The potential is evaluated once per input: ``f(x)`` keeps the evaluated potential
 (a :class:`~pyro_cpflow.derivatives.PotentialTrace`) beside the cached pair, and
@@ -46,7 +47,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform
 
-from .checks import check_finite, check_like, check_rows, count_nonfinite
+from .checks import check_finite, check_like, check_not_tracing, check_rows, count_nonfinite
 from .derivatives import PotentialTrace
 from .linalg import CGResult, cholesky_logdet, stochastic_logdet
 from .options import FlowOptions, add_option_properties
@@ -68,11 +69,11 @@ class _OptionAttributes:
     potential: ConvexPotential
     training: bool
 
-    def resolve_logdet(self, dim: int | None = None, batch: int = 1) -> str:
+    def resolve_logdet(self, dim: int | None = None, batch: int = 1, gradient: bool = True) -> str:
         """The log-det mode used now (train/eval state) for ``batch`` rows of dimension ``dim``
-        (by default the flow's own)."""
+        (by default the flow's own), with or without a ``gradient`` to take."""
         dim = self.potential.input_dim if dim is None else dim
-        return self.options.resolve_logdet(dim, batch, self.training)
+        return self.options.resolve_logdet(dim, batch, self.training, gradient)
 
     @property
     def last_cg(self) -> CGResult | None:
@@ -143,8 +144,9 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
 
     def _flatten(self, x: Tensor, name: str) -> tuple[Tensor, Tensor | None, torch.Size]:
         """Rows ``(N, d)``, matching context rows ``(N, c)`` and the batch shape."""
+        check_not_tracing()
         d = self.input_dim
-        reference = self.potential.factor
+        reference = self.potential.packed
         check_like(x, name, reference)
         check_rows(x, name, d)
         check_finite(x, name)
@@ -270,7 +272,8 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
     def _logdet(self, trace: PotentialTrace) -> Tensor:
         options = self.options
         rows = trace.x.shape[0]
-        if options.resolve_logdet(self.input_dim, rows, self.training) == "exact":
+        gradient = trace.gradient.requires_grad
+        if options.resolve_logdet(self.input_dim, rows, self.training, gradient) == "exact":
             try:
                 return cholesky_logdet(trace.hessian())
             except ValueError:  # not positive definite: only NaN or Inf can do that to F
@@ -283,7 +286,7 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
             rtol=options.cg_rtol,
             max_iter=options.cg_max_iter,
             check_every=options.cg_check_every,
-            gradient=trace.gradient.requires_grad,
+            gradient=gradient,
         )
         self.diagnostics.cg, self.diagnostics.condition = estimate.cg, estimate.condition
         if options.on_failure != "ignore" and not bool(estimate.cg.converged.all()):

@@ -227,7 +227,7 @@ def test_bad_arguments_name_themselves(bad):
         AutoCPFlow(_three_site_model, **bad)
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_jit_elbo_is_refused_with_what_to_use_instead():
     def model():
         pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))

@@ -155,6 +155,19 @@ def test_autonormalizingflow_and_neutra_hmc():
     assert bool(((z.mean(0) - problem.mean).abs() < 4 * scale / 60**0.5 + 0.5 * scale).all())
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_jit_compiled_nuts_through_a_flow_is_refused_with_what_to_use_instead():
+    problem = ConjugateGaussian()
+    guide = AutoNormalizingFlow(problem.model, partial(cpflow, hidden_dims=(4, 4), logdet="exact"))
+    guide()
+    neutra = NeuTraReparam(guide.requires_grad_(False))
+    reparam_model = poutine.reparam(problem.model, config=lambda _: neutra)
+    mcmc = MCMC(NUTS(reparam_model, jit_compile=True), num_samples=2, warmup_steps=1,
+                disable_progbar=True)
+    with pytest.raises(NotImplementedError, match="cannot be traced by torch.jit.*jit_compile=False"):
+        mcmc.run()
+
+
 def test_amortized_vae_trains_without_calling_the_solver(forbid_inverse):
     torch.manual_seed(0)
     latent, context, observed = 2, 6, 10

@@ -312,6 +312,20 @@ def test_auto_mode_follows_dimension_and_training_state():
     assert measured.resolve_logdet(batch=256) == "exact"
 
 
+def test_scoring_without_a_gradient_is_exact_in_training_mode():
+    """Importance weights and log-densities read under no_grad need no eval(): they are exact."""
+    torch.manual_seed(0)
+    flow = cpflow(24, hidden_dims=(16, 16))  # stochastic while training at this batch
+    assert flow.training and flow.resolve_logdet(batch=500) == "stochastic"
+    assert flow.resolve_logdet(batch=500, gradient=False) == "exact"
+    assert cpflow(65, hidden_dims=(8,)).resolve_logdet(batch=500, gradient=False) == "stochastic"
+    x = torch.randn(500, 24)
+    with torch.no_grad():
+        scored = flow.log_abs_det_jacobian(x, flow(x))
+    exact = torch.linalg.slogdet(flow.hessian(x).detach())[1]
+    assert torch.allclose(scored, exact, atol=1e-10)
+
+
 def test_stack_actnorm_placements():
     names = {
         placement: [type(t).__name__ for t in cpflow_stack(D, num_blocks=2, actnorm=placement, **SMALL)]
