@@ -245,7 +245,24 @@ def write_json(path: Path, data: Any) -> Path:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """The contents of a JSON file (results, caches); a damaged file raises ``ValueError``
+    naming it and the place of the damage.
+
+    >>> import pathlib, tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = pathlib.Path(folder) / "results.json"
+    ...     _ = path.write_text('{"elbo": -3.2')
+    ...     read_json(path)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: .../results.json is not valid JSON (line 1, column 14: Expecting ',' delimiter): ...
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: "
+                         f"{error.msg}): restore it from git or rerun the script that wrote it") from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

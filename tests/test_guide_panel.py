@@ -48,3 +48,12 @@ def test_a_full_run_is_never_overwritten(tmp_path):
     with pytest.raises(SystemExit):
         guide_panel.parse_args(["--out", str(out)])
     assert guide_panel.parse_args(["--out", str(out), "--overwrite"]).overwrite
+
+
+def test_a_damaged_results_file_is_named(tmp_path):
+    import common
+
+    path = tmp_path / "guide_panel_nuts.json"
+    path.write_text('{"eight_schools": {"mean": ')
+    with pytest.raises(ValueError, match=f"{path} is not valid JSON"):
+        common.read_json(path)
