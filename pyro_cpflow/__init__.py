@@ -1,6 +1,7 @@
 """Convex Potential Flows (Huang et al., ICLR 2021) as Pyro transforms."""
 
 from .actnorm import ActNorm
+from .amortized import AutoAmortizedCPFlow, AutoAmortizedNormal
 from .autoguide import AutoCPFlow
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .derivatives import AutogradTrace, NetworkTrace, PotentialTrace
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActNorm",
+    "AutoAmortizedCPFlow",
+    "AutoAmortizedNormal",
     "AutoCPFlow",
     "AutogradTrace",
     "CGResult",
