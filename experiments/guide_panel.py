@@ -217,7 +217,7 @@ def report(results: dict[str, Any]) -> str:
         ref = results["nuts"][name]
         lines += [f"**{name}** (NUTS: {ref['samples']} draws, min ESS {ref['min_ess']:.0f}, "
                   f"{ref['divergences']} divergences)", "",
-                  markdown_table(["guide", "ELBO ± SE", "KL gap", "IS-ESS", "max |mean err| / sd",
+                  markdown_table(["guide", "ELBO ± SE", "KL gap", "IS-ESS", "max \\|mean err\\| / sd",
                                   "mean abs log sd ratio", "ms / step", "time vs IAF"], table), ""]
     return "\n".join(lines)
 
