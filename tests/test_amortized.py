@@ -300,6 +300,7 @@ def test_an_encoder_whose_output_changes_shape_is_named():
         guide(torch.randn(N, D_X))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_jit_tracing_is_refused():
     x = torch.randn(N, D_X)
     guide = make_guide()
