@@ -258,6 +258,39 @@ class AutoAmortizedNormal(AutoGuide):
             raise RuntimeError("the guide has not been run yet: call it (or an SVI step) first")
         return self._distribution(self._encode(features))
 
+    @torch.no_grad()
+    def quantiles(
+        self, quantiles: Sequence[float] | Tensor, *args: Any, num_samples: int = 1000, **kwargs: Any
+    ) -> dict[str, Tensor]:
+        """Coordinate-wise posterior quantiles of each local site for **every** member of the
+        plate (all ``N`` rows of ``data(*args, **kwargs)``), from ``num_samples`` draws per
+        member: shape ``(len(quantiles), N) + event shape``. As in
+        :meth:`~pyro_cpflow.AutoCPFlow.quantiles`, they are taken in the unconstrained space and
+        mapped to each site's support."""
+        if self.prototype_trace is None:
+            raise RuntimeError("the guide has not been run yet: call it (or an SVI step) first")
+        if not (isinstance(num_samples, int) and num_samples >= 2):
+            raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+        frame = self._plate_frame()
+        features = self._features(frame.full_size or frame.size, args, kwargs)
+        draws = self.posterior(features).sample((num_samples,))  # (S, N, latent_dim)
+        levels = torch.as_tensor(quantiles, dtype=draws.dtype, device=draws.device).reshape(-1)
+        if not bool(((levels >= 0) & (levels <= 1)).all()):
+            raise ValueError(f"quantiles must lie in [0, 1], got {levels.tolist()}")
+        latent = draws.quantile(levels, dim=0)  # (Q, N, latent_dim)
+        result = {}
+        for name, (start, stop, shape) in self._slices.items():
+            unconstrained = latent[..., start:stop].reshape(latent.shape[:2] + shape)
+            result[name] = biject_to(self.prototype_trace.nodes[name]["fn"].support)(unconstrained)
+        return result
+
+    @torch.no_grad()
+    def median(self, *args: Any, num_samples: int = 1000, **kwargs: Any) -> dict[str, Tensor]:
+        """The coordinate-wise posterior median of each local site for every member of the plate,
+        ``(N,) + event shape`` (see :meth:`quantiles`)."""
+        values = self.quantiles([0.5], *args, num_samples=num_samples, **kwargs)
+        return {name: value[0] for name, value in values.items()}
+
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Sample the local sites for the plate's (subsample) indices; the same arguments as
         the model."""

@@ -206,10 +206,32 @@ def test_an_autoguide_list_guides_global_latents_with_another_guide():
     assert any(name.startswith("AutoGuideList.1.flow$$$") for name in names)
     assert any(name.startswith("AutoGuideList.1.encoder$$$") for name in names)
     assert abs(float(guide[0].median()["mu"]) - float(y.mean())) < 0.5
+    median = guide.median(y)  # AutoGuideList merges its parts' medians
+    assert set(median) == {"mu", "theta"} and median["theta"].shape == (30,)
 
 
-def _trained_guide(x):
-    guide = make_guide()
+@pytest.mark.parametrize("factory", GUIDES)
+def test_quantiles_and_median_cover_every_member_of_the_plate(factory):
+    x = torch.randn(N, D_X)
+    guide = _trained_guide(x, factory)
+    pyro.set_rng_seed(1)
+    quantiles = guide.quantiles([0.1, 0.5, 0.9], x, 5, num_samples=400)["z"]
+    assert quantiles.shape == (3, N, D_Z)  # all N members, not the subsample
+    assert bool((quantiles[0] < quantiles[1]).all() and (quantiles[1] < quantiles[2]).all())
+    pyro.set_rng_seed(1)
+    median = guide.median(x, 5, num_samples=400)["z"]
+    assert torch.equal(median, quantiles[1])
+    pyro.set_rng_seed(1)
+    direct = guide.posterior(x).sample((400,)).median(0).values
+    assert torch.allclose(median, direct, atol=0.1)
+    with pytest.raises(ValueError, match="quantiles must lie in"):
+        guide.quantiles([1.5], x, 5)
+    with pytest.raises(ValueError, match="num_samples"):
+        guide.median(x, 5, num_samples=1)
+
+
+def _trained_guide(x, factory=SMALL):
+    guide = make_guide(factory)
     svi = SVI(linear_gaussian, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
     for _ in range(5):
         svi.step(x, 5)
