@@ -93,6 +93,8 @@ CPFLOW_VARIANTS: dict[str, Callable[[Callable[[], None]], Any]] = {
     "AutoCPFlow (input gain 1)": functools.partial(AutoCPFlow, input_gain=1.0),
     "AutoCPFlow (hidden 128, gain 2)": functools.partial(AutoCPFlow, hidden_dims=(128, 128), input_gain=2.0),
     "AutoCPFlow (alpha 1e-3)": functools.partial(AutoCPFlow, alpha=1e-3),
+    "AutoCPFlow (factor std 1)": functools.partial(AutoCPFlow, initial_factor_std=1.0),
+    "AutoCPFlow (init scale 1)": functools.partial(AutoCPFlow, init_scale=1.0),
 }
 """Other settings of AutoCPFlow, for ``--guides`` (not in the default panel)."""
 
