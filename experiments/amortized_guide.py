@@ -58,12 +58,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS_DIR,
     RESULTS_MD,
+    add_run_options,
     count_parameters,
-    environment,
-    format_command,
     markdown_table,
+    positive,
     progress,
+    refuse_overwrite,
     replace_markdown_section,
+    run_header,
     write_json,
 )
 
@@ -248,14 +250,6 @@ def section(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    def positive(kind):
-        def check(text: str):
-            value = kind(text)
-            if not value > 0:
-                raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-            return value
-        return check
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--guides", nargs="+", choices=GUIDES, default=list(GUIDES))
     parser.add_argument("--steps", type=positive(int), default=3000)
@@ -268,17 +262,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-size", type=positive(int), default=297)
     parser.add_argument("--eval-samples", type=positive(int), default=200)
     parser.add_argument("--eval-chunk", type=positive(int), default=25, help="draws per evaluation pass")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 30 steps, 4 evaluation draws; writes nothing")
-    parser.add_argument("--out", type=Path, default=RESULTS_JSON)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing full run")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_run_options(parser, RESULTS_JSON, "smoke run: 30 steps, 4 evaluation draws; writes nothing")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.eval_samples, args.eval_chunk = 30, 4, 4
-    elif args.out.exists() and not args.overwrite:
-        parser.error(f"{args.out} holds a run: pass --overwrite to replace it or --out elsewhere")
+    refuse_overwrite(parser, args)
     return args
 
 
@@ -287,11 +275,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     train_x, test_x = load_digits(args.test_size, args.seed)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    header = run_header("amortized_guide.py", argv, args)
     results: dict[str, Any] = {
-        "command": format_command("amortized_guide.py", sys.argv[1:] if argv is None else argv),
-        "environment": environment(torch.device("cpu")),
-        "settings": settings | {"train_size": len(train_x)},
+        **header,
+        "settings": header["settings"] | {"train_size": len(train_x)},
         "guides": {},
     }
     for name in args.guides:

@@ -39,6 +39,7 @@ __all__ = [
     "EXPERIMENTS_DIR",
     "RESULTS_DIR",
     "RESULTS_MD",
+    "add_run_options",
     "build_parser",
     "count_parameters",
     "environment",
@@ -46,10 +47,13 @@ __all__ = [
     "format_command",
     "link",
     "markdown_table",
+    "positive",
     "progress",
     "read_json",
     "read_jsonl",
+    "refuse_overwrite",
     "replace_markdown_section",
+    "run_header",
     "seed_everything",
     "setup_torch",
     "standard_normal",
@@ -93,6 +97,45 @@ def build_parser(description: str, *, steps: int, batch_size: int, lr: float) ->
         help="no training: regenerate the Markdown section (and, for ot.py, the figure) from the JSON in --out-dir",
     )
     return parser
+
+
+def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses with ``kind`` and refuses values that are not > 0."""
+
+    def check(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return check
+
+
+def add_run_options(parser: argparse.ArgumentParser, out: Path, quick_help: str) -> None:
+    """``--seed``, ``--quick``, ``--out`` (default ``out``), ``--overwrite`` and
+    ``--no-progress`` (``args.progress``), for scripts that write one JSON run
+    (check it with :func:`refuse_overwrite`)."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing full run")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def refuse_overwrite(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop (an argparse error) when a full run would replace the one in ``args.out``."""
+    if not args.quick and args.out.exists() and not args.overwrite:
+        parser.error(f"{args.out} holds a run: pass --overwrite to replace it or --out elsewhere")
+
+
+def run_header(script: str, argv: Sequence[str] | None, args: argparse.Namespace) -> dict[str, Any]:
+    """``command``, ``environment`` and ``settings`` (the options, paths as text) of a run of
+    ``experiments/<script>`` with ``argv`` (``None``: the process's own arguments)."""
+    return {
+        "command": format_command(script, sys.argv[1:] if argv is None else argv),
+        "environment": environment(torch.device("cpu")),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
 
 
 def setup_torch(device: str, dtype: str, threads: int | None, seed: int) -> tuple[torch.device, torch.dtype]:

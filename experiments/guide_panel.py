@@ -57,12 +57,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS_DIR,
     RESULTS_MD,
-    environment,
-    format_command,
+    add_run_options,
     markdown_table,
+    positive,
     progress,
     read_json,
+    refuse_overwrite,
     replace_markdown_section,
+    run_header,
     write_json,
 )
 from guide_models import MODEL_NAMES, PanelModel, build  # noqa: E402
@@ -225,14 +227,6 @@ def report(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    def positive(kind):
-        def check(text: str):
-            value = kind(text)
-            if not value > 0:
-                raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-            return value
-        return check
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     parser.add_argument("--guides", nargs="+", choices=[*GUIDES, *CPFLOW_VARIANTS], default=list(GUIDES))
@@ -243,17 +237,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nuts-samples", type=positive(int), default=3000)
     parser.add_argument("--nuts-warmup", type=positive(int), default=1000)
     parser.add_argument("--refresh-nuts", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 30 steps, 200 evaluation draws, short NUTS; writes nothing")
-    parser.add_argument("--out", type=Path, default=PANEL_JSON)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing full run")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_run_options(parser, PANEL_JSON, "smoke run: 30 steps, 200 evaluation draws, short NUTS; writes nothing")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.eval_samples, args.nuts_samples, args.nuts_warmup = 30, 200, 100, 100
-    elif args.out.exists() and not args.overwrite:
-        parser.error(f"{args.out} holds a run: pass --overwrite to replace it or --out elsewhere")
+    refuse_overwrite(parser, args)
     return args
 
 
@@ -263,9 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     references = load_references(args.models, args)
     results: dict[str, Any] = {
-        "command": format_command("guide_panel.py", sys.argv[1:] if argv is None else argv),
-        "environment": environment(torch.device("cpu")),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **run_header("guide_panel.py", argv, args),
         "nuts": {name: {k: v for k, v in references[name].items() if k not in ("mean", "std")}
                  for name in args.models},
         "models": {},

@@ -66,11 +66,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS_DIR,
     RESULTS_MD,
-    environment,
-    format_command,
+    add_run_options,
     markdown_table,
+    positive,
     read_json,
+    refuse_overwrite,
     replace_markdown_section,
+    run_header,
     write_json,
 )
 from guide_models import build  # noqa: E402
@@ -237,14 +239,6 @@ def reading(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    def positive(kind):
-        def check(text: str):
-            value = kind(text)
-            if not value > 0:
-                raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-            return value
-        return check
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--steps", type=positive(int), default=3000, help="SVI steps per guide")
@@ -253,17 +247,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=positive(int), default=1000, help="NUTS draws per chain")
     parser.add_argument("--warmup", type=positive(int), default=500, help="NUTS warm-up steps")
     parser.add_argument("--max-tree-depth", type=positive(int), default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 30 SVI steps, 30 draws after 30 warm-up, tree depth 4; writes nothing")
-    parser.add_argument("--out", type=Path, default=NEUTRA_JSON)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing full run")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_run_options(parser, NEUTRA_JSON, "smoke run: 30 SVI steps, 30 draws after 30 warm-up, tree depth 4; writes nothing")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.samples, args.warmup, args.max_tree_depth = 30, 30, 30, 4
-    elif args.out.exists() and not args.overwrite:
-        parser.error(f"{args.out} holds a run: pass --overwrite to replace it or --out elsewhere")
+    refuse_overwrite(parser, args)
     return args
 
 
@@ -275,9 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"{NUTS_CACHE} is missing: run python experiments/guide_panel.py first")
     reference = read_json(NUTS_CACHE)[MODEL]
     results: dict[str, Any] = {
-        "command": format_command("neutra.py", sys.argv[1:] if argv is None else argv),
-        "environment": environment(torch.device("cpu")),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **run_header("neutra.py", argv, args),
         "methods": {},
     }
     start = time.perf_counter()
