@@ -389,7 +389,7 @@ class ConditionalCPFlow(_OptionAttributes, ConditionalTransformModule):
         self.diagnostics = Diagnostics()
 
     def condition(self, context: Tensor) -> ConditionedCPFlow:
-        check_like(context, "context", self.potential.factor)
+        check_like(context, "context", self.potential.packed)
         check_rows(context, "context", self.potential.network.context_dim)  # type: ignore[arg-type]
         check_finite(context, "context")
         return ConditionedCPFlow(self.potential, context, self.options, self.diagnostics, self.training)
