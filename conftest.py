@@ -1,7 +1,13 @@
 """Shared pytest setup: float64 by default, one thread per worker, ``--device``."""
 
+import importlib.util
+
 import pytest
 import torch
+
+# pyro_cpflow/zuko_bridge.py needs the optional extra pyro-cpflow[zuko]: without zuko, its
+# doctests are not collected (importing it would raise the ImportError that says so)
+collect_ignore = [] if importlib.util.find_spec("zuko") else ["pyro_cpflow/zuko_bridge.py"]
 
 
 def pytest_addoption(parser):
