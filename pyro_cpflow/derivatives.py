@@ -45,8 +45,9 @@ References: Amos, Xu & Kolter, *Input convex neural networks*, ICML 2017
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -169,6 +170,29 @@ class NetworkTrace:
             hessian = term if hessian is None else hessian + term
         return hessian.expand(self.x.shape[0], -1, -1)  # type: ignore[union-attr]
 
+    def whitened(self, whiten: Callable[[Tensor], Tensor]) -> "NetworkTrace | None":
+        r"""A constant copy whose :meth:`hvp` is :math:`S^{-1}\nabla^2 g\, S^{-\top} v`, or ``None``.
+
+        ``whiten`` maps rows :math:`w^\top` to :math:`(S^{-1} w)^\top`. The input enters every
+        hidden layer through :math:`W_k x`, so replacing each :math:`W_k` by :math:`W_k S^{-\top}`
+        (rows whitened once per call) turns a tangent of :math:`S^{-\top} v` into one of
+        :math:`v` and :math:`W_k^\top \mu` into :math:`S^{-1} W_k^\top \mu`: the whitened
+        product costs what a plain one does. Gated inputs (:math:`W (x \odot \eta)`, the
+        PICNN) mix the gate into the weight per sample, so there is no copy for them.
+        """
+        if any(gate is not None for layer in self.hidden for gate in layer.input_gates):
+            return None
+        copy = self.detach()
+        weights = [w for layer in copy.hidden for w in layer.input_weights]
+        whitened = whiten(torch.cat(weights)).split([w.shape[0] for w in weights])
+        layers, start = [], 0
+        for layer in copy.hidden:
+            stop = start + len(layer.input_weights)
+            layers.append(replace(layer, input_weights=tuple(whitened[start:stop])))
+            start = stop
+        copy.hidden = layers
+        return copy
+
     def detach(self) -> "NetworkTrace":
         """A copy whose products and Hessian are constants (no graph): for iterative solvers."""
         gradient, slopes, _ = self._backward
@@ -237,6 +261,16 @@ class QuadraticTerms:
         return QuadraticTerms(self.coefficient.detach(), self.factor.detach(), self.shift.detach(), context)
 
 
+class WhiteningFactor(Protocol):
+    """A factorisation :math:`Q = S S^\\top` as :meth:`PotentialTrace.whitened_hvp` uses it."""
+
+    source: "QuadraticTerms | None"
+
+    def whiten(self, rows: Tensor) -> Tensor: ...
+
+    def unwhiten(self, rows: Tensor) -> Tensor: ...
+
+
 class PotentialTrace:
     r""":math:`F = \sigma g + q` at rows ``x``: :math:`\sigma g` a :class:`NetworkTrace`, :math:`q` :class:`QuadraticTerms`.
 
@@ -271,6 +305,24 @@ class PotentialTrace:
     def hessian(self) -> Tensor:
         r""":math:`\nabla^2 F(x)`, ``(N, d, d)``."""
         return self.network.hessian() + self.quadratic.hessian(self.x.shape[0])
+
+    def whitened_hvp(self, factor: "WhiteningFactor") -> Callable[[Tensor], Tensor]:
+        r"""The constant product :math:`v \mapsto S^{-1} \nabla^2 F\, S^{-\top} v`, :math:`Q = S S^\top` from ``factor``.
+
+        When ``factor`` factorises this trace's own :math:`Q` (``factor.source is
+        self.quadratic``, as :func:`~pyro_cpflow.potential.factorize` records) and the
+        network takes its input ungated (:meth:`NetworkTrace.whitened`), the quadratic
+        whitens to the identity: :math:`S^{-1}HS^{-\top} v = S^{-1}\sigma\nabla^2 g\,S^{-\top}v + v`,
+        with no :math:`d \times d` work per product. Otherwise (another :math:`Q`, gated
+        inputs, context terms) the product is ``whiten(hvp(unwhiten(v)))``.
+        """
+        constant = self.detach()
+        network = None
+        if factor.source is self.quadratic and self.quadratic.context_factor is None:
+            network = constant.network.whitened(factor.whiten)
+        if network is None:
+            return lambda v: factor.whiten(constant.hvp(factor.unwhiten(v)))
+        return lambda v: network.hvp(v) + v
 
     def detach(self) -> "PotentialTrace":
         return PotentialTrace(self.network.detach(), self.quadratic.detach())

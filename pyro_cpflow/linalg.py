@@ -4,12 +4,14 @@ Every routine acts on a batch of ``N`` independent problems of dimension ``d`` a
 touches the matrices only through a batched product ``matvec: (N, d) -> (N, d)``; for
 CP-Flow that is :meth:`~pyro_cpflow.derivatives.PotentialTrace.hvp`.
 
-* :func:`conjugate_gradient` solves :math:`H_i w_i = b_i`, judging convergence per
-  sample, and can return the Lanczos tridiagonal matrix that its own coefficients define
-  (the modified batched CG of Gardner et al. 2018), so that one solve also gives a
-  quadrature estimate of :math:`b^\top f(H) b` (:func:`lanczos_quadrature`).
-* :func:`stochastic_logdet` uses one preconditioned solve per probe for both the value
-  of :math:`\log\det H` and an unbiased surrogate of its gradient.
+* :func:`conjugate_gradient` solves :math:`H_i w_i = b_i` (preconditioned, from a start,
+  with per-sample tolerances), judging convergence per sample and freezing converged samples.
+* :func:`lanczos_conjugate_gradient` is the lean lock-step CG that also returns the Lanczos
+  tridiagonal matrix its own coefficients define (the modified batched CG of Gardner et
+  al. 2018), so that one solve also gives a quadrature estimate of :math:`b^\top f(H) b`
+  (:func:`lanczos_quadrature`).
+* :func:`stochastic_logdet` uses one whitened solve per probe for both the value of
+  :math:`\log\det H` and an unbiased surrogate of its gradient.
 * :func:`cholesky_logdet` gives exact values for small ``d``.
 
 References: Hestenes & Stiefel (1952); Golub & Meurant, *Matrices, moments and
@@ -35,6 +37,7 @@ __all__ = [
     "StochasticLogdet",
     "cholesky_logdet",
     "conjugate_gradient",
+    "lanczos_conjugate_gradient",
     "lanczos_quadrature",
     "rademacher",
     "stochastic_logdet",
@@ -101,8 +104,8 @@ class CGResult:
     :ivar iterations: ``(N,)`` iterations each sample was active.
     :ivar residual_norm: ``(N,)`` final :math:`|b - H w|_2` (as tracked by the recurrence).
     :ivar converged: ``(N,)`` whether the sample met its tolerance.
-    :ivar lanczos: with ``lanczos=True``, the :class:`LanczosMatrices` of the
-        (preconditioned) Krylov spaces.
+    :ivar lanczos: from :func:`lanczos_conjugate_gradient`, the :class:`LanczosMatrices`
+        of the Krylov spaces.
     """
 
     solution: Tensor
@@ -146,7 +149,6 @@ def conjugate_gradient(
     max_iter: int | None = None,
     preconditioner: MatVec | None = None,
     check_every: int = 1,
-    lanczos: bool = False,
 ) -> CGResult:
     r"""Solve :math:`H_i w_i = b_i` for a batch of SPD :math:`H_i` by (preconditioned) CG.
 
@@ -169,13 +171,6 @@ def conjugate_gradient(
         ``check_every`` iterations. ``0`` never tests: exactly ``max_iter`` iterations run,
         converged samples frozen, with no synchronisation; the result is the same as with
         early exit whenever ``max_iter`` iterations suffice.
-    :param lanczos: also return the Lanczos tridiagonal matrix :math:`T` of each sample,
-        from the CG coefficients alone (no extra products). With step lengths
-        :math:`\alpha_j` and direction updates :math:`\beta_j`,
-        :math:`T_{jj} = 1/\alpha_j + \beta_{j-1}/\alpha_{j-1}` and
-        :math:`T_{j,j+1} = \sqrt{\beta_j}/\alpha_j`: the matrix of
-        :math:`M^{-1/2} H M^{-1/2}` in the Lanczos basis started from :math:`M^{-1/2} b`.
-
     >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
     >>> result = conjugate_gradient(lambda v: v @ A, torch.ones(5, 2), rtol=1e-10)
     >>> torch.allclose(result.solution @ A, torch.ones(5, 2))
@@ -201,11 +196,7 @@ def conjugate_gradient(
     active = residual.norm(dim=-1) > tolerance
     healthy = torch.ones(n, dtype=torch.bool, device=rhs.device)
     iterations = torch.zeros(n, dtype=torch.long, device=rhs.device)
-    start_norm_sq = inner
     tiny = torch.finfo(rhs.dtype).tiny
-    steps: list[Tensor] = []  # (alpha_j, active during j); (beta_j, active after j)
-    ratios: list[Tensor] = []
-    masks: list[Tensor] = []
     for iteration in range(max_iter):
         if check_every and iteration % check_every == 0 and not bool(active.any()):
             break
@@ -227,29 +218,107 @@ def conjugate_gradient(
         )
         inner = torch.where(active, new_inner, inner)
         iterations = iterations + active
-        if lanczos:
-            steps.append(step)
-            ratios.append(ratio)
-            masks.append(active)
         active = active & (residual.norm(dim=-1) > tolerance)
     residual_norm = residual.norm(dim=-1)
     converged = healthy & (residual_norm <= tolerance)
+    return CGResult(solution, iterations, residual_norm, converged)
+
+
+def lanczos_conjugate_gradient(
+    matvec: MatVec,
+    rhs: Tensor,
+    rtol: float = 1e-6,
+    max_iter: int | None = None,
+    check_every: int = 1,
+) -> CGResult:
+    r"""CG on :math:`A_i w_i = u_i` in lock-step, with the Lanczos matrices of its coefficients.
+
+    The modified batched CG of Gardner et al. (2018): with step lengths :math:`\alpha_j`
+    and direction updates :math:`\beta_j`, the Lanczos tridiagonal matrix of :math:`A_i`
+    started from :math:`u_i` is
+
+    .. math::
+
+        T_{jj} = \frac{1}{\alpha_j} + \frac{\beta_{j-1}}{\alpha_{j-1}}, \qquad
+        T_{j,j+1} = \frac{\sqrt{\beta_j}}{\alpha_j},
+
+    so the solve also gives the quadrature :math:`|u|^2 e_1^\top f(T) e_1 \approx u^\top f(A) u`
+    (:func:`lanczos_quadrature`) with no extra product. Built for the whitened operators of
+    :func:`stochastic_logdet` (:math:`A \succeq` a multiple of :math:`I`, no preconditioner),
+    it is lean: every sample takes every step (about ten tensor operations besides the
+    product), and the run ends once all residuals satisfy :math:`|r_i| \le \mathrm{rtol}\,|u_i|`.
+    A sample that converged earlier keeps iterating, which only refines its solution (each
+    step moves it by at most :math:`|r_i|/\lambda_{\min}`), but its Lanczos matrix is cut
+    at the step where it converged, as if it had stopped, so round-off past convergence
+    never reaches a quadrature. Curvatures are clamped at the smallest normal number, so no
+    step divides by zero; a non-finite residual is reported as not converged.
+
+    :param matvec: batched product ``(N, d) -> (N, d)`` with SPD :math:`A_i`.
+    :param rhs: ``(N, d)`` start vectors :math:`u_i`.
+    :param rtol: relative tolerance.
+    :param max_iter: default ``2 d``.
+    :param check_every: as for :func:`conjugate_gradient` (``0``: exactly ``max_iter`` steps,
+        no host synchronisation).
+    :returns: a :class:`CGResult` with ``lanczos`` set; ``iterations`` counts the steps each
+        sample needed.
+
+    >>> A = torch.diag(torch.tensor([1.0, 2.0, 4.0]))
+    >>> result = lanczos_conjugate_gradient(lambda v: v @ A, torch.ones(2, 3), rtol=1e-10)
+    >>> result.lanczos.dense().shape, result.iterations.tolist()
+    (torch.Size([2, 3, 3]), [3, 3])
+    """
+    if rhs.dim() != 2:
+        raise ValueError(f"rhs must have shape (N, d), got {tuple(rhs.shape)}")
+    if check_every < 0:
+        raise ValueError(f"check_every must be >= 0, got {check_every}")
+    max_iter = 2 * rhs.shape[1] if max_iter is None else max_iter
+    tiny = torch.finfo(rhs.dtype).tiny
+    solution = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    direction = rhs.clone()
+    inner = (rhs * rhs).sum(-1)
+    start_norm_sq = inner
+    tolerance_sq = (rtol * rtol) * inner
+    steps: list[Tensor] = []
+    ratios: list[Tensor] = []
+    inners: list[Tensor] = [inner]
+    for iteration in range(max_iter):
+        if check_every and iteration % check_every == 0 and not bool((inner > tolerance_sq).any()):
+            break
+        product = matvec(direction)
+        step = inner / (direction * product).sum(-1).clamp_min(tiny)
+        solution.addcmul_(step[:, None], direction)
+        residual.addcmul_(step[:, None], product, value=-1.0)
+        new_inner = (residual * residual).sum(-1)
+        ratio = new_inner / inner.clamp_min(tiny)
+        direction = torch.addcmul(residual, ratio[:, None], direction)
+        inner = new_inner
+        steps.append(step)
+        ratios.append(ratio)
+        inners.append(inner)
+    # a step counts for a sample while its residual before the step was above tolerance
+    active = torch.stack(inners[:-1], -1) > tolerance_sq[:, None] if steps else None
+    residual_norm = inner.sqrt()
+    converged = torch.isfinite(residual_norm) & (inner <= tolerance_sq)
+    if active is None:
+        iterations = torch.zeros_like(inner, dtype=torch.long)
+    else:
+        iterations = active.sum(-1)
     result = CGResult(solution, iterations, residual_norm, converged)
-    if lanczos:
-        result.lanczos = _lanczos_from_cg(steps, ratios, masks, start_norm_sq)
+    result.lanczos = _lanczos_from_cg(steps, ratios, active, start_norm_sq)
     return result
 
 
 def _lanczos_from_cg(
-    steps: list[Tensor], ratios: list[Tensor], masks: list[Tensor], start_norm_sq: Tensor
+    steps: list[Tensor], ratios: list[Tensor], active: Tensor | None, start_norm_sq: Tensor
 ) -> LanczosMatrices:
-    """The Lanczos matrices from CG's step lengths and direction ratios."""
+    """The Lanczos matrices from CG's step lengths and direction ratios; ``active`` ``(N, m)``
+    says which steps each sample took."""
     if not steps:
         ones = torch.ones_like(start_norm_sq)[:, None]
         return LanczosMatrices(ones, ones[:, :0], start_norm_sq)
     alpha = torch.stack(steps, -1)
     beta = torch.stack(ratios, -1)
-    active = torch.stack(masks, -1)
     inverse_alpha = _safe_divide(torch.ones_like(alpha), alpha)
     diagonal = inverse_alpha.clone()
     diagonal[:, 1:] = diagonal[:, 1:] + beta[:, :-1] * inverse_alpha[:, :-1]
@@ -311,9 +380,9 @@ class _Trace(Protocol):
 class _Preconditioner(Protocol):
     logdet: Tensor
 
-    def solve(self, rows: Tensor) -> Tensor: ...
+    def whiten(self, rows: Tensor) -> Tensor: ...
 
-    def probe_rows(self, like: Tensor) -> Tensor: ...
+    def unwhiten(self, rows: Tensor) -> Tensor: ...
 
     def matvec(self, rows: Tensor) -> Tensor: ...
 
@@ -343,6 +412,16 @@ class StochasticLogdet:
         return self.value + (self.surrogate - self.surrogate.detach())
 
 
+def _whitened_operator(trace: _Trace, factor: _Preconditioner) -> MatVec:
+    r""":math:`v \mapsto S^{-1} H S^{-\top} v` without a graph: the trace's own fast form when it
+    has one (:meth:`~pyro_cpflow.derivatives.PotentialTrace.whitened_hvp`), else three products."""
+    fast = getattr(trace, "whitened_hvp", None)
+    if fast is not None:
+        return fast(factor)
+    constant = trace.detach()
+    return lambda v: factor.whiten(constant.hvp(factor.unwhiten(v)))
+
+
 def stochastic_logdet(
     trace: _Trace,
     preconditioner: _Preconditioner | None = None,
@@ -352,26 +431,29 @@ def stochastic_logdet(
     check_every: int = 1,
     gradient: bool = True,
 ) -> StochasticLogdet:
-    r"""Value and gradient of :math:`\log\det H` from one preconditioned CG solve per probe.
+    r"""Value and gradient of :math:`\log\det H` from one CG solve per probe.
 
-    Let :math:`Q` be the preconditioner (the potential's quadratic, with :math:`Q \preceq H`)
-    and :math:`b` a random probe with :math:`\mathbb{E}[b b^\top] = Q` (:math:`C\varepsilon` for a
-    Cholesky factor :math:`C` and Rademacher :math:`\varepsilon`, or
-    :math:`\sqrt c\,\varepsilon_1 + L\varepsilon_2` when :math:`Q = cI + LL^\top` is low rank), and
-    :math:`v = Q^{-1} b`. Preconditioned CG on :math:`H w = b` is CG on
-    :math:`A = Q^{-1/2} H Q^{-1/2}` (the spectrum of :math:`Q^{-1} H`) started from
-    :math:`u = Q^{-1/2} b`, with :math:`\mathbb{E}[u u^\top] = I` and
-    :math:`|u|^2 = b^\top Q^{-1} b`, CG's first inner product. Its coefficients give the
-    Lanczos matrix :math:`T` of :math:`A` and :math:`u` at no extra cost, so
+    Let :math:`Q = S S^\top` be the preconditioner (the potential's quadratic, with
+    :math:`Q \preceq H`) and :math:`A = S^{-1} H S^{-\top}`, which has the spectrum of
+    :math:`Q^{-1} H`, so :math:`\log\det H = \log\det Q + \log\det A`. For a Rademacher
+    probe :math:`\varepsilon` (:math:`\mathbb{E}[\varepsilon\varepsilon^\top] = I`), CG on
+    :math:`A \hat w = \varepsilon` (:func:`lanczos_conjugate_gradient`) gives the Lanczos
+    matrix :math:`T` of :math:`A` from :math:`\varepsilon` at no extra cost, and
 
     .. math::
 
-        \log\det H = \log\det Q + \mathbb{E}\bigl[u^\top \log(A)\, u\bigr]
-        \approx \log\det Q + |u|^2\, e_1^\top \log(T)\, e_1 .
+        \log\det H = \log\det Q + \mathbb{E}\bigl[\varepsilon^\top \log(A)\, \varepsilon\bigr]
+        \approx \log\det Q + |\varepsilon|^2\, e_1^\top \log(T)\, e_1 .
 
-    For the gradient, with :math:`w = H^{-1} b` and :math:`v` held constant,
-    :math:`\mathbb{E}[w v^\top] = H^{-1}` and :math:`\mathbb{E}[v v^\top] = Q^{-1}`, so the
-    surrogate
+    This is preconditioned CG on :math:`H w = b` with :math:`b = S\varepsilon`
+    (:math:`\mathbb{E}[bb^\top] = Q`) in other coordinates: :math:`w = S^{-\top}\hat w = H^{-1} b`
+    and :math:`v = S^{-\top}\varepsilon = Q^{-1} b`, with the same Krylov spaces and
+    coefficients. In these coordinates the quadratic whitens to :math:`I` and the network's
+    input weights absorb :math:`S^{-\top}` once per call, so a product with :math:`A` costs
+    what one with :math:`H` does, and no :math:`d \times d` work happens inside CG.
+
+    For the gradient, with :math:`w, v` held constant, :math:`\mathbb{E}[w v^\top] = H^{-1}`
+    and :math:`\mathbb{E}[v v^\top] = Q^{-1}`, so the surrogate
 
     .. math::
 
@@ -383,15 +465,17 @@ def stochastic_logdet(
     quadratic's share is exact. Memory does not grow with the CG iterations: the products
     inside CG are constants, one product with a graph forms :math:`s`.
 
-    Without a preconditioner, :math:`Q = I`: plain Rademacher probes, :math:`s = w^\top H v`.
+    Without a preconditioner, :math:`S = I`: :math:`s = w^\top H v` with :math:`v = \varepsilon`.
     The value is exact in expectation up to the quadrature error, which is small once CG
     has converged to ``rtol`` (the Krylov space then resolves :math:`\log` as well as
-    :math:`1/x`); a sample that misses ``rtol`` is flagged in ``cg.converged``.
+    :math:`1/x`); a sample that misses ``rtol`` (in the whitened norm) is flagged in
+    ``cg.converged``.
 
-    :param trace: the potential evaluated at the rows (``x``, ``hvp``, ``detach``).
+    :param trace: the potential evaluated at the rows (``x``, ``hvp``, ``detach``, and
+        optionally ``whitened_hvp``).
     :param preconditioner: a factorisation of :math:`Q` (:func:`~pyro_cpflow.potential.factorize`) or ``None``.
     :param num_probes: probes averaged.
-    :param rtol, max_iter, check_every: for :func:`conjugate_gradient`.
+    :param rtol, max_iter, check_every: for :func:`lanczos_conjugate_gradient`.
     :param gradient: form the surrogate (otherwise ``surrogate`` is ``None``).
 
     >>> from pyro_cpflow import cpflow
@@ -401,31 +485,30 @@ def stochastic_logdet(
     >>> estimate.combined().shape, bool(estimate.cg.converged.all())
     (torch.Size([5]), True)
     """
-    constant = trace.detach()
     x = trace.x
-    value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    n = x.shape[0]
+    if preconditioner is None:
+        operator, unwhiten = trace.detach().hvp, None
+    else:
+        operator, unwhiten = _whitened_operator(trace, preconditioner), preconditioner.unwhiten
+    value = torch.zeros(n, dtype=x.dtype, device=x.device)
     surrogate = torch.zeros_like(value) if gradient else None
     results, conditions = [], []
     for _ in range(num_probes):
-        if preconditioner is None:
-            rhs = probe = rademacher(x.shape, x)
-            solve = None
-        else:
-            rhs = preconditioner.probe_rows(x)  # covariance Q
-            probe = preconditioner.solve(rhs)  # Q^-1 b: covariance Q^-1
-            solve = preconditioner.solve
-        result = conjugate_gradient(
-            constant.hvp, rhs, rtol=rtol, max_iter=max_iter, preconditioner=solve,
-            check_every=check_every, lanczos=True,
-        )
+        probe = rademacher(x.shape, x)
+        result = lanczos_conjugate_gradient(operator, probe, rtol=rtol, max_iter=max_iter, check_every=check_every)
         results.append(result)
         quadrature, condition = _quadrature_and_condition(result.lanczos)  # type: ignore[arg-type]
         value = value + quadrature
         conditions.append(condition)
         if surrogate is not None:
-            surrogate = surrogate + (result.solution * trace.hvp(probe)).sum(-1)
+            if unwhiten is None:
+                solution, direction = result.solution, probe
+            else:  # one solve for both: w = S^-T w_hat, v = S^-T eps
+                solution, direction = unwhiten(torch.cat([result.solution, probe])).split(n)
+            surrogate = surrogate + (solution * trace.hvp(direction)).sum(-1)
             if preconditioner is not None:
-                surrogate = surrogate - (probe * preconditioner.matvec(probe)).sum(-1)
+                surrogate = surrogate - (direction * preconditioner.matvec(direction)).sum(-1)
     value = value / num_probes
     if surrogate is not None:
         surrogate = surrogate / num_probes

@@ -19,12 +19,13 @@ with :math:`A \succ \alpha I` symmetric exactly representable, hence every Gauss
 from __future__ import annotations
 
 import math
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .derivatives import NetworkTrace, PotentialTrace, QuadraticTerms
-from .linalg import rademacher
 from .packing import PackedParameters
 
 __all__ = [
@@ -85,38 +86,47 @@ class ContextQuadratic(PackedParameters):
         return 0.5 * torch.einsum("nd,ndr->nr", x, factor).pow(2).sum(-1) + (x * shift).sum(-1)
 
 
-class _LogdetWithKnownInverse(torch.autograd.Function):
-    """``value`` (:math:`\\log\\det Q`, already computed) with the gradient :math:`Q^{-1}` to ``matrix``."""
+class _LogdetFromCholesky(torch.autograd.Function):
+    """``value`` (:math:`\\log\\det Q`, already computed) with the gradient :math:`Q^{-1}` to
+    ``matrix``, formed from the Cholesky factor only if a backward pass asks for it."""
 
     @staticmethod
-    def forward(ctx, matrix: Tensor, value: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(inverse)
+    def forward(ctx, matrix: Tensor, value: Tensor, cholesky: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cholesky)
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        (inverse,) = ctx.saved_tensors
-        return grad_output * inverse, None, None
+        (cholesky,) = ctx.saved_tensors
+        return grad_output * torch.cholesky_inverse(cholesky), None, None
 
 
 class DenseQuadraticFactor:
     r"""One Cholesky factorisation :math:`Q = C C^\top` of the potential's quadratic, and what it gives.
 
     :math:`Q \succeq \alpha I` by construction, so the factorisation skips its error check,
-    which would wait for a GPU. The factor and :math:`Q^{-1}` are constants (one
-    :math:`d \times d` inverse, so that preconditioning inside CG is one product);
-    :attr:`logdet` keeps the graph to the parameters, with the gradient
-    :math:`\partial \log\det Q / \partial Q = Q^{-1}` from that same inverse.
+    which would wait for a GPU. The factor is a constant; :attr:`logdet` keeps the graph
+    to the parameters, with the gradient :math:`\partial \log\det Q / \partial Q = Q^{-1}`
+    from the same factor. :math:`C` is the square root :math:`S` of :meth:`whiten` and
+    :meth:`unwhiten` (triangular solves); :meth:`solve` uses :math:`Q^{-1}`, formed on first use.
+
+    :ivar source: the :class:`~pyro_cpflow.derivatives.QuadraticTerms` it factorises, when
+        made by :func:`factorize` (``None`` for a bare matrix).
     """
 
-    def __init__(self, matrix: Tensor) -> None:
+    def __init__(self, matrix: Tensor, source: QuadraticTerms | None = None) -> None:
         self.matrix = matrix
+        self.source = source
         self.cholesky, _ = torch.linalg.cholesky_ex(matrix.detach())
-        self.inverse = torch.cholesky_inverse(self.cholesky)
         value = 2.0 * self.cholesky.diagonal().log().sum()
         self.logdet = (
-            _LogdetWithKnownInverse.apply(matrix, value, self.inverse) if matrix.requires_grad else value
+            _LogdetFromCholesky.apply(matrix, value, self.cholesky) if matrix.requires_grad else value
         )
+
+    @cached_property
+    def inverse(self) -> Tensor:
+        """:math:`Q^{-1}`, a constant ``(d, d)``."""
+        return torch.cholesky_inverse(self.cholesky)
 
     def solve(self, rows: Tensor) -> Tensor:
         """:math:`Q^{-1} v` for rows ``(N, d)``."""
@@ -126,23 +136,30 @@ class DenseQuadraticFactor:
         """:math:`Q v` for rows, differentiable in the parameters."""
         return rows @ self.matrix
 
-    def probe_rows(self, like: Tensor) -> Tensor:
-        r"""Random rows :math:`C \varepsilon`, :math:`\varepsilon` Rademacher: covariance :math:`Q`."""
-        return rademacher(like.shape, like) @ self.cholesky.T
+    def whiten(self, rows: Tensor) -> Tensor:
+        r""":math:`C^{-1} v` for rows ``(N, d)`` (or the rows of a weight matrix: :math:`W C^{-\top}`)."""
+        return torch.linalg.solve_triangular(self.cholesky.mT, rows, upper=True, left=False)
+
+    def unwhiten(self, rows: Tensor) -> Tensor:
+        r""":math:`C^{-\top} v` for rows ``(N, d)``; :math:`C^{-\top} C^{-1} = Q^{-1}`."""
+        return torch.linalg.solve_triangular(self.cholesky, rows, upper=False, left=False)
 
 
 class LowRankQuadraticFactor:
     r""":math:`Q = c I + L L^\top` with :math:`L \in \mathbb{R}^{d \times r}`, :math:`r < d`, used through :math:`r \times r` algebra.
 
     With :math:`M = c I_r + L^\top L`: :math:`\log\det Q = (d - r)\log c + \log\det M`
-    (matrix determinant lemma), :math:`Q^{-1} v = (v - L M^{-1} L^\top v) / c` (Woodbury),
-    and :math:`\sqrt c\, \varepsilon_1 + L \varepsilon_2` with independent Rademacher
-    :math:`\varepsilon_1 \in \mathbb{R}^d, \varepsilon_2 \in \mathbb{R}^r` has covariance
-    :math:`Q`. Every product costs :math:`O(d r)` per row instead of :math:`O(d^2)`.
+    (matrix determinant lemma) and :math:`Q^{-1} v = (v - L M^{-1} L^\top v) / c` (Woodbury).
+    The square root of :meth:`whiten` is the symmetric :math:`S = Q^{1/2}`: with the thin
+    SVD :math:`L = V \Sigma U^\top`, :math:`Q^{-1/2} = c^{-1/2}\bigl(I - V \operatorname{diag}(k) V^\top\bigr)`,
+    :math:`k_j = 1 - (1 + \Sigma_j^2 / c)^{-1/2}`. Every product costs :math:`O(d r)` per row
+    instead of :math:`O(d^2)`.
+
+    :ivar source: as for :class:`DenseQuadraticFactor`.
     """
 
-    def __init__(self, coefficient: Tensor, factor: Tensor) -> None:
-        self.coefficient, self.factor = coefficient, factor
+    def __init__(self, coefficient: Tensor, factor: Tensor, source: QuadraticTerms | None = None) -> None:
+        self.coefficient, self.factor, self.source = coefficient, factor, source
         rank = factor.shape[1]
         small = torch.addmm(coefficient * torch.eye(rank, dtype=factor.dtype, device=factor.device),
                             factor.T, factor)
@@ -151,7 +168,7 @@ class LowRankQuadraticFactor:
         self._small_inverse = torch.cholesky_inverse(cholesky)
         small_logdet = 2.0 * cholesky.diagonal().log().sum()
         if small.requires_grad:
-            small_logdet = _LogdetWithKnownInverse.apply(small, small_logdet, self._small_inverse)
+            small_logdet = _LogdetFromCholesky.apply(small, small_logdet, cholesky)
         self.logdet = (factor.shape[0] - rank) * torch.log(coefficient) + small_logdet
         self._constant_factor, self._constant_coefficient = factor.detach(), coefficient.detach()
 
@@ -163,10 +180,21 @@ class LowRankQuadraticFactor:
     def matvec(self, rows: Tensor) -> Tensor:
         return self.coefficient * rows + (rows @ self.factor) @ self.factor.T
 
-    def probe_rows(self, like: Tensor) -> Tensor:
-        n, rank = like.shape[0], self.factor.shape[1]
-        white = rademacher(like.shape, like) * self._constant_coefficient.sqrt()
-        return white + rademacher((n, rank), like) @ self._constant_factor.T
+    @cached_property
+    def _inverse_root(self) -> tuple[Tensor, Tensor]:
+        """:math:`(V, k)` of :math:`Q^{-1/2}` (see the class docstring)."""
+        basis, singular, _ = torch.linalg.svd(self._constant_factor, full_matrices=False)
+        shrink = 1.0 - torch.rsqrt(1.0 + singular.square() / self._constant_coefficient)
+        return basis, shrink
+
+    def whiten(self, rows: Tensor) -> Tensor:
+        r""":math:`Q^{-1/2} v` for rows ``(N, d)`` (or the rows of a weight matrix)."""
+        basis, shrink = self._inverse_root
+        return (rows - ((rows @ basis) * shrink) @ basis.T) / self._constant_coefficient.sqrt()
+
+    def unwhiten(self, rows: Tensor) -> Tensor:
+        r""":math:`S^{-\top} v = Q^{-1/2} v` (the root is symmetric)."""
+        return self.whiten(rows)
 
 
 QuadraticFactor = DenseQuadraticFactor | LowRankQuadraticFactor
@@ -185,8 +213,8 @@ def factorize(terms: QuadraticTerms) -> QuadraticFactor:
     True
     """
     if terms.low_rank:
-        return LowRankQuadraticFactor(terms.coefficient, terms.factor)
-    return DenseQuadraticFactor(terms.matrix)
+        return LowRankQuadraticFactor(terms.coefficient, terms.factor, terms)
+    return DenseQuadraticFactor(terms.matrix, terms)
 
 
 class ConvexPotential(PackedParameters):

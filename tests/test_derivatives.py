@@ -125,3 +125,27 @@ def test_a_wrong_formula_would_be_caught():
     full = trace.hessian()
     trace.network.curvatures[0] = torch.zeros_like(trace.network.curvatures[0])
     assert float((trace.hessian() - full).detach().abs().max()) > 1e3 * TOL
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "icnn-full-rank"])
+def test_whitened_products_equal_the_whitened_hessian(kind):
+    """S^-1 H S^-T v by the whitened network (fast form) equals the dense whitened Hessian."""
+    if kind == "icnn-full-rank":
+        torch.manual_seed(1)
+        potential = ConvexPotential(ICNN(D, [16, 12]), D)  # dense Q: Cholesky root
+    else:
+        potential = _potential(kind)
+    x, context = _inputs(potential)
+    trace = potential.evaluate(x, context)
+    factor = potential.factorize(trace.quadratic)
+    root_inverse = factor.whiten(torch.eye(D))  # rows of S^-T, i.e. S^-T itself
+    whitened = root_inverse.T @ trace.hessian().detach() @ root_inverse
+    v = torch.randn(N, D)
+    expected = torch.einsum("nij,nj->ni", whitened, v)
+    assert torch.allclose(trace.whitened_hvp(factor)(v), expected, atol=TOL, rtol=0)
+    gated = isinstance(potential.network, PICNN)
+    assert (trace.network.whitened(factor.whiten) is None) == gated
+    # a factor of another Q takes the general path and is still right
+    foreign = type(factor).__new__(type(factor))
+    foreign.__dict__.update(factor.__dict__, source=None)
+    assert torch.allclose(trace.whitened_hvp(foreign)(v), expected, atol=TOL, rtol=0)

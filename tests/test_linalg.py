@@ -6,6 +6,7 @@ import torch
 from pyro_cpflow.linalg import (
     cholesky_logdet,
     conjugate_gradient,
+    lanczos_conjugate_gradient,
     lanczos_quadrature,
     stochastic_logdet,
 )
@@ -109,7 +110,7 @@ def test_cg_coefficients_give_exact_quadrature_at_convergence():
     """After d iterations the Lanczos matrix from CG's coefficients integrates log exactly."""
     a = _spd_batch(5, 6, condition=50)
     v = torch.randn(5, 6)
-    result = conjugate_gradient(_matvec(a), v, rtol=1e-14, max_iter=6, lanczos=True)
+    result = lanczos_conjugate_gradient(_matvec(a), v, rtol=1e-14, max_iter=6)
     assert result.lanczos.dense().shape == (5, 6, 6)
     # T is the matrix of A in an orthonormal Krylov basis: same eigenvalues at convergence
     assert torch.allclose(torch.linalg.eigvalsh(result.lanczos.dense()), torch.linalg.eigvalsh(a), atol=1e-8)
@@ -117,21 +118,46 @@ def test_cg_coefficients_give_exact_quadrature_at_convergence():
     assert torch.allclose(estimate, _log_quadratic_form(a, v), atol=1e-8)
 
 
-def test_preconditioned_cg_quadrature_is_that_of_the_whitened_matrix():
-    """PCG on H w = C eps, M = C C^T, integrates log(C^-1 H C^-T) from eps."""
+def test_whitened_cg_quadrature_is_that_of_the_preconditioned_matrix():
+    """CG on C^-1 H C^-T from eps integrates log(C^-1 H C^-T), whose trace is log det H - log det Q."""
     d = 7
     m = _spd_batch(1, d, condition=30)[0]
     a = m + _spd_batch(4, d, condition=5)
-    chol = torch.linalg.cholesky(m)
+    factor = DenseQuadraticFactor(m)
     eps = torch.randn(4, d)
-    result = conjugate_gradient(
-        _matvec(a), eps @ chol.T, rtol=1e-14, max_iter=d, lanczos=True,
-        preconditioner=lambda r: torch.cholesky_solve(r.T, chol).T,
+    result = lanczos_conjugate_gradient(
+        lambda v: factor.whiten(_matvec(a)(factor.unwhiten(v))), eps, rtol=1e-14, max_iter=d,
     )
+    chol = torch.linalg.cholesky(m)
     whitened = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, a, upper=False).transpose(-1, -2), upper=False)
     assert torch.allclose(result.lanczos.start_norm_sq, (eps * eps).sum(-1))
     estimate = lanczos_quadrature(result.lanczos)
     assert torch.allclose(estimate, _log_quadratic_form(whitened, eps), atol=1e-8)
+    assert torch.allclose(torch.linalg.slogdet(whitened)[1], torch.linalg.slogdet(a)[1] - factor.logdet, atol=1e-10)
+
+
+def test_lockstep_cg_counts_and_cuts_per_sample_and_can_run_without_syncs():
+    from tests.sync_counter import HostSyncCounter
+
+    a = _spd_batch(20, 8, condition=100.0)
+    b = torch.randn(20, 8)
+    b[3] = 0.0
+    adaptive = lanczos_conjugate_gradient(_matvec(a), b, rtol=1e-10, max_iter=40)
+    with HostSyncCounter() as counter:
+        fixed = lanczos_conjugate_gradient(_matvec(a), b, rtol=1e-10, max_iter=40, check_every=0)
+    assert counter.total == 0, dict(counter.counts)
+    assert bool(adaptive.converged.all()) and bool(fixed.converged.all())
+    assert int(adaptive.iterations[3]) == 0 and torch.equal(fixed.iterations, adaptive.iterations)
+    assert torch.allclose(fixed.solution, torch.linalg.solve(a, b), atol=1e-8)
+    # past convergence the Lanczos matrices are cut: the quadratures agree
+    assert torch.allclose(lanczos_quadrature(fixed.lanczos), lanczos_quadrature(adaptive.lanczos), atol=1e-10)
+    starved = lanczos_conjugate_gradient(_matvec(a), b, rtol=1e-10, max_iter=2, check_every=0)
+    assert not bool(starved.converged[torch.arange(20) != 3].any())
+    assert bool((starved.iterations[torch.arange(20) != 3] == 2).all())
+    with pytest.raises(ValueError, match="check_every"):
+        lanczos_conjugate_gradient(_matvec(a), b, check_every=-1)
+    broken = lanczos_conjugate_gradient(lambda v: -v, b, rtol=1e-10, max_iter=5)
+    assert not bool(broken.converged[torch.arange(20) != 3].any())
 
 
 def test_samples_that_stop_early_keep_a_closed_quadrature():
@@ -140,7 +166,7 @@ def test_samples_that_stop_early_keep_a_closed_quadrature():
     v = torch.randn(3, 6)
     v[0] = 0.0
     v[0, 0], v[0, 1] = 1.0, 1.0
-    result = conjugate_gradient(_matvec(a), v, rtol=1e-12, max_iter=6, lanczos=True)
+    result = lanczos_conjugate_gradient(_matvec(a), v, rtol=1e-12, max_iter=6)
     assert int(result.iterations[0]) == 2 and int(result.iterations[1:].min()) == 6
     estimate = lanczos_quadrature(result.lanczos)
     assert torch.isfinite(estimate).all()
@@ -237,7 +263,7 @@ def test_quadrature_in_chunks_equals_one_pass(monkeypatch):
     import pyro_cpflow.linalg as linalg
 
     a = _spd_batch(9, 5, condition=100)
-    result = conjugate_gradient(_matvec(a), torch.randn(9, 5), rtol=1e-14, max_iter=5, lanczos=True)
+    result = lanczos_conjugate_gradient(_matvec(a), torch.randn(9, 5), rtol=1e-14, max_iter=5)
     whole = lanczos_quadrature(result.lanczos)
     monkeypatch.setattr(linalg, "QUADRATURE_CHUNK_ENTRIES", 50)  # two matrices of 5 x 5 at a time
     assert torch.allclose(lanczos_quadrature(result.lanczos), whole, atol=1e-13)
@@ -270,7 +296,19 @@ def test_low_rank_factor_matches_the_dense_one():
     grads = torch.autograd.grad(low.logdet, [coefficient, factor])
     expected = torch.autograd.grad(torch.logdet(coefficient * torch.eye(d) + factor @ factor.T), [coefficient, factor])
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, expected))
-    # the probes have covariance Q
-    probes = low.probe_rows(torch.zeros(200000, d))
-    covariance = probes.T @ probes / probes.shape[0]
-    assert torch.allclose(covariance, matrix.detach(), atol=0.05 * float(matrix.detach().abs().max()))
+    # its root S is symmetric, S S^T = Q
+    root_inverse = low.whiten(torch.eye(d))
+    assert torch.allclose(root_inverse, root_inverse.T, atol=1e-12)
+    assert torch.allclose(torch.linalg.inv(root_inverse) @ torch.linalg.inv(root_inverse).T, matrix.detach(), atol=1e-10)
+
+
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_whitening_maps_q_to_the_identity_and_unwhitening_completes_q_inverse(low_rank):
+    d, r = 8, (3 if low_rank else 8)
+    coefficient, factor = torch.tensor(0.4), torch.randn(d, r)
+    matrix = coefficient * torch.eye(d) + factor @ factor.T
+    white = LowRankQuadraticFactor(coefficient, factor) if low_rank else DenseQuadraticFactor(matrix)
+    rows = torch.randn(5, d)
+    # rows Q^-1 = unwhiten(whiten(rows)), and S^-1 Q S^-T = I
+    assert torch.allclose(white.unwhiten(white.whiten(rows)), rows @ torch.linalg.inv(matrix), atol=1e-10)
+    assert torch.allclose(white.whiten(white.whiten(matrix).T), torch.eye(d), atol=1e-10)
