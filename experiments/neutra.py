@@ -63,7 +63,7 @@ from pyro.ops.stats import effective_sample_size
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     RESULTS_DIR,
     RESULTS_MD,
     add_run_options,
@@ -75,8 +75,8 @@ from common import (  # noqa: E402
     run_header,
     write_json,
 )
-from guide_models import build  # noqa: E402
-from guide_panel import NUTS_CACHE, train  # noqa: E402
+from guide_models import build
+from guide_panel import NUTS_CACHE, train
 
 NEUTRA_JSON = RESULTS_DIR / "neutra.json"
 MODEL = "eight_schools"
@@ -143,7 +143,7 @@ def moment_errors(draws: Tensor, names: list[str], ess: Tensor, reference: dict[
         "max_mean_error_in_se": float(in_se.max()),
         "worst_coordinate": names[worst],
         "mean_abs_log_sd_ratio": float((std / ref_std).log().abs().mean()),
-        "mean": dict(zip(names, mean.tolist())), "std": dict(zip(names, std.tolist())),
+        "mean": dict(zip(names, mean.tolist(), strict=True)), "std": dict(zip(names, std.tolist(), strict=True)),
     }
 
 
@@ -178,7 +178,7 @@ def sample(method: str, args: argparse.Namespace, reference: dict[str, Any]) -> 
         "gradients_per_draw": cost["gradients"] / args.samples,
         "step_size": float(kernel.step_size),
         "divergences": len(mcmc.diagnostics()["divergences"]["chain 0"]),
-        "ess": dict(zip(names, ess.tolist())),
+        "ess": dict(zip(names, ess.tolist(), strict=True)),
     }
     return record | moment_errors(draws, names, ess, reference)
 

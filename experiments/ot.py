@@ -85,7 +85,7 @@ class GaussianProblem:
     def dim(self) -> int:
         return self.mean.shape[0]
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "GaussianProblem":
+    def to(self, device: torch.device, dtype: torch.dtype) -> GaussianProblem:
         return GaussianProblem(self.name, self.mean.to(device, dtype), self.cov.to(device, dtype))
 
     def distribution(self) -> dist.MultivariateNormal:
@@ -347,7 +347,7 @@ def plot_cost_vs_kl(record: dict[str, Any], path: Path) -> Path:
     cols = min(3, len(problems))
     rows = math.ceil(len(problems) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax, (name, entry) in zip(axes.flat, problems.items()):
+    for ax, (name, entry) in zip(axes.flat, problems.items(), strict=False):  # spare panels stay empty
         for key, label, color in (("cpflow", "CP-Flow", "C0"), ("linear_iaf", "linear IAF", "C1")):
             curve = entry[key]["curve"]
             kl = [point["kl"] for point in curve]

@@ -31,6 +31,7 @@ Run ``python experiments/toy2d.py`` (7-10 minutes on 2 shared CPU cores); it wri
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -206,6 +207,13 @@ def _summarise_losses(losses: list[float], points: int = 50) -> list[float]:
     return [float(part.mean()) for part in values.tensor_split(min(points, len(losses)))]
 
 
+def _sample_batch(
+    data_name: str, batch_size: int, train_seed: int, step: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """Training batch ``step`` of a data set: its seed is ``train_seed + step``."""
+    return sample_toy(data_name, batch_size, seed=train_seed + step, device=device, dtype=dtype)
+
+
 def run(config: ToyConfig) -> ToyResult:
     """Fit every model to every data set; return held-out log-likelihoods and density grids."""
     device = torch.device(config.device)
@@ -225,8 +233,8 @@ def run(config: ToyConfig) -> ToyResult:
                 model_name, seed, device, dtype, cpflow_input_gain=config.cpflow_input_gain
             )
             train_seed = 100_000 * (config.seed + 1) + 1000 * i
-            sample_batch = lambda step: sample_toy(  # noqa: E731
-                data_name, config.batch_size, seed=train_seed + step, device=device, dtype=dtype
+            sample_batch = functools.partial(
+                _sample_batch, data_name, config.batch_size, train_seed, device=device, dtype=dtype
             )
             start = time.perf_counter()
             losses = common.fit_density(

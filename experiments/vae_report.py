@@ -31,7 +31,6 @@ if str(ROOT) not in sys.path:
 
 from experiments import common  # noqa: E402
 
-
 PUBLISHED_NELBO = {
     ("freyfaces", "gaussian"): 4.53,
     ("freyfaces", "cpflow"): 4.45,
@@ -126,7 +125,7 @@ def learning_curves(runs: list[Run], path: Path) -> Path:
     ax.legend(fontsize=8)
     if compare:
         below = axes[1, 0]
-        for index, (run, curve) in enumerate(zip(runs[1:], curves[1:]), 1):
+        for index, (run, curve) in enumerate(zip(runs[1:], curves[1:], strict=True), 1):
             epochs = [e for e in curve if e in curves[0]]
             below.plot(epochs, [curve[e] - curves[0][e] for e in epochs], color=f"C{index}",
                        label=f"{LABELS.get(run.flow, run.flow)} − {LABELS.get(runs[0].flow, runs[0].flow)}")

@@ -130,7 +130,7 @@ class NetworkTrace:
         _, _, adjoints = self._backward
         if not self.second_derivatives:
             self.second_derivatives = [self.activation.second(u) for u in self.pre_activations]
-        return [a * s2 for a, s2 in zip(adjoints, self.second_derivatives)]
+        return [a * s2 for a, s2 in zip(adjoints, self.second_derivatives, strict=True)]
 
     def hvp(self, v: Tensor) -> Tensor:
         r""":math:`\nabla^2 g(x)\, v` for ``v`` ``(N, d)``: one forward tangent, one backward sweep."""
@@ -157,7 +157,7 @@ class NetworkTrace:
         slopes = self._backward[1]
         hessian = None
         jacobian = None
-        for k, (layer, curvature) in enumerate(zip(self.hidden, self.curvatures)):
+        for k, (layer, curvature) in enumerate(zip(self.hidden, self.curvatures, strict=True)):
             if k == 0:
                 jacobian = layer.input_jacobian()
             else:
@@ -169,7 +169,7 @@ class NetworkTrace:
             hessian = term if hessian is None else hessian + term
         return hessian.expand(self.x.shape[0], -1, -1)  # type: ignore[union-attr]
 
-    def detach(self) -> "NetworkTrace":
+    def detach(self) -> NetworkTrace:
         """A copy whose products and Hessian are constants (no graph): for iterative solvers."""
         gradient, slopes, _ = self._backward
         copy = object.__new__(NetworkTrace)
@@ -232,7 +232,7 @@ class QuadraticTerms:
             matrix = matrix + self.context_factor @ self.context_factor.transpose(-1, -2)
         return matrix
 
-    def detach(self) -> "QuadraticTerms":
+    def detach(self) -> QuadraticTerms:
         context = None if self.context_factor is None else self.context_factor.detach()
         return QuadraticTerms(self.coefficient.detach(), self.factor.detach(), self.shift.detach(), context)
 
@@ -272,7 +272,7 @@ class PotentialTrace:
         r""":math:`\nabla^2 F(x)`, ``(N, d, d)``."""
         return self.network.hessian() + self.quadratic.hessian(self.x.shape[0])
 
-    def detach(self) -> "PotentialTrace":
+    def detach(self) -> PotentialTrace:
         return PotentialTrace(self.network.detach(), self.quadratic.detach())
 
 
@@ -333,7 +333,7 @@ class AutogradTrace:
             )
         return columns.permute(1, 2, 0)
 
-    def detach(self) -> "AutogradTrace":
+    def detach(self) -> AutogradTrace:
         copy = AutogradTrace(self.function, self.x)
         copy.__dict__.update({k: v for k, v in self.__dict__.items() if k.startswith("_")})
         copy._differentiable = False

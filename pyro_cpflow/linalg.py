@@ -109,7 +109,7 @@ class CGResult:
     iterations: Tensor
     residual_norm: Tensor
     converged: Tensor
-    lanczos: "LanczosMatrices | None" = None
+    lanczos: LanczosMatrices | None = None
 
 
 @dataclass
@@ -305,7 +305,7 @@ class _Trace(Protocol):
 
     def hvp(self, v: Tensor) -> Tensor: ...
 
-    def detach(self) -> "_Trace": ...
+    def detach(self) -> _Trace: ...
 
 
 class _Preconditioner(Protocol):

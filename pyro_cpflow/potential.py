@@ -19,6 +19,7 @@ with :math:`A \succ \alpha I` symmetric exactly representable, hence every Gauss
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

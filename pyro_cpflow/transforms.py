@@ -240,7 +240,7 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
 
         return Linearization(at.value.reshape(*batch, d), solve, multiply)
 
-    def _float64_twin(self) -> "ConditionedCPFlow":
+    def _float64_twin(self) -> ConditionedCPFlow:
         """This map in float64, with the same parameter values (:mod:`pyro_cpflow.precision`)."""
         context = None if self.context is None else self.context.double()
         return ConditionedCPFlow(float64_twin(self.potential), context, self.options, Diagnostics(), self.training, 0)
@@ -329,7 +329,7 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
             )
         self.diagnostics.handle_failure_once(options.on_failure, situation, message, stacklevel=4)
 
-    def with_cache(self, cache_size: int = 1) -> "ConditionedCPFlow":
+    def with_cache(self, cache_size: int = 1) -> ConditionedCPFlow:
         """``self``, or a parameter-sharing view with another cache size."""
         if cache_size == self._cache_size:
             return self

@@ -56,7 +56,7 @@ class InverseCounts:
     off_original: int = 0
     worst_ratio: float = 0.0  # max over converged targets of relative round-trip error / tol
 
-    def add(self, other: "InverseCounts") -> None:
+    def add(self, other: InverseCounts) -> None:
         for name in ("targets", "converged", "flagged", "unresolved", "silent", "nonfinite_unreported", "off_original"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.worst_ratio = max(self.worst_ratio, other.worst_ratio)
@@ -208,7 +208,7 @@ def _judge(outcomes: Outcomes, where: str, argument: str, kind: str, validation:
             if not clear:
                 outcomes.misleading.append(f"{where} [{kind}, validation={validation}]: {type(error).__name__}: {message}")
             return
-        except Exception as error:  # noqa: BLE001 - any other failure is a misleading one
+        except Exception as error:  # any other failure is a misleading one
             outcomes.counts[(where, validation, "misleading")] += 1
             outcomes.misleading.append(f"{where} [{kind}, validation={validation}]: {type(error).__name__}: {error}")
             return

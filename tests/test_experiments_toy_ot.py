@@ -20,9 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from experiments import common  # noqa: E402
+from experiments import common, toy2d  # noqa: E402
 from experiments import ot as ot_experiment  # noqa: E402
-from experiments import toy2d  # noqa: E402
 from experiments.toy_data import TOY_DATASETS, sample_toy  # noqa: E402
 
 # ---------------------------------------------------------------- toy data sets

@@ -10,8 +10,8 @@ from pyro.infer.autoguide import AutoDiagonalNormal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-import guide_models  # noqa: E402
-import guide_panel  # noqa: E402
+import guide_models
+import guide_panel
 
 
 @pytest.mark.parametrize("name", guide_models.MODEL_NAMES)

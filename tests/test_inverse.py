@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from pyro_cpflow.nn import ICNN
+from pyro_cpflow.potential import ConvexPotential
 from pyro_cpflow.solvers import (
     InverseReport,
     NonConvergenceError,
@@ -14,8 +16,6 @@ from pyro_cpflow.solvers import (
     residual_scale,
     solve_gradient_equation,
 )
-from pyro_cpflow.nn import ICNN
-from pyro_cpflow.potential import ConvexPotential
 
 
 def _potential(d, alpha=1e-2, randomize=0.0, seed=0):
@@ -148,7 +148,7 @@ def test_implicit_gradients_pass_gradcheck():
     y = torch.randn(3, 2, requires_grad=True)
 
     def inverse(y, *values):
-        state = dict(zip(names, values))
+        state = dict(zip(names, values, strict=True))
         x, report = invert_gradient_map(lambda v: functional_call(potential, state, (v,)), y, tol=1e-13)
         return x
 

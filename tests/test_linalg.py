@@ -269,7 +269,7 @@ def test_low_rank_factor_matches_the_dense_one():
     assert torch.allclose(low.logdet, dense.logdet, atol=1e-12)
     grads = torch.autograd.grad(low.logdet, [coefficient, factor])
     expected = torch.autograd.grad(torch.logdet(coefficient * torch.eye(d) + factor @ factor.T), [coefficient, factor])
-    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, expected))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, expected, strict=True))
     # the probes have covariance Q
     probes = low.probe_rows(torch.zeros(200000, d))
     covariance = probes.T @ probes / probes.shape[0]

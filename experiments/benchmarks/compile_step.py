@@ -34,6 +34,7 @@ Results go to ``experiments/benchmarks/results/compile_step.json`` (``--out``) a
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 
@@ -78,19 +79,22 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
             loss, potential = make_loss(dim, mode, device, dtype)
             x = torch.randn(args.batch, dim, device=device, dtype=dtype)
 
-            def step(fn: Callable[[Tensor], Tensor]) -> Tensor:
+            # timed within this iteration: the loop's values are bound as defaults
+            def step(
+                fn: Callable[[Tensor], Tensor], potential: torch.nn.Module = potential, x: Tensor = x
+            ) -> Tensor:
                 potential.zero_grad(set_to_none=True)
                 torch.manual_seed(1)  # the same probes in both versions
                 value = fn(x)
                 value.backward()
                 return value.detach()
 
-            eager_timing, eager_value = time_call(lambda: step(loss), device, warmup=2, repeats=args.repeats)
+            eager_timing, eager_value = time_call(functools.partial(step, loss), device, warmup=2, repeats=args.repeats)
             compiled = torch.compile(loss)
             start = time.perf_counter()
             step(compiled)
             compile_s = time.perf_counter() - start
-            compiled_timing, compiled_value = time_call(lambda: step(compiled), device, warmup=2, repeats=args.repeats)
+            compiled_timing, compiled_value = time_call(functools.partial(step, compiled), device, warmup=2, repeats=args.repeats)
             rows.append({
                 "dim": dim, "mode": mode, "eager_ms": 1e3 * eager_timing.median_s,
                 "compiled_ms": 1e3 * compiled_timing.median_s, "compile_s": compile_s,

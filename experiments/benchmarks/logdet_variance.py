@@ -66,7 +66,7 @@ def draws(flow, x: Tensor, preconditioned: bool, repeats: int) -> tuple[Tensor, 
         estimate = stochastic_logdet(trace, factor, rtol=1e-10).combined().mean()
         grad = torch.autograd.grad(estimate, params, allow_unused=True)
         values.append(estimate.detach())
-        grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grad)]))
+        grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grad, strict=True)]))
     return torch.stack(values), torch.stack(grads)
 
 
@@ -87,7 +87,7 @@ def main() -> None:
         params = list(flow.parameters())
         exact = cholesky_logdet(flow.potential.evaluate(x).hessian()).mean()
         exact_grads = torch.autograd.grad(exact, params, allow_unused=True)
-        exact_grad = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, exact_grads)])
+        exact_grad = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, exact_grads, strict=True)])
         for preconditioned in (True, False):
             values, grads = draws(flow, x, preconditioned, args.repeats)
             value_sd = float(values.std())

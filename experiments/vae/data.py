@@ -33,7 +33,7 @@ import gzip
 import hashlib
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -264,7 +264,7 @@ _LOADERS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_dataset(name: str, root: Path = DATA_DIR) -> ImageDataset:
     """Load (and cache) data set ``name`` from ``root``, verifying every file's checksum.
 
