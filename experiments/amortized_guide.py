@@ -109,7 +109,9 @@ def data_plate(x: Tensor, subsample_size: int | None = None) -> pyro.plate:
 
 
 def encoder(hidden: int, context_dim: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(PIXELS, hidden), nn.Softplus(), nn.Linear(hidden, context_dim), nn.Softplus())
+    return nn.Sequential(
+        nn.Linear(PIXELS, hidden), nn.Softplus(), nn.Linear(hidden, context_dim), nn.Softplus()
+    )
 
 
 def scaled_pixels(x: Tensor, subsample_size: int | None = None) -> Tensor:

@@ -168,7 +168,9 @@ def train(guide_name: str, panel: PanelModel, args: argparse.Namespace) -> tuple
 
 
 @torch.no_grad()
-def evaluate(guide: Any, panel: PanelModel, reference: dict[str, Any], samples: int, seed: int) -> dict[str, Any]:
+def evaluate(
+    guide: Any, panel: PanelModel, reference: dict[str, Any], samples: int, seed: int
+) -> dict[str, Any]:
     """ELBO, IS-ESS, IS log-evidence and moment errors of a trained guide."""
     guide.eval()
     pyro.set_rng_seed(seed + 1)
@@ -236,7 +238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nuts-samples", type=positive(int), default=3000)
     parser.add_argument("--nuts-warmup", type=positive(int), default=1000)
     parser.add_argument("--refresh-nuts", action="store_true")
-    add_run_options(parser, PANEL_JSON, "smoke run: 30 steps, 200 evaluation draws, short NUTS; writes nothing")
+    add_run_options(
+        parser, PANEL_JSON, "smoke run: 30 steps, 200 evaluation draws, short NUTS; writes nothing"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.eval_samples, args.nuts_samples, args.nuts_warmup = 30, 200, 100, 100

@@ -143,7 +143,8 @@ def moment_errors(draws: Tensor, names: list[str], ess: Tensor, reference: dict[
         "max_mean_error_in_se": float(in_se.max()),
         "worst_coordinate": names[worst],
         "mean_abs_log_sd_ratio": float((std / ref_std).log().abs().mean()),
-        "mean": dict(zip(names, mean.tolist(), strict=True)), "std": dict(zip(names, std.tolist(), strict=True)),
+        "mean": dict(zip(names, mean.tolist(), strict=True)),
+        "std": dict(zip(names, std.tolist(), strict=True)),
     }
 
 
@@ -247,7 +248,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=positive(int), default=1000, help="NUTS draws per chain")
     parser.add_argument("--warmup", type=positive(int), default=500, help="NUTS warm-up steps")
     parser.add_argument("--max-tree-depth", type=positive(int), default=10)
-    add_run_options(parser, NEUTRA_JSON, "smoke run: 30 SVI steps, 30 draws after 30 warm-up, tree depth 4; writes nothing")
+    add_run_options(
+        parser,
+        NEUTRA_JSON,
+        "smoke run: 30 SVI steps, 30 draws after 30 warm-up, tree depth 4; writes nothing",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.samples, args.warmup, args.max_tree_depth = 30, 30, 30, 4
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method in args.methods:
         record = sample(method, args, reference)
         results["methods"][method] = record
-        print(f"{method:24s} min ESS {record['min_ess']:7.1f}  per 1000 grads {record['ess_per_1000_gradients']:6.2f}"
+        print(f"{method:24s} min ESS {record['min_ess']:7.1f}"
+              f"  per 1000 grads {record['ess_per_1000_gradients']:6.2f}"
               f"  per s {record['ess_per_second']:6.2f}  {record['ms_per_gradient']:.2f} ms/grad"
               f"  {record['divergences']} divergent")
     results["seconds"] = time.perf_counter() - start

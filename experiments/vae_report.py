@@ -117,7 +117,9 @@ def learning_curves(runs: list[Run], path: Path) -> Path:
     units = "bits/dim" if runs and runs[0].epochs and "valid_nelbo_bpd" in runs[0].epochs[0] else "nats"
     lows = [min(curve.values()) for curve in curves if curve]
     if lows:
-        published = [PUBLISHED_NELBO[(r.dataset, r.flow)] for r in runs if (r.dataset, r.flow) in PUBLISHED_NELBO]
+        published = [
+            PUBLISHED_NELBO[(r.dataset, r.flow)] for r in runs if (r.dataset, r.flow) in PUBLISHED_NELBO
+        ]
         ax.set_ylim(min(lows + published) - 0.1, min(lows) + 1.5)
     ax.set_ylabel(f"negative ELBO ({units})")
     ax.set_title(f"VAE on {runs[0].dataset}: validation negative ELBO by epoch" if runs else "")

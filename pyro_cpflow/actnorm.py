@@ -76,7 +76,9 @@ class ActNorm(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
     def _set_from_outside(self) -> bool:
         current = (self.loc, self.log_scale)
         unset = self._init_state["unset"]
-        return any(p is not old or p._version != version for p, (old, version) in zip(current, unset, strict=True))
+        return any(
+            p is not old or p._version != version for p, (old, version) in zip(current, unset, strict=True)
+        )
 
     def is_initialized(self) -> bool:
         """Whether the layer is initialised (see the module docstring); marks it so if its

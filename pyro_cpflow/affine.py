@@ -41,7 +41,8 @@ class Activation:
 
 
 def _add_to_leading_rows(base: Tensor, extra: Tensor) -> Tensor:
-    """``base`` ``(B, h, d)`` (``B`` may be 1 and broadcast) with ``extra`` ``(N, h_c, d)`` added to its first ``h_c`` rows."""
+    """``base`` ``(B, h, d)`` (``B`` may be 1 and broadcast) with ``extra`` ``(N, h_c, d)``
+    added to its first ``h_c`` rows."""
     rows = extra.shape[-2]
     if rows == base.shape[-2]:
         return base + extra

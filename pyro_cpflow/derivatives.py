@@ -238,7 +238,8 @@ class QuadraticTerms:
 
 
 class PotentialTrace:
-    r""":math:`F = \sigma g + q` at rows ``x``: :math:`\sigma g` a :class:`NetworkTrace`, :math:`q` :class:`QuadraticTerms`.
+    r""":math:`F = \sigma g + q` at rows ``x``: :math:`\sigma g` a :class:`NetworkTrace`,
+    :math:`q` :class:`QuadraticTerms`.
 
     The interface every solver uses: :attr:`value`, :attr:`gradient`, :meth:`hvp`,
     :meth:`hessian` and :meth:`detach`.

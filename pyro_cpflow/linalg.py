@@ -389,7 +389,8 @@ def stochastic_logdet(
     :math:`1/x`); a sample that misses ``rtol`` is flagged in ``cg.converged``.
 
     :param trace: the potential evaluated at the rows (``x``, ``hvp``, ``detach``).
-    :param preconditioner: a factorisation of :math:`Q` (:func:`~pyro_cpflow.potential.factorize`) or ``None``.
+    :param preconditioner: a factorisation of :math:`Q` (:func:`~pyro_cpflow.potential.factorize`)
+        or ``None``.
     :param num_probes: probes averaged.
     :param rtol, max_iter, check_every: for :func:`conjugate_gradient`.
     :param gradient: form the surrogate (otherwise ``surrogate`` is ``None``).

@@ -12,8 +12,9 @@ Hence :math:`\nabla^2 F \succeq \alpha I` everywhere: :math:`\nabla F` is invert
 and its Jacobian is symmetric positive definite.
 
 The :math:`L L^\top` and :math:`b` terms make every affine map :math:`x \mapsto A x + b`
-with :math:`A \succ \alpha I` symmetric exactly representable, hence every Gaussian. :math:`L` starts non-zero, because
-:math:`L = 0` is a stationary point of :math:`L \mapsto L L^\top x`.
+with :math:`A \succ \alpha I` symmetric exactly representable, hence every Gaussian.
+:math:`L` starts non-zero, because :math:`L = 0` is a stationary point of
+:math:`L \mapsto L L^\top x`.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ class DenseQuadraticFactor:
 
 
 class LowRankQuadraticFactor:
-    r""":math:`Q = c I + L L^\top` with :math:`L \in \mathbb{R}^{d \times r}`, :math:`r < d`, used through :math:`r \times r` algebra.
+    r""":math:`Q = c I + L L^\top` with :math:`L \in \mathbb{R}^{d \times r}`, :math:`r < d`, used
+    through :math:`r \times r` algebra.
 
     With :math:`M = c I_r + L^\top L`: :math:`\log\det Q = (d - r)\log c + \log\det M`
     (matrix determinant lemma), :math:`Q^{-1} v = (v - L M^{-1} L^\top v) / c` (Woodbury),

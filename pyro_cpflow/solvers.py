@@ -130,7 +130,9 @@ class InverseSolver:
         the rounding noise of ``evaluate``, judged."""
         with torch.no_grad():
             at = gradient_linearization(evaluate, x, context)
-            noise = rounding_noise(at, lambda z: gradient_linearization(evaluate, z, context), x).abs().amax(-1)
+            noise = rounding_noise(
+                at, lambda z: gradient_linearization(evaluate, z, context), x
+            ).abs().amax(-1)
             if judge is None:
                 residual = (at.value - y).abs().amax(-1)
             else:

@@ -227,7 +227,9 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
         rows, context, batch = self._flatten(x, "x")
         d = self.input_dim
         with torch.no_grad():
-            at = gradient_linearization(self.potential.evaluate, rows, context, self.potential.factorize().solve)
+            at = gradient_linearization(
+                self.potential.evaluate, rows, context, self.potential.factorize().solve
+            )
 
         def solve(v: Tensor, rtol: Tensor) -> tuple[Tensor, int]:
             with torch.no_grad():
@@ -243,7 +245,9 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
     def _float64_twin(self) -> ConditionedCPFlow:
         """This map in float64, with the same parameter values (:mod:`pyro_cpflow.precision`)."""
         context = None if self.context is None else self.context.double()
-        return ConditionedCPFlow(float64_twin(self.potential), context, self.options, Diagnostics(), self.training, 0)
+        return ConditionedCPFlow(
+            float64_twin(self.potential), context, self.options, Diagnostics(), self.training, 0
+        )
 
     def _attach(self, value: Tensor, y: Tensor) -> Tensor:
         """``value``, a detached root of :math:`\\nabla F(x) = y`, carrying the implicit

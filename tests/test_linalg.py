@@ -128,7 +128,9 @@ def test_preconditioned_cg_quadrature_is_that_of_the_whitened_matrix():
         _matvec(a), eps @ chol.T, rtol=1e-14, max_iter=d, lanczos=True,
         preconditioner=lambda r: torch.cholesky_solve(r.T, chol).T,
     )
-    whitened = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, a, upper=False).transpose(-1, -2), upper=False)
+    whitened = torch.linalg.solve_triangular(
+        chol, torch.linalg.solve_triangular(chol, a, upper=False).transpose(-1, -2), upper=False
+    )
     assert torch.allclose(result.lanczos.start_norm_sq, (eps * eps).sum(-1))
     estimate = lanczos_quadrature(result.lanczos)
     assert torch.allclose(estimate, _log_quadratic_form(whitened, eps), atol=1e-8)
@@ -194,7 +196,9 @@ def test_stochastic_logdet_value_and_gradient_average_to_exact(preconditioned):
     error = (per_probe.mean(0) - exact_theta_grad).abs()
     assert bool((error < 4.5 * stderr + 1e-12).all()), float((error / stderr).max())
     # the quadratic's gradient, summed over probes, is an average of runs estimates
-    assert torch.allclose(raw_grad / runs, exact_raw_grad, rtol=0.1, atol=0.05 * float(exact_raw_grad.abs().max()))
+    assert torch.allclose(
+        raw_grad / runs, exact_raw_grad, rtol=0.1, atol=0.05 * float(exact_raw_grad.abs().max())
+    )
 
 
 def test_preconditioning_with_the_quadratic_cuts_the_variance():
@@ -268,7 +272,9 @@ def test_low_rank_factor_matches_the_dense_one():
     assert torch.allclose(low.matvec(rows), dense.matvec(rows), atol=1e-12)
     assert torch.allclose(low.logdet, dense.logdet, atol=1e-12)
     grads = torch.autograd.grad(low.logdet, [coefficient, factor])
-    expected = torch.autograd.grad(torch.logdet(coefficient * torch.eye(d) + factor @ factor.T), [coefficient, factor])
+    expected = torch.autograd.grad(
+        torch.logdet(coefficient * torch.eye(d) + factor @ factor.T), [coefficient, factor]
+    )
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, expected, strict=True))
     # the probes have covariance Q
     probes = low.probe_rows(torch.zeros(200000, d))

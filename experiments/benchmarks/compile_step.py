@@ -48,7 +48,9 @@ from pyro_cpflow.linalg import stochastic_logdet
 CG_ITERATIONS = 8
 
 
-def make_loss(dim: int, mode: str, device: torch.device, dtype: torch.dtype) -> tuple[Callable[[Tensor], Tensor], torch.nn.Module]:
+def make_loss(
+    dim: int, mode: str, device: torch.device, dtype: torch.dtype
+) -> tuple[Callable[[Tensor], Tensor], torch.nn.Module]:
     torch.manual_seed(0)
     potential = cpflow(dim, hidden_dims=(64, 64)).to(device, dtype).potential
 
@@ -89,12 +91,16 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 value.backward()
                 return value.detach()
 
-            eager_timing, eager_value = time_call(functools.partial(step, loss), device, warmup=2, repeats=args.repeats)
+            eager_timing, eager_value = time_call(
+                functools.partial(step, loss), device, warmup=2, repeats=args.repeats
+            )
             compiled = torch.compile(loss)
             start = time.perf_counter()
             step(compiled)
             compile_s = time.perf_counter() - start
-            compiled_timing, compiled_value = time_call(functools.partial(step, compiled), device, warmup=2, repeats=args.repeats)
+            compiled_timing, compiled_value = time_call(
+                functools.partial(step, compiled), device, warmup=2, repeats=args.repeats
+            )
             rows.append({
                 "dim": dim, "mode": mode, "eager_ms": 1e3 * eager_timing.median_s,
                 "compiled_ms": 1e3 * compiled_timing.median_s, "compile_s": compile_s,
@@ -118,7 +124,8 @@ def main() -> None:
     device = setup(args)
     rows = measure(args, device)
     table = markdown_table(
-        ["d", "log-det", "eager ms", "compiled ms", "compiled / eager", "compile time s", "|loss difference|"],
+        ["d", "log-det", "eager ms", "compiled ms", "compiled / eager", "compile time s",
+         "|loss difference|"],
         [[r["dim"], r["mode"], fmt(r["eager_ms"]), fmt(r["compiled_ms"]),
           fmt(r["compiled_ms"] / r["eager_ms"], ".2f"), fmt(r["compile_s"], ".1f"),
           fmt(r["loss_difference"], ".1e")] for r in rows],

@@ -101,7 +101,9 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[list]:
 
                 # timed within this iteration: the loop's values are bound as defaults
                 def step(
-                    potential: ConvexPotential = potential, hessian: Callable[[Tensor], Tensor] = hessian, x: Tensor = x
+                    potential: ConvexPotential = potential,
+                    hessian: Callable[[Tensor], Tensor] = hessian,
+                    x: Tensor = x,
                 ) -> Tensor:
                     potential.zero_grad(set_to_none=True)
                     matrix = hessian(x)
@@ -124,7 +126,9 @@ def table(rows: list[list]) -> str:
         [kind, dim, batch, name, fmt(ms), fmt(ms / fastest[kind, dim, batch], ".2f"), fmt(error, ".1e")]
         for kind, dim, batch, name, ms, error in rows
     ]
-    return markdown_table(["quantity", "d", "batch", "method", "ms", "/ fastest", "max diff. to analytic"], cells)
+    return markdown_table(
+        ["quantity", "d", "batch", "method", "ms", "/ fastest", "max diff. to analytic"], cells
+    )
 
 
 def main() -> None:
@@ -141,7 +145,11 @@ def main() -> None:
     rows = measure(args, device)
     text = f"# Second derivatives of the potential\n\n{machine_summary(device)}\n\n{table(rows)}"
     print(text)
-    payload = {"rows": [dict(zip(["quantity", "dim", "batch", "method", "ms", "max_diff"], r, strict=True)) for r in rows]}
+    payload = {
+        "rows": [
+            dict(zip(["quantity", "dim", "batch", "method", "ms", "max_diff"], r, strict=True)) for r in rows
+        ]
+    }
     save_results(args.out, payload, text, device, args, started)
 
 
