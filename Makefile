@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow bench demo clean
+.PHONY: install test test-slow lint docs bench demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -m slow -q
 
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+# the API reference, the maths and the notebooks (rendered, not executed) into docs/_build/html;
+# every warning is an error, and -E rereads every page so that none is missed
+docs: $(STAMP)
+	$(PY) -m sphinx -E -W --keep-going -b html docs docs/_build/html
+
 # each demo run gets its own folder: a finished run is never started over
 demo: $(STAMP)
 	$(PY) experiments/vae.py --dataset freyfaces --flow cpflow --out-dir experiments/runs/demo-$$(date +%Y%m%d-%H%M%S)
@@ -36,4 +44,4 @@ bench: $(STAMP)
 	$(PY) experiments/benchmarks/optimizer_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache docs/_build docs/tutorials

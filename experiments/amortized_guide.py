@@ -55,7 +55,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     RESULTS_DIR,
     RESULTS_MD,
     add_run_options,
@@ -68,8 +68,7 @@ from common import (  # noqa: E402
     run_header,
     write_json,
 )
-
-from pyro_cpflow import AutoAmortizedCPFlow, AutoAmortizedNormal  # noqa: E402
+from pyro_cpflow import AutoAmortizedCPFlow, AutoAmortizedNormal
 
 RESULTS_JSON = RESULTS_DIR / "amortized_guide.json"
 SECTION = "Amortized guide for local latents"
@@ -110,7 +109,9 @@ def data_plate(x: Tensor, subsample_size: int | None = None) -> pyro.plate:
 
 
 def encoder(hidden: int, context_dim: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(PIXELS, hidden), nn.Softplus(), nn.Linear(hidden, context_dim), nn.Softplus())
+    return nn.Sequential(
+        nn.Linear(PIXELS, hidden), nn.Softplus(), nn.Linear(hidden, context_dim), nn.Softplus()
+    )
 
 
 def scaled_pixels(x: Tensor, subsample_size: int | None = None) -> Tensor:

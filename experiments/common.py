@@ -93,8 +93,10 @@ def build_parser(description: str, *, steps: int, batch_size: int, lr: float) ->
     parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bars")
     parser.add_argument(
-        "--render-only", action="store_true",
-        help="no training: regenerate the Markdown section (and, for ot.py, the figure) from the JSON in --out-dir",
+        "--render-only",
+        action="store_true",
+        help="no training: regenerate the Markdown section (and, for ot.py, the figure) "
+        "from the JSON in --out-dir",
     )
     return parser
 

@@ -54,7 +54,7 @@ from pyro.infer.importance import vectorized_importance_weights
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     RESULTS_DIR,
     RESULTS_MD,
     add_run_options,
@@ -67,9 +67,8 @@ from common import (  # noqa: E402
     run_header,
     write_json,
 )
-from guide_models import MODEL_NAMES, PanelModel, build  # noqa: E402
-
-from pyro_cpflow import AutoCPFlow  # noqa: E402
+from guide_models import MODEL_NAMES, PanelModel, build
+from pyro_cpflow import AutoCPFlow
 
 NUTS_CACHE = RESULTS_DIR / "guide_panel_nuts.json"
 PANEL_JSON = RESULTS_DIR / "guide_panel.json"
@@ -169,7 +168,9 @@ def train(guide_name: str, panel: PanelModel, args: argparse.Namespace) -> tuple
 
 
 @torch.no_grad()
-def evaluate(guide: Any, panel: PanelModel, reference: dict[str, Any], samples: int, seed: int) -> dict[str, Any]:
+def evaluate(
+    guide: Any, panel: PanelModel, reference: dict[str, Any], samples: int, seed: int
+) -> dict[str, Any]:
     """ELBO, IS-ESS, IS log-evidence and moment errors of a trained guide."""
     guide.eval()
     pyro.set_rng_seed(seed + 1)
@@ -187,7 +188,7 @@ def evaluate(guide: Any, panel: PanelModel, reference: dict[str, Any], samples: 
     for name, mean in reference["mean"].items():
         values = guide_trace.nodes[name]["value"].double().reshape(samples, -1)
         ref_mean, ref_std = torch.tensor(mean), torch.tensor(reference["std"][name])
-        z_errors.append(((values.mean(0) - ref_mean).abs() / ref_std))
+        z_errors.append((values.mean(0) - ref_mean).abs() / ref_std)
         log_sd_ratios.append((values.std(0) / ref_std).log().abs())
     record = {"elbo": elbo, "elbo_se": elbo_se, "is_ess": ess, "log_evidence": log_evidence,
               "non_finite_weights": int((~finite).sum())}
@@ -237,7 +238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nuts-samples", type=positive(int), default=3000)
     parser.add_argument("--nuts-warmup", type=positive(int), default=1000)
     parser.add_argument("--refresh-nuts", action="store_true")
-    add_run_options(parser, PANEL_JSON, "smoke run: 30 steps, 200 evaluation draws, short NUTS; writes nothing")
+    add_run_options(
+        parser, PANEL_JSON, "smoke run: 30 steps, 200 evaluation draws, short NUTS; writes nothing"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.eval_samples, args.nuts_samples, args.nuts_warmup = 30, 200, 100, 100

@@ -63,7 +63,7 @@ from pyro.ops.stats import effective_sample_size
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     RESULTS_DIR,
     RESULTS_MD,
     add_run_options,
@@ -75,8 +75,8 @@ from common import (  # noqa: E402
     run_header,
     write_json,
 )
-from guide_models import build  # noqa: E402
-from guide_panel import NUTS_CACHE, train  # noqa: E402
+from guide_models import build
+from guide_panel import NUTS_CACHE, train
 
 NEUTRA_JSON = RESULTS_DIR / "neutra.json"
 MODEL = "eight_schools"
@@ -143,7 +143,8 @@ def moment_errors(draws: Tensor, names: list[str], ess: Tensor, reference: dict[
         "max_mean_error_in_se": float(in_se.max()),
         "worst_coordinate": names[worst],
         "mean_abs_log_sd_ratio": float((std / ref_std).log().abs().mean()),
-        "mean": dict(zip(names, mean.tolist())), "std": dict(zip(names, std.tolist())),
+        "mean": dict(zip(names, mean.tolist(), strict=True)),
+        "std": dict(zip(names, std.tolist(), strict=True)),
     }
 
 
@@ -178,7 +179,7 @@ def sample(method: str, args: argparse.Namespace, reference: dict[str, Any]) -> 
         "gradients_per_draw": cost["gradients"] / args.samples,
         "step_size": float(kernel.step_size),
         "divergences": len(mcmc.diagnostics()["divergences"]["chain 0"]),
-        "ess": dict(zip(names, ess.tolist())),
+        "ess": dict(zip(names, ess.tolist(), strict=True)),
     }
     return record | moment_errors(draws, names, ess, reference)
 
@@ -247,7 +248,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=positive(int), default=1000, help="NUTS draws per chain")
     parser.add_argument("--warmup", type=positive(int), default=500, help="NUTS warm-up steps")
     parser.add_argument("--max-tree-depth", type=positive(int), default=10)
-    add_run_options(parser, NEUTRA_JSON, "smoke run: 30 SVI steps, 30 draws after 30 warm-up, tree depth 4; writes nothing")
+    add_run_options(
+        parser,
+        NEUTRA_JSON,
+        "smoke run: 30 SVI steps, 30 draws after 30 warm-up, tree depth 4; writes nothing",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.samples, args.warmup, args.max_tree_depth = 30, 30, 30, 4
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method in args.methods:
         record = sample(method, args, reference)
         results["methods"][method] = record
-        print(f"{method:24s} min ESS {record['min_ess']:7.1f}  per 1000 grads {record['ess_per_1000_gradients']:6.2f}"
+        print(f"{method:24s} min ESS {record['min_ess']:7.1f}"
+              f"  per 1000 grads {record['ess_per_1000_gradients']:6.2f}"
               f"  per s {record['ess_per_second']:6.2f}  {record['ms_per_gradient']:.2f} ms/grad"
               f"  {record['divergences']} divergent")
     results["seconds"] = time.perf_counter() - start

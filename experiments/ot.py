@@ -85,7 +85,7 @@ class GaussianProblem:
     def dim(self) -> int:
         return self.mean.shape[0]
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "GaussianProblem":
+    def to(self, device: torch.device, dtype: torch.dtype) -> GaussianProblem:
         return GaussianProblem(self.name, self.mean.to(device, dtype), self.cov.to(device, dtype))
 
     def distribution(self) -> dist.MultivariateNormal:
@@ -125,7 +125,9 @@ def random_problem(dim: int, seed: int, low: float = 0.2, high: float = 5.0) -> 
     g = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
     rotation = q * torch.sign(torch.diagonal(r))  # Haar-distributed
-    log_eigen = math.log(low) + (math.log(high) - math.log(low)) * torch.rand(dim, generator=g, dtype=torch.float64)
+    log_eigen = math.log(low) + (math.log(high) - math.log(low)) * torch.rand(
+        dim, generator=g, dtype=torch.float64
+    )
     cov = (rotation * log_eigen.exp()) @ rotation.T
     cov = 0.5 * (cov + cov.T)
     mean = torch.randn(dim, generator=g, dtype=torch.float64)
@@ -320,7 +322,9 @@ def run_problem(problem: GaussianProblem, index: int, config: OTConfig) -> dict[
         lambda: linear.closed_form(problem),
     )
     entry["linear_iaf"]["final"] = linear.closed_form(problem)
-    entry["linear_iaf"]["final_monte_carlo"] = map_metrics(linear, lin_dist.log_prob, problem, held_out, data_log_prob)
+    entry["linear_iaf"]["final_monte_carlo"] = map_metrics(
+        linear, lin_dist.log_prob, problem, held_out, data_log_prob
+    )
     return entry
 
 
@@ -347,7 +351,7 @@ def plot_cost_vs_kl(record: dict[str, Any], path: Path) -> Path:
     cols = min(3, len(problems))
     rows = math.ceil(len(problems) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax, (name, entry) in zip(axes.flat, problems.items()):
+    for ax, (name, entry) in zip(axes.flat, problems.items(), strict=False):  # spare panels stay empty
         for key, label, color in (("cpflow", "CP-Flow", "C0"), ("linear_iaf", "linear IAF", "C1")):
             curve = entry[key]["curve"]
             kl = [point["kl"] for point in curve]
@@ -387,11 +391,12 @@ def markdown_section(record: dict[str, Any], markdown_path: Path = common.RESULT
         f"Command: `{record['command']}`  ",
         f"Run time: {record['seconds'] / 60:.1f} min on {record['environment']['device']} "
         f"({record['environment']['torch_threads']} torch thread(s), {config['dtype']}).  ",
-        f"One CP-Flow block (ICNN hidden ({config['hidden']}, {config['hidden']}), exact log-det) and a linear "
-        f"IAF (lower-triangular affine map), each {config['steps']} Adam steps (cosine decay from lr "
-        f"{config['lr']:g} for CP-Flow, {config['linear_lr']:g} for the linear IAF, which is slow to converge "
-        f"at the smaller rate) on batches of {config['batch_size']} fresh samples. CP-Flow metrics are "
-        f"Monte Carlo averages over a fixed held-out sample of {config['n_eval']}; the linear IAF's are closed-form. "
+        f"One CP-Flow block (ICNN hidden ({config['hidden']}, {config['hidden']}), exact log-det) "
+        f"and a linear IAF (lower-triangular affine map), each {config['steps']} Adam steps (cosine "
+        f"decay from lr {config['lr']:g} for CP-Flow, {config['linear_lr']:g} for the linear IAF, which "
+        f"is slow to converge at the smaller rate) on batches of {config['batch_size']} fresh samples. "
+        f"CP-Flow metrics are Monte Carlo averages over a fixed held-out sample of {config['n_eval']}; "
+        "the linear IAF's are closed-form. "
         "Gap = (cost - W2^2) / W2^2 with the closed-form W2^2. The plain Monte Carlo cost carries the "
         "sampling error of the held-out set (the true OT map's cost on that set differs from W2^2 by "
         "up to about 1%); the paired gap = mean(|x - f(x)|^2 - |x - T(x)|^2) / W2^2 over the same points "
@@ -406,7 +411,8 @@ def markdown_section(record: dict[str, Any], markdown_path: Path = common.RESULT
             name, f"{w2:.4f}",
             f"{cp['cost']:.4f}", f"{100 * (cp['cost'] - w2) / w2:+.2f}%",
             f"{100 * cp['paired_excess_cost'] / w2:+.3f}%", f"{cp['l2_uvp']:.3f}", f"{cp['kl']:.1e}",
-            f"{lin['cost']:.4f}", f"{100 * (lin['cost'] - w2) / w2:+.2f}%", f"{lin['l2_uvp']:.2f}", f"{lin['kl']:.1e}",
+            f"{lin['cost']:.4f}", f"{100 * (lin['cost'] - w2) / w2:+.2f}%", f"{lin['l2_uvp']:.2f}",
+            f"{lin['kl']:.1e}",
             f"{entry['cpflow']['seconds']:.0f} s",
         ])
     headers = [
@@ -440,13 +446,16 @@ def config_from_args(argv: Sequence[str]) -> tuple[OTConfig, Any]:
         help="peak learning rate of the linear IAF (it converges slowly at --lr)",
     )
     parser.add_argument("--n-eval", type=int, default=OTConfig.n_eval, help="held-out sample size")
-    parser.add_argument("--n-curve", type=int, default=OTConfig.n_curve, help="held-out points for the curves")
+    parser.add_argument(
+        "--n-curve", type=int, default=OTConfig.n_curve, help="held-out points for the curves"
+    )
     parser.add_argument("--evals", type=int, default=OTConfig.evals, help="evaluations along training")
     if "--quick" in argv:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     config = OTConfig(
-        dims=tuple(args.dims), paper_case=not args.no_paper_case, steps=args.steps, batch_size=args.batch_size,
+        dims=tuple(args.dims), paper_case=not args.no_paper_case, steps=args.steps,
+        batch_size=args.batch_size,
         lr=args.lr, linear_lr=args.linear_lr, hidden=args.hidden, seed=args.seed, n_eval=args.n_eval,
         n_curve=args.n_curve,
         evals=args.evals, device=args.device, dtype=args.dtype, show_progress=not args.no_progress,

@@ -31,6 +31,7 @@ Run ``python experiments/toy2d.py`` (7-10 minutes on 2 shared CPU cores); it wri
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -92,7 +93,10 @@ def _cpflow_three(dim: int, gain: float) -> nn.Module:
 
 def _maf(dim: int, gain: float) -> nn.Module:
     return _interleave(
-        [T.AffineAutoregressive(AutoRegressiveNN(dim, [32, 32], permutation=torch.arange(dim))) for _ in range(6)],
+        [
+            T.AffineAutoregressive(AutoRegressiveNN(dim, [32, 32], permutation=torch.arange(dim)))
+            for _ in range(6)
+        ],
         dim,
     )
 
@@ -100,7 +104,8 @@ def _maf(dim: int, gain: float) -> nn.Module:
 def _naf(dim: int, gain: float) -> nn.Module:
     layers = [
         T.NeuralAutoregressive(
-            AutoRegressiveNN(dim, [32, 32], param_dims=[8, 8, 8], permutation=torch.arange(dim)), hidden_units=8
+            AutoRegressiveNN(dim, [32, 32], param_dims=[8, 8, 8], permutation=torch.arange(dim)),
+            hidden_units=8,
         )
         for _ in range(3)
     ]
@@ -108,7 +113,9 @@ def _naf(dim: int, gain: float) -> nn.Module:
 
 
 def _nsf(dim: int, gain: float) -> nn.Module:
-    return _interleave([T.spline_coupling(dim, hidden_dims=[30, 30], count_bins=8, bound=5.0) for _ in range(4)], dim)
+    return _interleave(
+        [T.spline_coupling(dim, hidden_dims=[30, 30], count_bins=8, bound=5.0) for _ in range(4)], dim
+    )
 
 
 MODELS: dict[str, Callable[[int, float], nn.Module]] = {
@@ -206,6 +213,13 @@ def _summarise_losses(losses: list[float], points: int = 50) -> list[float]:
     return [float(part.mean()) for part in values.tensor_split(min(points, len(losses)))]
 
 
+def _sample_batch(
+    data_name: str, batch_size: int, train_seed: int, step: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """Training batch ``step`` of a data set: its seed is ``train_seed + step``."""
+    return sample_toy(data_name, batch_size, seed=train_seed + step, device=device, dtype=dtype)
+
+
 def run(config: ToyConfig) -> ToyResult:
     """Fit every model to every data set; return held-out log-likelihoods and density grids."""
     device = torch.device(config.device)
@@ -213,20 +227,24 @@ def run(config: ToyConfig) -> ToyResult:
     settings = asdict(config) | {"datasets": list(config.datasets), "models": list(config.models)}
     result = ToyResult(record={"config": settings, "datasets": {}})
     for i, data_name in enumerate(config.datasets):
-        test = sample_toy(data_name, config.n_test, seed=10_000 + 100 * config.seed + i, device=device, dtype=dtype)
+        test = sample_toy(
+            data_name, config.n_test, seed=10_000 + 100 * config.seed + i, device=device, dtype=dtype
+        )
         result.samples[data_name] = test[:5000].cpu()
         result.grids[data_name] = {}
         entries: dict[str, Any] = {}
         reference_seed = 20_000 + 100 * config.seed + i
-        reference = gaussian_fit(sample_toy(data_name, 100_000, seed=reference_seed, device=device, dtype=dtype))
+        reference = gaussian_fit(
+            sample_toy(data_name, 100_000, seed=reference_seed, device=device, dtype=dtype)
+        )
         for j, model_name in enumerate(config.models):
             seed = 1000 * config.seed + 10 * i + j
             module, distribution = build_model(
                 model_name, seed, device, dtype, cpflow_input_gain=config.cpflow_input_gain
             )
             train_seed = 100_000 * (config.seed + 1) + 1000 * i
-            sample_batch = lambda step: sample_toy(  # noqa: E731
-                data_name, config.batch_size, seed=train_seed + step, device=device, dtype=dtype
+            sample_batch = functools.partial(
+                _sample_batch, data_name, config.batch_size, train_seed, device=device, dtype=dtype
             )
             start = time.perf_counter()
             losses = common.fit_density(
@@ -249,7 +267,9 @@ def run(config: ToyConfig) -> ToyResult:
                 "train_loss_curve": _summarise_losses(losses),
             }
         result.record["datasets"][data_name] = entries
-        result.record.setdefault("gaussian_fit_loglik", {})[data_name] = float(reference.log_prob(test).mean())
+        result.record.setdefault("gaussian_fit_loglik", {})[data_name] = float(
+            reference.log_prob(test).mean()
+        )
     return result
 
 
@@ -270,12 +290,18 @@ def plot_grid(result: ToyResult, path: Path, limit: float) -> Path:
     extent = (-limit, limit, -limit, limit)
     for r, data_name in enumerate(datasets):
         x = result.samples[data_name]
-        axes[r, 0].hist2d(x[:, 0].numpy(), x[:, 1].numpy(), bins=100, range=[[-limit, limit]] * 2, cmap="viridis")
+        axes[r, 0].hist2d(
+            x[:, 0].numpy(), x[:, 1].numpy(), bins=100, range=[[-limit, limit]] * 2, cmap="viridis"
+        )
         for c, model_name in enumerate(models, start=1):
             density = result.grids[data_name][model_name].numpy()
-            axes[r, c].imshow(density, origin="lower", extent=extent, cmap="viridis", interpolation="bilinear")
+            axes[r, c].imshow(
+                density, origin="lower", extent=extent, cmap="viridis", interpolation="bilinear"
+            )
             loglik = result.record["datasets"][data_name][model_name]["test_loglik"]
-            axes[r, c].text(0.03, 0.04, f"{loglik:.3f}", color="white", fontsize=7, transform=axes[r, c].transAxes)
+            axes[r, c].text(
+                0.03, 0.04, f"{loglik:.3f}", color="white", fontsize=7, transform=axes[r, c].transAxes
+            )
         axes[r, 0].set_ylabel(data_name)
     for c, title in enumerate(["data", *models]):
         axes[0, c].set_title(title, fontsize=9)
@@ -301,7 +327,8 @@ def markdown_section(record: dict[str, Any], markdown_path: Path = common.RESULT
         f"Each model: {config['steps']} Adam steps (cosine decay from lr {config['lr']:g}), batches of "
         f"{config['batch_size']} fresh samples; held-out set of {config['n_test']} samples (another seed). "
         "Every model starts with a data-initialised ActNorm; the CP-Flow networks use "
-        f"`input_gain={config.get('cpflow_input_gain', DEFAULT_INPUT_GAIN):g}` (`--cpflow-input-gain`; with 1, "
+        f"`input_gain={config.get('cpflow_input_gain', DEFAULT_INPUT_GAIN):g}` "
+        "(`--cpflow-input-gain`; with 1, "
         "plain PyTorch initialisation, CP-Flow stays at or near the Gaussian fit).",
         "",
         "Held-out log-likelihood (nats, higher is better; best per data set in bold; the largest "
@@ -317,7 +344,8 @@ def markdown_section(record: dict[str, Any], markdown_path: Path = common.RESULT
     first = next(iter(record["datasets"].values()))
     rows.append(["parameters", *[str(first[m]["parameters"]) for m in models], "5"])
     per_step = [
-        sum(entries[m]["seconds_per_step"] for entries in record["datasets"].values()) / len(record["datasets"])
+        sum(entries[m]["seconds_per_step"] for entries in record["datasets"].values())
+        / len(record["datasets"])
         for m in models
     ]
     rows.append(["ms / step", *[f"{1000 * s:.0f}" for s in per_step], ""])
@@ -351,7 +379,8 @@ def config_from_args(argv: Sequence[str]) -> tuple[ToyConfig, Any]:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     config = ToyConfig(
-        datasets=tuple(args.datasets), models=tuple(args.models), steps=args.steps, batch_size=args.batch_size,
+        datasets=tuple(args.datasets), models=tuple(args.models), steps=args.steps,
+        batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, n_test=args.n_test, grid_size=args.grid_size, device=args.device,
         dtype=args.dtype, show_progress=not args.no_progress, cpflow_input_gain=args.cpflow_input_gain,
     )

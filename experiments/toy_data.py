@@ -72,7 +72,9 @@ def pinwheel(n: int, g: torch.Generator) -> Tensor:
     angles = labels.to(torch.float64) * (2.0 * math.pi / num_arms) + rate * torch.exp(features[:, 0])
     cos, sin = torch.cos(angles), torch.sin(angles)
     # row vector times [[cos, -sin], [sin, cos]], as in the reference definition
-    x = torch.stack([features[:, 0] * cos + features[:, 1] * sin, -features[:, 0] * sin + features[:, 1] * cos], -1)
+    x = torch.stack(
+        [features[:, 0] * cos + features[:, 1] * sin, -features[:, 0] * sin + features[:, 1] * cos], -1
+    )
     return 2.0 * x
 
 

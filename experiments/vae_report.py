@@ -31,7 +31,6 @@ if str(ROOT) not in sys.path:
 
 from experiments import common  # noqa: E402
 
-
 PUBLISHED_NELBO = {
     ("freyfaces", "gaussian"): 4.53,
     ("freyfaces", "cpflow"): 4.45,
@@ -118,7 +117,9 @@ def learning_curves(runs: list[Run], path: Path) -> Path:
     units = "bits/dim" if runs and runs[0].epochs and "valid_nelbo_bpd" in runs[0].epochs[0] else "nats"
     lows = [min(curve.values()) for curve in curves if curve]
     if lows:
-        published = [PUBLISHED_NELBO[(r.dataset, r.flow)] for r in runs if (r.dataset, r.flow) in PUBLISHED_NELBO]
+        published = [
+            PUBLISHED_NELBO[(r.dataset, r.flow)] for r in runs if (r.dataset, r.flow) in PUBLISHED_NELBO
+        ]
         ax.set_ylim(min(lows + published) - 0.1, min(lows) + 1.5)
     ax.set_ylabel(f"negative ELBO ({units})")
     ax.set_title(f"VAE on {runs[0].dataset}: validation negative ELBO by epoch" if runs else "")
@@ -126,7 +127,7 @@ def learning_curves(runs: list[Run], path: Path) -> Path:
     ax.legend(fontsize=8)
     if compare:
         below = axes[1, 0]
-        for index, (run, curve) in enumerate(zip(runs[1:], curves[1:]), 1):
+        for index, (run, curve) in enumerate(zip(runs[1:], curves[1:], strict=True), 1):
             epochs = [e for e in curve if e in curves[0]]
             below.plot(epochs, [curve[e] - curves[0][e] for e in epochs], color=f"C{index}",
                        label=f"{LABELS.get(run.flow, run.flow)} − {LABELS.get(runs[0].flow, runs[0].flow)}")

@@ -76,7 +76,9 @@ class ActNorm(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
     def _set_from_outside(self) -> bool:
         current = (self.loc, self.log_scale)
         unset = self._init_state["unset"]
-        return any(p is not old or p._version != version for p, (old, version) in zip(current, unset))
+        return any(
+            p is not old or p._version != version for p, (old, version) in zip(current, unset, strict=True)
+        )
 
     def is_initialized(self) -> bool:
         """Whether the layer is initialised (see the module docstring); marks it so if its
@@ -164,7 +166,7 @@ class ActNorm(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
             scale = torch.exp(self.log_scale)
         return Linearization(y, lambda v, rtol: (v * scale, 0), lambda v: v / scale)
 
-    def _float64_twin(self) -> "ActNorm":
+    def _float64_twin(self) -> ActNorm:
         """This layer in float64, with the same parameter values (:mod:`pyro_cpflow.precision`)."""
         return float64_twin(self)  # type: ignore[return-value]
 
@@ -173,7 +175,7 @@ class ActNorm(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
         inverse = y * torch.exp(self.log_scale) + self.loc
         return value + (inverse - inverse.detach())
 
-    def with_cache(self, cache_size: int = 1) -> "ActNorm":
+    def with_cache(self, cache_size: int = 1) -> ActNorm:
         """``self``, or a copy sharing parameters and buffers with another cache size."""
         if cache_size == self._cache_size:
             return self

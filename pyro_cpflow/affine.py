@@ -41,7 +41,8 @@ class Activation:
 
 
 def _add_to_leading_rows(base: Tensor, extra: Tensor) -> Tensor:
-    """``base`` ``(B, h, d)`` (``B`` may be 1 and broadcast) with ``extra`` ``(N, h_c, d)`` added to its first ``h_c`` rows."""
+    """``base`` ``(B, h, d)`` (``B`` may be 1 and broadcast) with ``extra`` ``(N, h_c, d)``
+    added to its first ``h_c`` rows."""
     rows = extra.shape[-2]
     if rows == base.shape[-2]:
         return base + extra
@@ -79,7 +80,7 @@ class AffineLayer:
         else:
             parts = [
                 F.linear(x if gate is None else x * gate, weight)
-                for weight, gate in zip(self.input_weights, self.input_gates)
+                for weight, gate in zip(self.input_weights, self.input_gates, strict=True)
             ]
             u = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
             if offset is not None:
@@ -100,7 +101,7 @@ class AffineLayer:
     def transpose_input(self, adjoint: Tensor) -> Tensor:
         """:math:`\\partial (a^\\top u) / \\partial x` for ``adjoint`` :math:`a` ``(N, h)``."""
         total, start = None, 0
-        for weight, gate in zip(self.input_weights, self.input_gates):
+        for weight, gate in zip(self.input_weights, self.input_gates, strict=True):
             stop = start + weight.shape[0]
             part = adjoint[..., start:stop] @ weight
             if gate is not None:
@@ -116,7 +117,7 @@ class AffineLayer:
         part = (adjoint if rows == adjoint.shape[-1] else adjoint[..., :rows]) @ weight  # type: ignore[operator]
         return part if self.convex_gate is None else part * self.convex_gate
 
-    def scaled(self, scale: Tensor) -> "AffineLayer":
+    def scaled(self, scale: Tensor) -> AffineLayer:
         r"""The layer times ``scale`` (a scalar): :math:`\sigma u`."""
         return AffineLayer(
             tuple(scale * w for w in self.input_weights),
@@ -133,7 +134,7 @@ class AffineLayer:
         if self.convex_gate is not None:
             z_part = z_part * self.convex_gate
         x_part = None
-        for weight, gate in zip(self.input_weights, self.input_gates):
+        for weight, gate in zip(self.input_weights, self.input_gates, strict=True):
             part = weight[0] if gate is None else weight[0] * gate
             x_part = part if x_part is None else x_part + part
         return z_part, x_part  # type: ignore[return-value]
@@ -142,7 +143,7 @@ class AffineLayer:
         """:math:`\\partial u / \\partial x` of the input term, ``(N, h, d)`` or ``(1, h, d)``."""
         blocks = [
             weight[None] if gate is None else weight * gate[:, None, :]
-            for weight, gate in zip(self.input_weights, self.input_gates)
+            for weight, gate in zip(self.input_weights, self.input_gates, strict=True)
         ]
         if len(blocks) == 1:
             return blocks[0]
@@ -154,7 +155,7 @@ class AffineLayer:
         gated = previous if self.convex_gate is None else previous * self.convex_gate[..., None]
         return _add_to_leading_rows(self.input_jacobian(), self.convex_weight @ gated)  # type: ignore[operator]
 
-    def stacked_with(self, features: "AffineLayer") -> "AffineLayer":
+    def stacked_with(self, features: AffineLayer) -> AffineLayer:
         """This layer followed by the rows of ``features``, a layer without convex term."""
         if features.convex_weight is not None:
             raise ValueError("only features without a convex term can be stacked below a layer")
@@ -168,7 +169,7 @@ class AffineLayer:
             self.convex_gate,
         )
 
-    def detach(self) -> "AffineLayer":
+    def detach(self) -> AffineLayer:
         def cut(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach()
 

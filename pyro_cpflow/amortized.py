@@ -202,7 +202,9 @@ class AutoAmortizedNormal(AutoGuide):
         names = latent if self._site_names is None else self._site_names
         for name in names:
             if name not in latent:
-                raise ValueError(f"sites: the model has no latent site {name!r}; its latent sites are {latent}")
+                raise ValueError(
+                    f"sites: the model has no latent site {name!r}; its latent sites are {latent}"
+                )
             site = self.prototype_trace.nodes[name]
             plates = [f.name for f in site["cond_indep_stack"] if f.vectorized]
             if plates != [self.plate]:

@@ -7,9 +7,11 @@ checks, :func:`check_finite` follows ``pyro.enable_validation`` (on by default);
 setting (a factorisation or a solve that has already gone wrong).
 
 >>> check_like(torch.zeros(2, dtype=torch.float32), "x", torch.zeros(2, dtype=torch.float64))
+... # doctest: +NORMALIZE_WHITESPACE
 Traceback (most recent call last):
 ...
-ValueError: x has dtype torch.float32 on cpu but the flow's parameters have dtype torch.float64 on cpu; convert one of them
+ValueError: x has dtype torch.float32 on cpu but the flow's parameters have dtype torch.float64
+on cpu; convert one of them
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ class NetworkTrace:
         _, _, adjoints = self._backward
         if not self.second_derivatives:
             self.second_derivatives = [self.activation.second(u) for u in self.pre_activations]
-        return [a * s2 for a, s2 in zip(adjoints, self.second_derivatives)]
+        return [a * s2 for a, s2 in zip(adjoints, self.second_derivatives, strict=True)]
 
     def hvp(self, v: Tensor) -> Tensor:
         r""":math:`\nabla^2 g(x)\, v` for ``v`` ``(N, d)``: one forward tangent, one backward sweep."""
@@ -158,7 +158,7 @@ class NetworkTrace:
         slopes = self._backward[1]
         hessian = None
         jacobian = None
-        for k, (layer, curvature) in enumerate(zip(self.hidden, self.curvatures)):
+        for k, (layer, curvature) in enumerate(zip(self.hidden, self.curvatures, strict=True)):
             if k == 0:
                 jacobian = layer.input_jacobian()
             else:
@@ -170,7 +170,7 @@ class NetworkTrace:
             hessian = term if hessian is None else hessian + term
         return hessian.expand(self.x.shape[0], -1, -1)  # type: ignore[union-attr]
 
-    def whitened(self, whiten: Callable[[Tensor], Tensor]) -> "NetworkTrace | None":
+    def whitened(self, whiten: Callable[[Tensor], Tensor]) -> NetworkTrace | None:
         r"""A constant copy whose :meth:`hvp` is :math:`S^{-1}\nabla^2 g\, S^{-\top} v`, or ``None``.
 
         ``whiten`` maps rows :math:`w^\top` to :math:`(S^{-1} w)^\top`. The input enters every
@@ -193,7 +193,7 @@ class NetworkTrace:
         copy.hidden = layers
         return copy
 
-    def detach(self) -> "NetworkTrace":
+    def detach(self) -> NetworkTrace:
         """A copy whose products and Hessian are constants (no graph): for iterative solvers."""
         gradient, slopes, _ = self._backward
         copy = object.__new__(NetworkTrace)
@@ -256,7 +256,7 @@ class QuadraticTerms:
             matrix = matrix + self.context_factor @ self.context_factor.transpose(-1, -2)
         return matrix
 
-    def detach(self) -> "QuadraticTerms":
+    def detach(self) -> QuadraticTerms:
         context = None if self.context_factor is None else self.context_factor.detach()
         return QuadraticTerms(self.coefficient.detach(), self.factor.detach(), self.shift.detach(), context)
 
@@ -264,7 +264,7 @@ class QuadraticTerms:
 class WhiteningFactor(Protocol):
     """A factorisation :math:`Q = S S^\\top` as :meth:`PotentialTrace.whitened_hvp` uses it."""
 
-    source: "QuadraticTerms | None"
+    source: QuadraticTerms | None
 
     def whiten(self, rows: Tensor) -> Tensor: ...
 
@@ -272,7 +272,8 @@ class WhiteningFactor(Protocol):
 
 
 class PotentialTrace:
-    r""":math:`F = \sigma g + q` at rows ``x``: :math:`\sigma g` a :class:`NetworkTrace`, :math:`q` :class:`QuadraticTerms`.
+    r""":math:`F = \sigma g + q` at rows ``x``: :math:`\sigma g` a :class:`NetworkTrace`,
+    :math:`q` :class:`QuadraticTerms`.
 
     The interface every solver uses: :attr:`value`, :attr:`gradient`, :meth:`hvp`,
     :meth:`hessian` and :meth:`detach`.
@@ -306,8 +307,9 @@ class PotentialTrace:
         r""":math:`\nabla^2 F(x)`, ``(N, d, d)``."""
         return self.network.hessian() + self.quadratic.hessian(self.x.shape[0])
 
-    def whitened_hvp(self, factor: "WhiteningFactor") -> Callable[[Tensor], Tensor]:
-        r"""The constant product :math:`v \mapsto S^{-1} \nabla^2 F\, S^{-\top} v`, :math:`Q = S S^\top` from ``factor``.
+    def whitened_hvp(self, factor: WhiteningFactor) -> Callable[[Tensor], Tensor]:
+        r"""The constant product :math:`v \mapsto S^{-1} \nabla^2 F\, S^{-\top} v`, with
+        :math:`Q = S S^\top` from ``factor``.
 
         When ``factor`` factorises this trace's own :math:`Q` (``factor.source is
         self.quadratic``, as :func:`~pyro_cpflow.potential.factorize` records) and the
@@ -324,7 +326,7 @@ class PotentialTrace:
             return lambda v: factor.whiten(constant.hvp(factor.unwhiten(v)))
         return lambda v: network.hvp(v) + v
 
-    def detach(self) -> "PotentialTrace":
+    def detach(self) -> PotentialTrace:
         return PotentialTrace(self.network.detach(), self.quadratic.detach())
 
 
@@ -385,7 +387,7 @@ class AutogradTrace:
             )
         return columns.permute(1, 2, 0)
 
-    def detach(self) -> "AutogradTrace":
+    def detach(self) -> AutogradTrace:
         copy = AutogradTrace(self.function, self.x)
         copy.__dict__.update({k: v for k, v in self.__dict__.items() if k.startswith("_")})
         copy._differentiable = False

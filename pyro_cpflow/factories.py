@@ -47,7 +47,7 @@ def cpflow(
         :class:`~pyro_cpflow.nn.ICNN`); it assumes roughly standardised inputs.
     :param options: ``initial_scale`` and ``initial_factor_std`` of
         :class:`~pyro_cpflow.potential.ConvexPotential`, and the
-        :class:`~pyro_cpflow.transforms.FlowOptions` (``logdet``, tolerances...).
+        :class:`~pyro_cpflow.options.FlowOptions` (``logdet``, tolerances...).
 
     >>> flow = cpflow(3, hidden_dims=(8, 8), logdet="exact")
     >>> flow.inv(flow(torch.randn(4, 3))).shape

@@ -112,7 +112,7 @@ class CGResult:
     iterations: Tensor
     residual_norm: Tensor
     converged: Tensor
-    lanczos: "LanczosMatrices | None" = None
+    lanczos: LanczosMatrices | None = None
 
 
 @dataclass
@@ -171,6 +171,7 @@ def conjugate_gradient(
         ``check_every`` iterations. ``0`` never tests: exactly ``max_iter`` iterations run,
         converged samples frozen, with no synchronisation; the result is the same as with
         early exit whenever ``max_iter`` iterations suffice.
+
     >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
     >>> result = conjugate_gradient(lambda v: v @ A, torch.ones(5, 2), rtol=1e-10)
     >>> torch.allclose(result.solution @ A, torch.ones(5, 2))
@@ -350,7 +351,7 @@ def lanczos_quadrature(
 def _quadrature_and_condition(
     lanczos: LanczosMatrices, function: Callable[[Tensor], Tensor] = torch.log
 ) -> tuple[Tensor, Tensor]:
-    """The quadrature and the Ritz estimate :math:`\theta_{max} / \theta_{min}` of the condition
+    r"""The quadrature and the Ritz estimate :math:`\theta_{max} / \theta_{min}` of the condition
     number of :math:`A` (a lower bound), per row."""
     n, m = lanczos.diagonal.shape
     chunk = max(1, QUADRATURE_CHUNK_ENTRIES // (m * m))
@@ -374,7 +375,7 @@ class _Trace(Protocol):
 
     def hvp(self, v: Tensor) -> Tensor: ...
 
-    def detach(self) -> "_Trace": ...
+    def detach(self) -> _Trace: ...
 
 
 class _Preconditioner(Protocol):
@@ -473,9 +474,12 @@ def stochastic_logdet(
 
     :param trace: the potential evaluated at the rows (``x``, ``hvp``, ``detach``, and
         optionally ``whitened_hvp``).
-    :param preconditioner: a factorisation of :math:`Q` (:func:`~pyro_cpflow.potential.factorize`) or ``None``.
+    :param preconditioner: a factorisation of :math:`Q` (:func:`~pyro_cpflow.potential.factorize`)
+        or ``None``.
     :param num_probes: probes averaged.
-    :param rtol, max_iter, check_every: for :func:`lanczos_conjugate_gradient`.
+    :param rtol: relative tolerance of :func:`lanczos_conjugate_gradient`.
+    :param max_iter: its iteration cap (default ``2 d``).
+    :param check_every: how often it tests for convergence (``0``: never).
     :param gradient: form the surrogate (otherwise ``surrogate`` is ``None``).
 
     >>> from pyro_cpflow import cpflow
@@ -496,7 +500,9 @@ def stochastic_logdet(
     results, conditions = [], []
     for _ in range(num_probes):
         probe = rademacher(x.shape, x)
-        result = lanczos_conjugate_gradient(operator, probe, rtol=rtol, max_iter=max_iter, check_every=check_every)
+        result = lanczos_conjugate_gradient(
+            operator, probe, rtol=rtol, max_iter=max_iter, check_every=check_every
+        )
         results.append(result)
         quadrature, condition = _quadrature_and_condition(result.lanczos)  # type: ignore[arg-type]
         value = value + quadrature

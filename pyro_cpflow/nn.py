@@ -237,7 +237,7 @@ class ICNN(PackedParameters):
         # units) and, when augmented, those of L_k (input-augmented units) below them
         first = nn.Linear(input_dim, hidden_dims[0])
         convex_paths, input_paths = [], []
-        for width_in, width in zip(hidden_dims[:-1], hidden_dims[1:]):
+        for width_in, width in zip(hidden_dims[:-1], hidden_dims[1:], strict=True):
             convex_width = width - width // 2 if augmented else width
             convex_paths.append(PositiveLinear(width_in, convex_width))
             input_paths.append(nn.Linear(input_dim, width))
@@ -246,7 +246,7 @@ class ICNN(PackedParameters):
         output_input = nn.Linear(input_dim, 1, bias=False)
         _scale_init([first, *input_paths], input_gain)
         tensors = {"first.weight": first.weight, "first.bias": first.bias}
-        for k, (convex, direct) in enumerate(zip(convex_paths, input_paths)):
+        for k, (convex, direct) in enumerate(zip(convex_paths, input_paths, strict=True)):
             tensors[f"convex_paths.{k}.raw_weight"] = convex.raw_weight
             tensors[f"input_paths.{k}.weight"] = direct.weight
             tensors[f"input_paths.{k}.bias"] = direct.bias
@@ -329,13 +329,13 @@ class PICNN(PackedParameters):
         # initial values from ordinary layers (drawn in a fixed order), then packed
         draft = nn.Module()
         draft.context_layers = nn.ModuleList(
-            nn.Linear(a, b) for a, b in zip(context_widths[:-1], context_widths[1:])
+            nn.Linear(a, b) for a, b in zip(context_widths[:-1], context_widths[1:], strict=True)
         )
         draft.layers = nn.ModuleList()
         draft.augment_layers = nn.ModuleList()
         widths_in = [None] + hidden_dims
         widths_out = hidden_dims + [1]
-        for k, (width_in, width) in enumerate(zip(widths_in, widths_out)):
+        for k, (width_in, width) in enumerate(zip(widths_in, widths_out, strict=True)):
             hidden = k < len(hidden_dims)
             first_or_output = width_in is None or not hidden
             convex_width = width if (first_or_output or not augmented) else width - width // 2
@@ -392,7 +392,7 @@ class _PICNNLayer(nn.Module):
             self.convex_gate = nn.Linear(context_width, convex_in)
             self.convex_weight = PositiveLinear(convex_in, width)
 
-    def spec(self, prefix: str) -> "_PICNNLayerSpec":
+    def spec(self, prefix: str) -> _PICNNLayerSpec:
         return _PICNNLayerSpec(prefix, self.convex_in, self.context_offset is not None)
 
 

@@ -142,7 +142,7 @@ class FlowOptions:
     def names(cls) -> tuple[str, ...]:
         return tuple(field.name for field in dataclasses.fields(cls))
 
-    def replace(self, **changes) -> "FlowOptions":
+    def replace(self, **changes) -> FlowOptions:
         """A copy with ``changes`` applied (and validated)."""
         return _replace(self, changes, "CP-Flow")
 
@@ -189,7 +189,7 @@ class StackOptions:
         if self.refine_max_iter < 1:
             raise ValueError(f"refine_max_iter must be >= 1, got {self.refine_max_iter}")
 
-    def replace(self, **changes) -> "StackOptions":
+    def replace(self, **changes) -> StackOptions:
         """A copy with ``changes`` applied (and validated)."""
         return _replace(self, changes, "stack")
 

@@ -64,7 +64,7 @@ class PackedParameters(nn.Module):
         parts = self.packed.split(self._packed_sizes)
         return {
             name: part.view(shape)
-            for name, part, shape in zip(self._packed_names, parts, self._packed_shapes)
+            for name, part, shape in zip(self._packed_names, parts, self._packed_shapes, strict=True)
         }
 
     def view(self, name: str) -> Tensor:

@@ -12,8 +12,9 @@ Hence :math:`\nabla^2 F \succeq \alpha I` everywhere: :math:`\nabla F` is invert
 and its Jacobian is symmetric positive definite.
 
 The :math:`L L^\top` and :math:`b` terms make every affine map :math:`x \mapsto A x + b`
-with :math:`A \succ \alpha I` symmetric exactly representable, hence every Gaussian. :math:`L` starts non-zero, because
-:math:`L = 0` is a stationary point of :math:`L \mapsto L L^\top x`.
+with :math:`A \succ \alpha I` symmetric exactly representable, hence every Gaussian.
+:math:`L` starts non-zero, because :math:`L = 0` is a stationary point of
+:math:`L \mapsto L L^\top x`.
 """
 
 from __future__ import annotations
@@ -146,12 +147,14 @@ class DenseQuadraticFactor:
 
 
 class LowRankQuadraticFactor:
-    r""":math:`Q = c I + L L^\top` with :math:`L \in \mathbb{R}^{d \times r}`, :math:`r < d`, used through :math:`r \times r` algebra.
+    r""":math:`Q = c I + L L^\top` with :math:`L \in \mathbb{R}^{d \times r}`, :math:`r < d`, used
+    through :math:`r \times r` algebra.
 
     With :math:`M = c I_r + L^\top L`: :math:`\log\det Q = (d - r)\log c + \log\det M`
     (matrix determinant lemma) and :math:`Q^{-1} v = (v - L M^{-1} L^\top v) / c` (Woodbury).
     The square root of :meth:`whiten` is the symmetric :math:`S = Q^{1/2}`: with the thin
-    SVD :math:`L = V \Sigma U^\top`, :math:`Q^{-1/2} = c^{-1/2}\bigl(I - V \operatorname{diag}(k) V^\top\bigr)`,
+    SVD :math:`L = V \Sigma U^\top`,
+    :math:`Q^{-1/2} = c^{-1/2}\bigl(I - V \operatorname{diag}(k) V^\top\bigr)`,
     :math:`k_j = 1 - (1 + \Sigma_j^2 / c)^{-1/2}`. Every product costs :math:`O(d r)` per row
     instead of :math:`O(d^2)`.
 

@@ -31,7 +31,7 @@ from .pyro_glue import module_parameters_and_buffers
 
 __all__ = ["float64_twin", "judged_in_float64"]
 
-_TWINS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
+_TWINS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def judged_in_float64(dtype: torch.dtype, device: torch.device) -> bool:

@@ -76,7 +76,11 @@ class VersionedCacheMixin:
 
     def _cache_lookup(self, key: Tensor, position: int) -> Tensor | None:
         cached = self._cached_x_y
-        if isinstance(key, Tensor) and cached[position] is key and self.__dict__.get("_cached_stamp") == self._cache_stamp(*cached):
+        if (
+            isinstance(key, Tensor)
+            and cached[position] is key
+            and self.__dict__.get("_cached_stamp") == self._cache_stamp(*cached)
+        ):
             return cached[1 - position]
         return None
 

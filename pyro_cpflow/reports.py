@@ -74,7 +74,7 @@ class InverseReport:
     def judged(
         cls, method: str, iterations: Tensor, hessian_products: int, residual: Tensor, noise: Tensor,
         tol: float, scale: Tensor, in_float64: bool = False,
-    ) -> "InverseReport":
+    ) -> InverseReport:
         """The report of a solve whose final residuals and rounding noise are given;
         ``in_float64``: the residuals were computed in float64 for a lower-precision flow,
         so the flow's rounding does not bear on them."""
@@ -115,7 +115,9 @@ class Diagnostics:
     inverse: InverseReport | None = None
     warned: set[Hashable] = field(default_factory=set)
 
-    def handle_failure_once(self, policy: str, situation: Hashable, message: str, stacklevel: int = 3) -> None:
+    def handle_failure_once(
+        self, policy: str, situation: Hashable, message: str, stacklevel: int = 3
+    ) -> None:
         """:func:`~pyro_cpflow.options.handle_failure`, but with ``policy="warn"`` only the first
         time a ``situation`` (e.g. the options in force) is met: a miss that repeats every
         training step warns once, and the reports keep the rest. ``"raise"`` always raises.
@@ -174,7 +176,8 @@ def rounding_noise(at: Linearization, linearize: Callable[[Tensor], Linearizatio
 
     >>> matrix = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
     >>> def linearize(x):
-    ...     return Linearization(x @ matrix, lambda v, rtol: (torch.linalg.solve(matrix, v.T).T, 1), lambda v: v @ matrix)
+    ...     solve = lambda v, rtol: (torch.linalg.solve(matrix, v.T).T, 1)
+    ...     return Linearization(x @ matrix, solve, lambda v: v @ matrix)
     >>> x = torch.randn(4, 2, dtype=torch.float64)
     >>> bool((rounding_noise(linearize(x), linearize, x).abs() < 1e-14).all())
     True
@@ -232,9 +235,11 @@ def report_failure(
     )
     if unresolved:
         noise = float((report.noise / report.scale)[failed].max())
+        remedy = "a looser tolerance"
+        if report.noise.dtype != torch.float64:
+            remedy = "float64 or " + remedy
         message += (
             f". For {unresolved} of them the rounding error of the residual itself (up to "
-            f"{noise:.1e}) exceeds tol: {report.noise.dtype} cannot resolve it there; use "
-            f"{'a looser tolerance' if report.noise.dtype == torch.float64 else 'float64 or a looser tolerance'}"
+            f"{noise:.1e}) exceeds tol: {report.noise.dtype} cannot resolve it there; use {remedy}"
         )
     handle_failure(on_failure, message, stacklevel=stacklevel)

@@ -167,7 +167,8 @@ def gradient_linearization(
 
 
 def _stopping_noise(
-    evaluate: Evaluate, trace: PotentialTrace | AutogradTrace, x: Tensor, context: Tensor | None, stopping: Tensor
+    evaluate: Evaluate, trace: PotentialTrace | AutogradTrace, x: Tensor, context: Tensor | None,
+    stopping: Tensor,
 ) -> Tensor:
     """:func:`~pyro_cpflow.reports.rounding_noise` (its size per sample) of the ``stopping``
     rows of ``x``, reusing ``trace``, the evaluation at ``x``: one evaluation of those rows."""

@@ -41,10 +41,9 @@ Stacks of other transforms compose as Pyro's ``ComposeTransformModule`` does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from pyro.distributions.conditional import ConditionalComposeTransformModule
@@ -163,7 +162,7 @@ class CPFlowStack(_StackOptionAttributes, VersionedCacheMixin, ComposeTransformM
         return all(isinstance(part, EXPLICIT_PARTS) for part in self.parts)
 
     @property
-    def inv(self) -> "CPFlowStack":
+    def inv(self) -> CPFlowStack:
         inverse = self.__dict__.get("_inverse_module")
         if inverse is None:
             parts = [part.inv for part in reversed(self.parts)]
@@ -172,7 +171,7 @@ class CPFlowStack(_StackOptionAttributes, VersionedCacheMixin, ComposeTransformM
             self.__dict__["_inverse_module"] = inverse
         return inverse
 
-    def with_cache(self, cache_size: int = 1) -> "CPFlowStack":
+    def with_cache(self, cache_size: int = 1) -> CPFlowStack:
         if cache_size == self._cache_size:
             return self
         return CPFlowStack(self.parts, cache_size=cache_size, shared=self._shared)
@@ -243,7 +242,7 @@ def _attached(parts: Sequence[Transform], points: list[Tensor], y: Tensor, cache
     """The input point ``points[0]``, carrying each block's implicit gradient; with ``cache``,
     every part keeps its pair ``(x_{k-1}, x_k)``, so the stack's log-det reuses them."""
     x = y
-    for part, point in zip(reversed(parts), reversed(points[:-1])):
+    for part, point in zip(reversed(parts), reversed(points[:-1]), strict=True):
         below = part._attach(point, x) if torch.is_grad_enabled() else point
         if cache and part._cache_size:
             part._cache_store(below, x, output=below)
@@ -287,7 +286,7 @@ class _Composition:
         vanish in the rounding of later points, so every part is probed where it is
         evaluated, and its error carried to the output."""
         carried: list[Tensor] = []
-        for part, block, point in zip(self.parts, self.blocks, self.points):
+        for part, block, point in zip(self.parts, self.blocks, self.points[:-1], strict=True):
             carried = [block.multiply(error) for error in carried]
             carried.append(rounding_noise(block, part._linearize, point))
         return sum(error.abs().amax(-1) for error in carried)

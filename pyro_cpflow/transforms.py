@@ -227,7 +227,9 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
         rows, context, batch = self._flatten(x, "x")
         d = self.input_dim
         with torch.no_grad():
-            at = gradient_linearization(self.potential.evaluate, rows, context, self.potential.factorize().solve)
+            at = gradient_linearization(
+                self.potential.evaluate, rows, context, self.potential.factorize().solve
+            )
 
         def solve(v: Tensor, rtol: Tensor) -> tuple[Tensor, int]:
             with torch.no_grad():
@@ -240,10 +242,12 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
 
         return Linearization(at.value.reshape(*batch, d), solve, multiply)
 
-    def _float64_twin(self) -> "ConditionedCPFlow":
+    def _float64_twin(self) -> ConditionedCPFlow:
         """This map in float64, with the same parameter values (:mod:`pyro_cpflow.precision`)."""
         context = None if self.context is None else self.context.double()
-        return ConditionedCPFlow(float64_twin(self.potential), context, self.options, Diagnostics(), self.training, 0)
+        return ConditionedCPFlow(
+            float64_twin(self.potential), context, self.options, Diagnostics(), self.training, 0
+        )
 
     def _attach(self, value: Tensor, y: Tensor) -> Tensor:
         """``value``, a detached root of :math:`\\nabla F(x) = y`, carrying the implicit
@@ -329,7 +333,7 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
             )
         self.diagnostics.handle_failure_once(options.on_failure, situation, message, stacklevel=4)
 
-    def with_cache(self, cache_size: int = 1) -> "ConditionedCPFlow":
+    def with_cache(self, cache_size: int = 1) -> ConditionedCPFlow:
         """``self``, or a parameter-sharing view with another cache size."""
         if cache_size == self._cache_size:
             return self

@@ -56,8 +56,9 @@ class InverseCounts:
     off_original: int = 0
     worst_ratio: float = 0.0  # max over converged targets of relative round-trip error / tol
 
-    def add(self, other: "InverseCounts") -> None:
-        for name in ("targets", "converged", "flagged", "unresolved", "silent", "nonfinite_unreported", "off_original"):
+    def add(self, other: InverseCounts) -> None:
+        for name in ("targets", "converged", "flagged", "unresolved", "silent", "nonfinite_unreported",
+                     "off_original"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.worst_ratio = max(self.worst_ratio, other.worst_ratio)
 
@@ -89,7 +90,10 @@ def random_flow(kind: str, generator: torch.Generator) -> tuple[torch.nn.Module,
     with torch.no_grad():
         flow(data_scale * torch.randn(256, d, generator=generator) + torch.randn(d, generator=generator))
     flow.clear_cache()
-    return flow, f"stack d={d} blocks={blocks} actnorm={placement} data scale={data_scale:.2g} curvature={curvature}"
+    return (
+        flow,
+        f"stack d={d} blocks={blocks} actnorm={placement} data scale={data_scale:.2g} curvature={curvature}",
+    )
 
 
 def random_targets(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
@@ -107,7 +111,9 @@ def fuzz_inverse(kind: str, dtype: torch.dtype, models: int, targets: int, seed:
         original, _ = random_flow(kind, generator)
         flow = copy.deepcopy(original).to(dtype)
         own = copy.deepcopy(flow).double()  # the same parameter values, evaluated in float64
-        y = random_targets(targets, original.parts[0].input_dim if kind == "stack" else original.input_dim, generator)
+        y = random_targets(
+            targets, original.parts[0].input_dim if kind == "stack" else original.input_dim, generator
+        )
         with torch.no_grad():
             x = flow.inv(y.to(dtype))
             report = flow.diagnostics.inverse
@@ -206,11 +212,15 @@ def _judge(outcomes: Outcomes, where: str, argument: str, kind: str, validation:
             clear = expected in message and (names.search(message) is not None)
             outcomes.counts[(where, validation, "clear" if clear else "misleading")] += 1
             if not clear:
-                outcomes.misleading.append(f"{where} [{kind}, validation={validation}]: {type(error).__name__}: {message}")
+                outcomes.misleading.append(
+                    f"{where} [{kind}, validation={validation}]: {type(error).__name__}: {message}"
+                )
             return
-        except Exception as error:  # noqa: BLE001 - any other failure is a misleading one
+        except Exception as error:  # any other failure is a misleading one
             outcomes.counts[(where, validation, "misleading")] += 1
-            outcomes.misleading.append(f"{where} [{kind}, validation={validation}]: {type(error).__name__}: {error}")
+            outcomes.misleading.append(
+                f"{where} [{kind}, validation={validation}]: {type(error).__name__}: {error}"
+            )
             return
     said = [str(w.message) for w in caught]
     if kind in NON_FINITE and not validation:
@@ -282,14 +292,18 @@ def fuzz_options() -> Outcomes:
 
 def inverse_table(models: int, targets: int, seed: int) -> tuple[str, dict]:
     rows, results = [], {}
-    header = f"{'flow':6} {'dtype':8} {'tol':>7} {'targets':>8} {'converged':>9} {'flagged':>8} {'unresolved':>10} {'silent':>7} {'NaN unreported':>15} {'worst err/tol':>13} {'off original':>12}"
+    header = (
+        f"{'flow':6} {'dtype':8} {'tol':>7} {'targets':>8} {'converged':>9} {'flagged':>8} "
+        f"{'unresolved':>10} {'silent':>7} {'NaN unreported':>15} {'worst err/tol':>13} {'off original':>12}"
+    )
     for kind in ("block", "stack"):
         for dtype in (torch.float64, torch.float32):
             counts = fuzz_inverse(kind, dtype, models, targets, seed)
             results[(kind, dtype)] = counts
             rows.append(
-                f"{kind:6} {str(dtype).replace('torch.', ''):8} {default_tolerance(dtype):7.0e} {counts.targets:8d} "
-                f"{counts.converged:9d} {counts.flagged:8d} {counts.unresolved:10d} {counts.silent:7d} {counts.nonfinite_unreported:15d} "
+                f"{kind:6} {str(dtype).replace('torch.', ''):8} {default_tolerance(dtype):7.0e} "
+                f"{counts.targets:8d} {counts.converged:9d} {counts.flagged:8d} {counts.unresolved:10d} "
+                f"{counts.silent:7d} {counts.nonfinite_unreported:15d} "
                 f"{counts.worst_ratio:13.2f} {counts.off_original:12d}"
             )
     return "\n".join([header, *rows]), results
@@ -297,10 +311,13 @@ def inverse_table(models: int, targets: int, seed: int) -> tuple[str, dict]:
 
 def argument_table(outcomes: Outcomes) -> str:
     entries = sorted({(where, validation) for where, validation, _ in outcomes.counts})
-    lines = [f"{'entry point':40} {'validation':10} {'clear':>6} {'misleading':>10} {'silent':>7} {'allowed':>8}"]
+    lines = [f"{'entry point':40} {'validation':10} {'clear':>6} {'misleading':>10} {'silent':>7} "
+             f"{'allowed':>8}"]
     for where, validation in entries:
         c = [outcomes.counts[(where, validation, k)] for k in ("clear", "misleading", "silent", "allowed")]
-        lines.append(f"{where:40} {'on' if validation else 'off':10} {c[0]:6d} {c[1]:10d} {c[2]:7d} {c[3]:8d}")
+        lines.append(
+            f"{where:40} {'on' if validation else 'off':10} {c[0]:6d} {c[1]:10d} {c[2]:7d} {c[3]:8d}"
+        )
     lines += [f"  misleading: {m}" for m in outcomes.misleading]
     lines += [f"  silent: {m}" for m in outcomes.silent]
     return "\n".join(lines)
@@ -315,7 +332,8 @@ def main() -> None:
     torch.set_default_dtype(torch.float64)
     models, targets = (40, 1000) if args.full else (4, 100)
     table, _ = inverse_table(models, targets, args.seed)
-    print(f"Inverses: {models} random flows x {targets} targets per row, |y|_inf from 1e-3 to 1e4, seed {args.seed}")
+    print(f"Inverses: {models} random flows x {targets} targets per row, |y|_inf from 1e-3 to 1e4, "
+          f"seed {args.seed}")
     print("silent = reported converged but |f(x) - y|_inf > 10 tol max(1, |y|_inf) in float64, or NaN/Inf;")
     print("unresolved = flagged because the rounding error of the residual itself exceeds tol\n")
     print(table)

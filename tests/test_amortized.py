@@ -44,7 +44,9 @@ def subsample_plate(x, subsample_size=None, **kwargs):
 
 def make_guide(factory=SMALL, model=linear_gaussian, **kwargs):
     kwargs.setdefault("encoder", nn.Linear(D_X, 5))
-    return factory(model, plate="data", data=lambda x, *args, **kw: x, create_plates=subsample_plate, **kwargs)
+    return factory(
+        model, plate="data", data=lambda x, *args, **kw: x, create_plates=subsample_plate, **kwargs
+    )
 
 
 def test_each_datum_gets_a_sample_with_and_without_subsampling():
@@ -277,16 +279,41 @@ def _global_and_local(x):
         pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"sites": "zz"}, ValueError, r"sites: the model has no latent site 'zz'; its latent sites are \['mu', 'w', 'z'\]"),
-    ({"sites": "mu"}, ValueError, r"sites: site 'mu' is inside the plates \[\], but .* guides sites inside plate 'data'"),
-    ({"sites": "w"}, ValueError, r"site 'w' is inside the plates \['data', 'inner'\]"),
-    ({}, ValueError, r"site 'mu' is inside the plates \[\]"),
-    ({"sites": "z", "plate": "dta"}, ValueError, r"plate: the model has no plate named 'dta' .* \['data', 'inner'\]"),
-    ({"sites": "z", "encoder": nn.Flatten(0)}, ValueError, r"encoder must map features \(20, 1\) to context features \(B, c\) with B = 20, got shape \(20,\)"),
-    ({"sites": "z", "data": lambda x: x[:5]}, ValueError, r"data\(\*args, \*\*kwargs\) must return the features of all 20 members of plate 'data', a tensor \(20, ...\), got shape \(5, 1\)"),
-    ({"sites": "z", "data": lambda x: x.tolist()}, ValueError, r"got list"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (
+            {"sites": "zz"},
+            ValueError,
+            r"sites: the model has no latent site 'zz'; its latent sites are \['mu', 'w', 'z'\]",
+        ),
+        (
+            {"sites": "mu"},
+            ValueError,
+            r"sites: site 'mu' is inside the plates \[\], but .* guides sites inside plate 'data'",
+        ),
+        ({"sites": "w"}, ValueError, r"site 'w' is inside the plates \['data', 'inner'\]"),
+        ({}, ValueError, r"site 'mu' is inside the plates \[\]"),
+        (
+            {"sites": "z", "plate": "dta"},
+            ValueError,
+            r"plate: the model has no plate named 'dta' .* \['data', 'inner'\]",
+        ),
+        (
+            {"sites": "z", "encoder": nn.Flatten(0)},
+            ValueError,
+            r"encoder must map features \(20, 1\) to context features \(B, c\) with B = 20, "
+            r"got shape \(20,\)",
+        ),
+        (
+            {"sites": "z", "data": lambda x: x[:5]},
+            ValueError,
+            r"data\(\*args, \*\*kwargs\) must return the features of all 20 members of plate 'data', "
+            r"a tensor \(20, ...\), got shape \(5, 1\)",
+        ),
+        ({"sites": "z", "data": lambda x: x.tolist()}, ValueError, r"got list"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, error, match):
     options = {"plate": "data", "encoder": nn.Linear(1, 3), "data": lambda x: x, **kwargs}
     guide = SMALL(_global_and_local, **options)
@@ -318,7 +345,9 @@ def test_an_encoder_whose_output_changes_shape_is_named():
 
     guide = make_guide(encoder=Flaky(D_X, 5))
     guide(torch.randn(N, D_X))  # the prototype, then the guide's own call
-    with pytest.raises(ValueError, match=r"encoder must return context features \(20, 5\), got shape \(20, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"encoder must return context features \(20, 5\), got shape \(20, 2\)"
+    ):
         guide(torch.randn(N, D_X))
 
 

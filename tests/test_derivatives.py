@@ -80,7 +80,7 @@ def test_first_order_backprop_through_the_formulas_matches_double_backprop(kind)
 
     ours = torch.autograd.grad(scalar(potential.evaluate(x, context)), leaves, allow_unused=True)
     expected = torch.autograd.grad(scalar(_oracle(potential, x, context)), leaves, allow_unused=True)
-    for a, b in zip(ours, expected):
+    for a, b in zip(ours, expected, strict=True):
         a = torch.zeros(1) if a is None else a
         b = torch.zeros(1) if b is None else b
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)

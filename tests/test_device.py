@@ -15,7 +15,9 @@ def test_flow_on_device(device, dtype):
     x = torch.randn(8, 3, device=device, dtype=dtype)
     y = flow(x)
     assert y.device.type == device.type and y.dtype == dtype
-    jacobian = torch.stack([torch.autograd.functional.jacobian(lambda v: flow._call(v[None])[0], xi) for xi in x])
+    jacobian = torch.stack(
+        [torch.autograd.functional.jacobian(lambda v: flow._call(v[None])[0], xi) for xi in x]
+    )
     tolerance = 1e-8 if dtype == torch.float64 else 1e-3
     assert torch.allclose(flow.log_abs_det_jacobian(x, y), torch.linalg.slogdet(jacobian)[1], atol=tolerance)
     flow.clear_cache()

@@ -20,9 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from experiments import common  # noqa: E402
+from experiments import common, toy2d  # noqa: E402
 from experiments import ot as ot_experiment  # noqa: E402
-from experiments import toy2d  # noqa: E402
 from experiments.toy_data import TOY_DATASETS, sample_toy  # noqa: E402
 
 # ---------------------------------------------------------------- toy data sets
@@ -174,7 +173,9 @@ def test_linear_iaf_closed_form_matches_monte_carlo():
     base = common.standard_normal(4, torch.device("cpu"), torch.float64)
     model = torch.distributions.TransformedDistribution(base, [flow.inv])
     x = problem.sample(400_000, seed=1)
-    monte_carlo = ot_experiment.map_metrics(flow, model.log_prob, problem, x, problem.distribution().log_prob(x))
+    monte_carlo = ot_experiment.map_metrics(
+        flow, model.log_prob, problem, x, problem.distribution().log_prob(x)
+    )
     exact = flow.closed_form(problem)
     for key in ("kl", "cost", "l2_uvp"):
         assert monte_carlo[key] == pytest.approx(exact[key], rel=0.02), key
@@ -182,7 +183,9 @@ def test_linear_iaf_closed_form_matches_monte_carlo():
 
 def test_ot_quick_run_learns_the_ot_map(tmp_path):
     md = tmp_path / "RESULTS.md"
-    record = ot_experiment.main(["--quick", "--no-progress", "--out-dir", str(tmp_path), "--results-md", str(md)])
+    record = ot_experiment.main(
+        ["--quick", "--no-progress", "--out-dir", str(tmp_path), "--results-md", str(md)]
+    )
     data = json.loads((tmp_path / "ot.json").read_text())
     assert list(data["problems"]) == ["paper (d=2)", "random d=2"]
     for name, entry in data["problems"].items():
@@ -194,7 +197,8 @@ def test_ot_quick_run_learns_the_ot_map(tmp_path):
         # the map error and the KL fall by orders of magnitude in a short run
         assert uvp[-1] < 0.05 * uvp[0] and kl[-1] < 0.05 * kl[0], name
         assert cp["final"]["l2_uvp"] < 0.5, name
-        # the transport cost approaches W2^2 (within 3%, the Monte Carlo error of 4000 held-out points included)
+        # the transport cost approaches W2^2 (within 3%, the Monte Carlo error of 4000 held-out
+        # points included)
         assert abs(cp["final"]["cost"] - w2) < 0.03 * w2, name
         # the linear flow fits the density as well, but not with the OT map
         linear = entry["linear_iaf"]["final"]

@@ -10,8 +10,8 @@ from pyro.infer.autoguide import AutoDiagonalNormal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-import guide_models  # noqa: E402
-import guide_panel  # noqa: E402
+import guide_models
+import guide_panel
 
 
 @pytest.mark.parametrize("name", guide_models.MODEL_NAMES)
@@ -23,7 +23,9 @@ def test_each_model_has_its_latent_dimension_and_vectorises(name):
     assert guide.latent_dim == panel.latent_dim
     elbo = pyro.infer.Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
     single = pyro.infer.Trace_ELBO(max_plate_nesting=1)
-    assert torch.isfinite(torch.tensor([elbo.loss(panel.model, guide), single.loss(panel.model, guide)])).all()
+    assert torch.isfinite(
+        torch.tensor([elbo.loss(panel.model, guide), single.loss(panel.model, guide)])
+    ).all()
 
 
 def test_the_non_centred_reference_maps_back_to_the_centred_sites():

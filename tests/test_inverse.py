@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from pyro_cpflow.nn import ICNN
+from pyro_cpflow.potential import ConvexPotential
 from pyro_cpflow.solvers import (
     InverseReport,
     NonConvergenceError,
@@ -14,8 +16,6 @@ from pyro_cpflow.solvers import (
     residual_scale,
     solve_gradient_equation,
 )
-from pyro_cpflow.nn import ICNN
-from pyro_cpflow.potential import ConvexPotential
 
 
 def _potential(d, alpha=1e-2, randomize=0.0, seed=0):
@@ -148,7 +148,7 @@ def test_implicit_gradients_pass_gradcheck():
     y = torch.randn(3, 2, requires_grad=True)
 
     def inverse(y, *values):
-        state = dict(zip(names, values))
+        state = dict(zip(names, values, strict=True))
         x, report = invert_gradient_map(lambda v: functional_call(potential, state, (v,)), y, tol=1e-13)
         return x
 
@@ -222,7 +222,9 @@ def test_tolerance_is_relative_to_the_target_in_float32():
     """float32 holds about 7 digits of |y| = 1e4: an absolute 1e-5 would ask for 9."""
     potential = _potential(4, randomize=0.5).float()
     y = torch.randn(400, 4) * torch.logspace(-3, 4, 400)[:, None]
-    x, report = solve_gradient_equation(potential, y.float(), initial=potential.initial_inverse_guess(y.float()))
+    x, report = solve_gradient_equation(
+        potential, y.float(), initial=potential.initial_inverse_guess(y.float())
+    )
     assert report.tol == 1e-5
     assert report.all_converged, int((~report.converged).sum())
     assert torch.equal(report.scale, residual_scale(y.float()))
@@ -245,13 +247,15 @@ def test_a_residual_below_its_own_rounding_error_is_not_a_success():
     y = (y - (y @ direction)[:, None] * direction).float()
     with pytest.warns(NonConvergenceWarning, match="torch.float32 cannot resolve it there; use float64"):
         _, report = solve_gradient_equation(
-            potential, y, initial=potential.initial_inverse_guess(y), preconditioner=potential.factorize().solve
+            potential, y, initial=potential.initial_inverse_guess(y),
+            preconditioner=potential.factorize().solve,
         )
     assert float(report.unresolved.double().mean()) > 0.5 and not bool(report.converged.any())
     # float64 resolves it to 1e-6 (its rounding error here is about 1e-9 |y|)
     potential, y = potential.double(), y.double()
     _, report = solve_gradient_equation(
-        potential, y, tol=1e-6, initial=potential.initial_inverse_guess(y), preconditioner=potential.factorize().solve
+        potential, y, tol=1e-6, initial=potential.initial_inverse_guess(y),
+        preconditioner=potential.factorize().solve,
     )
     assert report.all_converged and not bool(report.unresolved.any())
 

@@ -129,11 +129,14 @@ def test_whitened_cg_quadrature_is_that_of_the_preconditioned_matrix():
         lambda v: factor.whiten(_matvec(a)(factor.unwhiten(v))), eps, rtol=1e-14, max_iter=d,
     )
     chol = torch.linalg.cholesky(m)
-    whitened = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, a, upper=False).transpose(-1, -2), upper=False)
+    whitened = torch.linalg.solve_triangular(
+        chol, torch.linalg.solve_triangular(chol, a, upper=False).transpose(-1, -2), upper=False
+    )
     assert torch.allclose(result.lanczos.start_norm_sq, (eps * eps).sum(-1))
     estimate = lanczos_quadrature(result.lanczos)
     assert torch.allclose(estimate, _log_quadratic_form(whitened, eps), atol=1e-8)
-    assert torch.allclose(torch.linalg.slogdet(whitened)[1], torch.linalg.slogdet(a)[1] - factor.logdet, atol=1e-10)
+    expected = torch.linalg.slogdet(a)[1] - factor.logdet
+    assert torch.allclose(torch.linalg.slogdet(whitened)[1], expected, atol=1e-10)
 
 
 def test_lockstep_cg_counts_and_cuts_per_sample_and_can_run_without_syncs():
@@ -220,7 +223,9 @@ def test_stochastic_logdet_value_and_gradient_average_to_exact(preconditioned):
     error = (per_probe.mean(0) - exact_theta_grad).abs()
     assert bool((error < 4.5 * stderr + 1e-12).all()), float((error / stderr).max())
     # the quadratic's gradient, summed over probes, is an average of runs estimates
-    assert torch.allclose(raw_grad / runs, exact_raw_grad, rtol=0.1, atol=0.05 * float(exact_raw_grad.abs().max()))
+    assert torch.allclose(
+        raw_grad / runs, exact_raw_grad, rtol=0.1, atol=0.05 * float(exact_raw_grad.abs().max())
+    )
 
 
 def test_preconditioning_with_the_quadratic_cuts_the_variance():
@@ -294,12 +299,15 @@ def test_low_rank_factor_matches_the_dense_one():
     assert torch.allclose(low.matvec(rows), dense.matvec(rows), atol=1e-12)
     assert torch.allclose(low.logdet, dense.logdet, atol=1e-12)
     grads = torch.autograd.grad(low.logdet, [coefficient, factor])
-    expected = torch.autograd.grad(torch.logdet(coefficient * torch.eye(d) + factor @ factor.T), [coefficient, factor])
-    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, expected))
+    expected = torch.autograd.grad(
+        torch.logdet(coefficient * torch.eye(d) + factor @ factor.T), [coefficient, factor]
+    )
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, expected, strict=True))
     # its root S is symmetric, S S^T = Q
     root_inverse = low.whiten(torch.eye(d))
     assert torch.allclose(root_inverse, root_inverse.T, atol=1e-12)
-    assert torch.allclose(torch.linalg.inv(root_inverse) @ torch.linalg.inv(root_inverse).T, matrix.detach(), atol=1e-10)
+    root = torch.linalg.inv(root_inverse)
+    assert torch.allclose(root @ root.T, matrix.detach(), atol=1e-10)
 
 
 @pytest.mark.parametrize("low_rank", [False, True])

@@ -65,7 +65,7 @@ def test_potential_hessian_eigenvalues_above_alpha(name, randomized):
     for context in _contexts(network):
         for x in 3 * torch.randn(10, D):
             ctx = None if context is None else context
-            hessian = torch.autograd.functional.hessian(lambda v: potential(v[None], ctx)[0], x)
+            hessian = torch.autograd.functional.hessian(lambda v, ctx=ctx: potential(v[None], ctx)[0], x)
             eigenvalues = torch.linalg.eigvalsh(hessian)
             assert float(eigenvalues.min()) >= alpha * (1 - 1e-9)
 

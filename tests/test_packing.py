@@ -31,7 +31,9 @@ def test_views_share_the_packed_storage_and_follow_updates():
         potential.factor.fill_(0.5)  # an in-place edit of a view edits the parameter
         potential.packed.add_(1.0)  # and an update of the parameter shows in every view
     assert torch.equal(potential.factor, torch.full((3, 3), 1.5))
-    assert torch.equal(potential.network.unpacked()["first.bias"], potential.network.state_dict()["first.bias"])
+    assert torch.equal(
+        potential.network.unpacked()["first.bias"], potential.network.state_dict()["first.bias"]
+    )
 
 
 def test_state_dict_round_trip_through_weights_only_load():

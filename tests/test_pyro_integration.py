@@ -114,7 +114,7 @@ def test_every_elbo_trains_without_calling_the_solver(elbo, forbid_inverse):
     before = [p.detach().clone() for p in flow.parameters()]
     losses = _train(problem.model, guide, steps=3, lr=1e-2, loss=elbo)
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert any(not torch.equal(p.detach(), b) for p, b in zip(flow.parameters(), before))
+    assert any(not torch.equal(p.detach(), b) for p, b in zip(flow.parameters(), before, strict=True))
 
 
 def test_stochastic_logdet_guide_trains(forbid_inverse):
@@ -197,7 +197,7 @@ def test_amortized_vae_trains_without_calling_the_solver(forbid_inverse):
     losses = [svi.step(data) for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(encoder[0].weight, encoder_before)  # gradients reach the context
-    assert any(not torch.equal(p.detach(), b) for p, b in zip(flow.parameters(), flow_before))
+    assert any(not torch.equal(p.detach(), b) for p, b in zip(flow.parameters(), flow_before, strict=True))
 
 
 def _two_moons(n, generator):

@@ -88,7 +88,9 @@ def test_stack_inverse_failure_policy_and_no_cache():
             block.inverse_tol = 1e-3
     y = _targets(50)
     with torch.no_grad():
-        with pytest.warns(NonConvergenceWarning, match=r"composition inverse did not converge.*\|stack\(x\) - y\|"):
+        with pytest.warns(
+            NonConvergenceWarning, match=r"composition inverse did not converge.*\|stack\(x\) - y\|"
+        ):
             stack.inv(y)
         assert not stack.diagnostics.inverse.all_converged
         # a missed inverse is not cached: asking again solves (and warns) again

@@ -24,7 +24,7 @@ def _grads(value, flow, retain_graph=False):
     """Gradients for every parameter; zero for those the log-det ignores (the linear terms)."""
     params = list(flow.parameters())
     grads = torch.autograd.grad(value, params, retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
 
 
 def _exact_and_replicated(flow, x):

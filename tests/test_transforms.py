@@ -147,7 +147,7 @@ def test_optimizer_steps_change_every_parameter(name, logdet):
         optimizer.zero_grad()
         (-q.log_prob(data).mean()).backward()
         optimizer.step()
-    unchanged = [i for i, (p, b) in enumerate(zip(params, before)) if torch.equal(p.detach(), b)]
+    unchanged = [i for i, (p, b) in enumerate(zip(params, before, strict=True)) if torch.equal(p.detach(), b)]
     assert not unchanged, [n for i, (n, _) in enumerate(owner.named_parameters()) if i in unchanged]
 
 
@@ -250,7 +250,7 @@ def test_with_cache_and_deepcopy_and_state_dict_round_trip(tmp_path):
     clone = copy.deepcopy(flow)
     assert torch.allclose(clone(x), flow(x))
     assert clone.inv.inv is clone
-    assert all(a is not b for a, b in zip(clone.parameters(), flow.parameters()))
+    assert all(a is not b for a, b in zip(clone.parameters(), flow.parameters(), strict=True))
     buffer = io.BytesIO()
     torch.save(flow.state_dict(), buffer)
     buffer.seek(0)

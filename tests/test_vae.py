@@ -32,15 +32,19 @@ if str(ROOT) not in sys.path:
 
 from experiments import common  # noqa: E402
 from experiments.vae import data as vae_data  # noqa: E402
+from experiments.vae.config import ConfigError  # noqa: E402
 from experiments.vae.evaluate import evaluate_bounds, importance_sampled_log_likelihood  # noqa: E402
 from experiments.vae.model import VAE, Architecture, elbo_loss  # noqa: E402
-from experiments.vae.posteriors import POSTERIORS, PosteriorConfig, build_posterior  # noqa: E402
+from experiments.vae.posteriors import (  # noqa: E402
+    POSTERIORS,
+    PosteriorConfig,
+    build_posterior,
+    cpflow_blocks,
+)
 from experiments.vae.train import Config, RunExistsError, Trainer, run, state_dict_equal  # noqa: E402
-from experiments.vae.config import ConfigError  # noqa: E402
-from experiments.vae.posteriors import cpflow_blocks  # noqa: E402
 from pyro_cpflow import CheckpointError, NonConvergenceWarning, load_checkpoint  # noqa: E402
-from tests.test_checkpoints import CreatesAFile  # noqa: E402
 from tests.sync_counter import HostSyncCounter  # noqa: E402
+from tests.test_checkpoints import CreatesAFile  # noqa: E402
 
 SCRIPT = ROOT / "experiments" / "vae.py"
 TINY = Config(
@@ -170,7 +174,9 @@ def test_elbo_loss_is_trace_elbo_and_svi_trains_the_model_and_guide(flow):
     svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adamax({"lr": 1e-3}), pyro.infer.Trace_ELBO())
     before = [p.detach().clone() for p in vae.parameters()]
     assert math.isfinite(svi.step(x, 1.0))
-    assert sum(not torch.equal(p, b) for p, b in zip(vae.parameters(), before)) > len(before) // 2
+    assert (
+        sum(not torch.equal(p, b) for p, b in zip(vae.parameters(), before, strict=True)) > len(before) // 2
+    )
 
 
 def test_log_weights_score_the_guides_samples_without_the_inverse_solver(monkeypatch):
@@ -191,7 +197,9 @@ def test_log_weights_score_the_guides_samples_without_the_inverse_solver(monkeyp
 def test_cpflow_posterior_actnorm_placement(placement, count):
     from pyro_cpflow import ActNorm
 
-    posterior = build_posterior(PosteriorConfig("cpflow", 8, 16, steps=2, hidden_dims=(16,), actnorm=placement))
+    posterior = build_posterior(
+        PosteriorConfig("cpflow", 8, 16, steps=2, hidden_dims=(16,), actnorm=placement)
+    )
     assert sum(isinstance(m, ActNorm) for m in posterior.modules()) == count
 
 

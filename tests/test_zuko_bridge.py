@@ -13,8 +13,8 @@ import torch
 
 zuko = pytest.importorskip("zuko")
 
-from pyro_cpflow import conditional_cpflow, cpflow
-from pyro_cpflow.zuko_bridge import CPF, ConvexPotentialTransform, ZukoCPFlow
+from pyro_cpflow import conditional_cpflow, cpflow  # noqa: E402  (after the zuko skip)
+from pyro_cpflow.zuko_bridge import CPF, ConvexPotentialTransform, ZukoCPFlow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN = (8, 8)
@@ -261,11 +261,13 @@ def test_without_zuko_the_package_imports_and_the_bridge_says_what_to_install():
         "else:\n"
         "    raise SystemExit('the bridge imported without zuko')\n"
         "import pytest\n"
-        "sys.exit(pytest.main(['-q', '-p', 'no:xdist', '-p', 'no:cacheprovider', '--collect-only', 'pyro_cpflow']))\n"
+        "sys.exit(pytest.main(['-q', '-p', 'no:xdist', '-p', 'no:cacheprovider',\n"
+        "                      '--collect-only', 'pyro_cpflow']))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=False
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+        check=False,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "zuko_bridge" not in run.stdout

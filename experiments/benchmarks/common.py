@@ -35,8 +35,8 @@ from typing import Any, TypeVar
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet the profiler's C++ logging
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+import torch
+from torch.profiler import ProfilerActivity, profile
 
 __all__ = [
     "RESULTS_DIR",

@@ -43,9 +43,13 @@ class Problem:
         self.latent_dim = latent_dim
 
     def simulate(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        log_noise = torch.empty(n).uniform_(torch.log(torch.tensor(0.3)), torch.log(torch.tensor(3.0)), generator=generator)
+        log_noise = torch.empty(n).uniform_(
+            torch.log(torch.tensor(0.3)), torch.log(torch.tensor(3.0)), generator=generator
+        )
         z = torch.randn(n, self.latent_dim, generator=generator)
-        y = z @ self.design.T + log_noise.exp()[:, None] * torch.randn(n, self.design.shape[0], generator=generator)
+        y = z @ self.design.T + log_noise.exp()[:, None] * torch.randn(
+            n, self.design.shape[0], generator=generator
+        )
         return y, log_noise
 
     def posterior(self, y: torch.Tensor, log_noise: torch.Tensor) -> dist.MultivariateNormal:
@@ -67,7 +71,9 @@ class AmortizedGuide(nn.Module):
 
     def __init__(self, observed_dim: int, latent_dim: int, context_dim: int, flow_rank: int | None) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(observed_dim + 1, 64), nn.Tanh(), nn.Linear(64, context_dim), nn.Tanh())
+        self.encoder = nn.Sequential(
+            nn.Linear(observed_dim + 1, 64), nn.Tanh(), nn.Linear(64, context_dim), nn.Tanh()
+        )
         self.loc = nn.Linear(context_dim, latent_dim)
         self.log_scale = nn.Linear(context_dim, latent_dim)
         self.flow = (
@@ -88,7 +94,9 @@ class AmortizedGuide(nn.Module):
             pyro.sample("z", self.distribution(y, log_noise))
 
 
-def mean_kl(problem: Problem, guide: AmortizedGuide, y: torch.Tensor, log_noise: torch.Tensor, samples: int) -> float:
+def mean_kl(
+    problem: Problem, guide: AmortizedGuide, y: torch.Tensor, log_noise: torch.Tensor, samples: int
+) -> float:
     """Mean over contexts of KL(q || p), by sampling q with the exact log-det."""
     with torch.no_grad():
         q = guide.distribution(y, log_noise)
@@ -122,7 +130,9 @@ def run(variant: str, flow_rank: int | None, seed: int, steps: int, latent_dim: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--latent-dim", type=int, default=4)
@@ -136,11 +146,14 @@ def main() -> None:
     for name in variants:
         mine = [r for r in rows if r["variant"] == name]
         kls = ", ".join(f"{r['kl']:.4f}" for r in mine)
-        lines.append(f"| {name} | {mine[0]['parameters']} | {kls} | {sum(r['seconds'] for r in mine) / len(mine):.0f} |")
+        seconds = sum(r["seconds"] for r in mine) / len(mine)
+        lines.append(f"| {name} | {mine[0]['parameters']} | {kls} | {seconds:.0f} |")
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    args.out.write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
+    )
     args.out.with_suffix(".md").write_text(table + "\n")
 
 

@@ -32,6 +32,7 @@ Results go to ``experiments/benchmarks/results/derivatives.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 
@@ -91,14 +92,19 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[list]:
             v = torch.randn(batch, dim, dtype=DTYPE, device=device)
             reference_hvp = reference_hessian = None
             for name, hvp in hvp_methods(potential, x).items():
-                timing, value = time_call(lambda: hvp(v), device, warmup=2, repeats=args.repeats,
+                timing, value = time_call(functools.partial(hvp, v), device, warmup=2, repeats=args.repeats,
                                           budget_s=args.budget, min_repeats=3)
                 reference_hvp = value if reference_hvp is None else reference_hvp
                 error = float((value - reference_hvp).abs().max())
                 rows.append(["HVP", dim, batch, name, 1e3 * timing.median_s, error])
             for name, hessian in hessian_methods(potential).items():
 
-                def step() -> Tensor:
+                # timed within this iteration: the loop's values are bound as defaults
+                def step(
+                    potential: ConvexPotential = potential,
+                    hessian: Callable[[Tensor], Tensor] = hessian,
+                    x: Tensor = x,
+                ) -> Tensor:
                     potential.zero_grad(set_to_none=True)
                     matrix = hessian(x)
                     torch.linalg.cholesky(matrix).diagonal(dim1=-2, dim2=-1).log().sum().backward()
@@ -120,7 +126,9 @@ def table(rows: list[list]) -> str:
         [kind, dim, batch, name, fmt(ms), fmt(ms / fastest[kind, dim, batch], ".2f"), fmt(error, ".1e")]
         for kind, dim, batch, name, ms, error in rows
     ]
-    return markdown_table(["quantity", "d", "batch", "method", "ms", "/ fastest", "max diff. to analytic"], cells)
+    return markdown_table(
+        ["quantity", "d", "batch", "method", "ms", "/ fastest", "max diff. to analytic"], cells
+    )
 
 
 def main() -> None:
@@ -137,7 +145,11 @@ def main() -> None:
     rows = measure(args, device)
     text = f"# Second derivatives of the potential\n\n{machine_summary(device)}\n\n{table(rows)}"
     print(text)
-    payload = {"rows": [dict(zip(["quantity", "dim", "batch", "method", "ms", "max_diff"], r)) for r in rows]}
+    payload = {
+        "rows": [
+            dict(zip(["quantity", "dim", "batch", "method", "ms", "max_diff"], r, strict=True)) for r in rows
+        ]
+    }
     save_results(args.out, payload, text, device, args, started)
 
 

@@ -101,9 +101,9 @@ from common import (
 )
 from pyro_cpflow.derivatives import PotentialTrace
 from pyro_cpflow.linalg import CGResult, conjugate_gradient
-from pyro_cpflow.solvers import InverseReport, solve_gradient_equation
 from pyro_cpflow.nn import ICNN
 from pyro_cpflow.potential import ConvexPotential, inverse_softplus
+from pyro_cpflow.solvers import InverseReport, solve_gradient_equation
 
 DTYPE = torch.float64
 HIDDEN = [64, 64]

@@ -25,7 +25,6 @@ import pyro
 import torch
 
 from common import base_parser, machine_summary, markdown_table, save_results, setup, time_call
-
 from pyro_cpflow import cpflow
 
 SCALARS = 31 * 64 * 2 + 64 * 2 + 31 * 31

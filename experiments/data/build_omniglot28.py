@@ -75,7 +75,9 @@ def build(source: Path, output: Path = OUTPUT) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--source", type=Path, default=Path("/work/shared/data/omniglot"))
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()

@@ -33,7 +33,7 @@ import gzip
 import hashlib
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,8 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 FILES: dict[str, str] = {
     "frey_rawface.mat": "265a83a23adb081755cd3de375509828e690324d1d60f076b8ecebc840d59c64",
-    "caltech101_silhouettes_28_split1.mat": "eb6735e8d84b1850fabc5590124aab1755e90c9fd28123585324398405e1e42a",
+    "caltech101_silhouettes_28_split1.mat":
+        "eb6735e8d84b1850fabc5590124aab1755e90c9fd28123585324398405e1e42a",
     "binarized_mnist.npz": "350243cb824d66d022e0c3e87cac231231668817ff03f5f6d7b6533017d56b4b",
     # gzipped IDX files; their uncompressed contents are ba8910... and 0fa789... (see data/README.md)
     "train-images-idx3-ubyte.gz": "0b367032e93c5d0cea0925647cfdb18614af8ee15f83e6f2fc2ad904a6835971",
@@ -264,7 +265,7 @@ _LOADERS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_dataset(name: str, root: Path = DATA_DIR) -> ImageDataset:
     """Load (and cache) data set ``name`` from ``root``, verifying every file's checksum.
 

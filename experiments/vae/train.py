@@ -164,7 +164,7 @@ class Distributed:
     local_rank: int = 0
 
     @classmethod
-    def from_environment(cls, device_type: str) -> "Distributed":
+    def from_environment(cls, device_type: str) -> Distributed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
