@@ -152,10 +152,14 @@ class LowRankQuadraticFactor:
 
     With :math:`M = c I_r + L^\top L`: :math:`\log\det Q = (d - r)\log c + \log\det M`
     (matrix determinant lemma) and :math:`Q^{-1} v = (v - L M^{-1} L^\top v) / c` (Woodbury).
-    The square root of :meth:`whiten` is the symmetric :math:`S = Q^{1/2}`: with the thin
-    SVD :math:`L = V \Sigma U^\top`,
-    :math:`Q^{-1/2} = c^{-1/2}\bigl(I - V \operatorname{diag}(k) V^\top\bigr)`,
-    :math:`k_j = 1 - (1 + \Sigma_j^2 / c)^{-1/2}`. Every product costs :math:`O(d r)` per row
+    The square root of :meth:`whiten` is the symmetric :math:`S = Q^{1/2}`. With the
+    eigendecomposition :math:`L^\top L = U \operatorname{diag}(\lambda) U^\top` (the thin SVD
+    :math:`L = V \Sigma U^\top` has :math:`\Sigma^2 = \lambda`, :math:`V = L U \Sigma^{-1}`),
+    :math:`Q^{-1/2} = c^{-1/2}\bigl(I - V \operatorname{diag}(k) V^\top\bigr)
+    = c^{-1/2}\bigl(I - L G L^\top\bigr)`,
+    :math:`k_j = 1 - (1 + \lambda_j / c)^{-1/2}`, :math:`G = U \operatorname{diag}(k / \lambda) U^\top`,
+    and :math:`k_j / \lambda_j \to 1 / (2c)` as :math:`\lambda_j \to 0`: one :math:`r \times r`
+    eigendecomposition, no SVD of :math:`L`. Every product costs :math:`O(d r)` per row
     instead of :math:`O(d^2)`.
 
     :ivar source: as for :class:`DenseQuadraticFactor`.
@@ -184,16 +188,23 @@ class LowRankQuadraticFactor:
         return self.coefficient * rows + (rows @ self.factor) @ self.factor.T
 
     @cached_property
-    def _inverse_root(self) -> tuple[Tensor, Tensor]:
-        """:math:`(V, k)` of :math:`Q^{-1/2}` (see the class docstring)."""
-        basis, singular, _ = torch.linalg.svd(self._constant_factor, full_matrices=False)
-        shrink = 1.0 - torch.rsqrt(1.0 + singular.square() / self._constant_coefficient)
-        return basis, shrink
+    def _inverse_root_core(self) -> Tensor:
+        """:math:`G` ``(r, r)`` of :math:`Q^{-1/2} = c^{-1/2}(I - L G L^\\top)` (see the class docstring)."""
+        factor, coefficient = self._constant_factor, self._constant_coefficient
+        eigenvalues, vectors = torch.linalg.eigh(factor.T @ factor)
+        ratio = eigenvalues.clamp_min(0.0) / coefficient  # lambda / c
+        # k / lambda = (1 - (1 + t)^(-1/2)) / (t c), written without cancellation; 1 / (2c) at t = 0
+        shrink = torch.where(
+            ratio > 0, -torch.expm1(-0.5 * torch.log1p(ratio)) / (ratio * coefficient).clamp_min(1e-300),
+            0.5 / coefficient,
+        )
+        return (vectors * shrink) @ vectors.T
 
     def whiten(self, rows: Tensor) -> Tensor:
         r""":math:`Q^{-1/2} v` for rows ``(N, d)`` (or the rows of a weight matrix)."""
-        basis, shrink = self._inverse_root
-        return (rows - ((rows @ basis) * shrink) @ basis.T) / self._constant_coefficient.sqrt()
+        factor = self._constant_factor
+        correction = ((rows @ factor) @ self._inverse_root_core) @ factor.T
+        return (rows - correction) / self._constant_coefficient.sqrt()
 
     def unwhiten(self, rows: Tensor) -> Tensor:
         r""":math:`S^{-\top} v = Q^{-1/2} v` (the root is symmetric)."""
