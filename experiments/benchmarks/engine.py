@@ -462,7 +462,7 @@ def parse_args() -> argparse.Namespace:
     add("--bias-dim", type=int, default=32)
     add("--bias-batch", type=int, default=200)
     add("--bias-repeats", type=int, default=5)
-    add("--threshold-batches", type=_int_list, default=[1, 4, 16, 32, 64, 100, 256], help="(g)")
+    add("--threshold-batches", type=_int_list, default=[1, 4, 8, 16, 32, 64, 100, 256], help="(g)")
     add("--threshold-dims", type=_int_list, default=[2, 4, 8, 12, 16, 24, 32, 48, 64])
     args = parser.parse_args()
     if args.quick:
