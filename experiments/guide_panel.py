@@ -108,14 +108,22 @@ def _flatten(sites: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: value.reshape(value.shape[0], -1) for name, value in sites.items()}
 
 
-def nuts_reference(panel: PanelModel, samples: int, warmup: int, seed: int, show: bool) -> dict[str, Any]:
-    """Means and standard deviations of every site coordinate from one NUTS chain."""
+def nuts_draws(
+    panel: PanelModel, samples: int, warmup: int, seed: int, show: bool
+) -> tuple[dict[str, Tensor], MCMC]:
+    """One NUTS chain on the model's reference form: its draws per site ``(S, ...)``, and the run."""
     pyro.set_rng_seed(seed)
     mcmc = MCMC(NUTS(panel.nuts_model), num_samples=samples, warmup_steps=warmup,
                 disable_progbar=not show)
-    start = time.perf_counter()
     mcmc.run()
-    sites = _flatten(panel.to_sites({k: v.double() for k, v in mcmc.get_samples().items()}))
+    return panel.to_sites({k: v.double() for k, v in mcmc.get_samples().items()}), mcmc
+
+
+def nuts_reference(panel: PanelModel, samples: int, warmup: int, seed: int, show: bool) -> dict[str, Any]:
+    """Means and standard deviations of every site coordinate from one NUTS chain."""
+    start = time.perf_counter()
+    draws, mcmc = nuts_draws(panel, samples, warmup, seed, show)
+    sites = _flatten(draws)
     diagnostics = mcmc.diagnostics()
     ess = [float(v["n_eff"].min()) for k, v in diagnostics.items() if isinstance(v, dict) and "n_eff" in v]
     return {
@@ -151,11 +159,17 @@ def train(guide_name: str, panel: PanelModel, args: argparse.Namespace) -> tuple
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     guide = {**GUIDES, **CPFLOW_VARIANTS}[guide_name](panel.model)
+    return guide, fit_svi(guide, panel, args, f"{panel.name}: {guide_name}")
+
+
+def fit_svi(guide: Any, panel: PanelModel, args: argparse.Namespace, label: str) -> dict[str, Any]:
+    """``args.steps`` ClippedAdam steps from ``args.lr`` decayed to a tenth, ``args.particles``
+    vectorised particles, from wherever ``guide`` stands; the training record."""
     optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": 0.1 ** (1.0 / args.steps)})
     elbo = Trace_ELBO(num_particles=args.particles, vectorize_particles=True, max_plate_nesting=1)
     svi = SVI(panel.model, guide, optim, elbo)
     times, losses = [], []
-    bar = progress(args.steps, f"{panel.name}: {guide_name}", enabled=args.progress)
+    bar = progress(args.steps, label, enabled=args.progress)
     for _ in range(args.steps):
         start = time.perf_counter()
         losses.append(svi.step())
@@ -163,8 +177,8 @@ def train(guide_name: str, panel: PanelModel, args: argparse.Namespace) -> tuple
         bar.update()
     bar.close()
     timed = times[WARMUP_STEPS:] or times
-    return guide, {"ms_per_step": 1e3 * statistics.median(timed), "final_loss": losses[-1],
-                   "finite": all(math.isfinite(v) for v in losses)}
+    return {"ms_per_step": 1e3 * statistics.median(timed), "final_loss": losses[-1],
+            "finite": all(math.isfinite(v) for v in losses)}
 
 
 @torch.no_grad()

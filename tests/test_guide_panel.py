@@ -59,3 +59,30 @@ def test_a_damaged_results_file_is_named(tmp_path):
     path.write_text('{"eight_schools": {"mean": ')
     with pytest.raises(ValueError, match=f"{path} is not valid JSON"):
         common.read_json(path)
+
+
+def test_draws_map_to_the_guides_unconstrained_coordinates():
+    import guide_capacity
+
+    panel = guide_models.build("eight_schools")
+    pyro.clear_param_store()
+    guide = AutoDiagonalNormal(panel.model)
+    guide()
+    draws = {"mu": torch.tensor([1.0, 2.0]), "tau": torch.tensor([2.0, 3.0]), "theta": torch.ones(2, 8)}
+    latent = guide_capacity.unconstrained_draws(guide, draws)
+    assert latent.shape == (2, 10)
+    assert torch.allclose(latent[:, 1], torch.tensor([2.0, 3.0]).log())  # tau's column, log-mapped
+    # and back: the guide's own unpacking gives the draws again
+    unpacked = {site["name"]: value for site, value in guide._unpack_latent(latent[1])}
+    assert torch.allclose(unpacked["theta"], draws["theta"][1])
+    assert torch.allclose(unpacked["mu"], draws["mu"][1])
+
+
+def test_quick_capacity_run_scores_every_fit_of_every_family():
+    import guide_capacity
+
+    results = guide_capacity.main(["--quick", "--no-progress"])
+    for family in guide_capacity.FAMILIES:
+        fits = results["families"][family]
+        assert set(fits) == {"svi", "mle", "mle+svi"}
+        assert all(torch.isfinite(torch.tensor(fit["heldout_loglik"])) for fit in fits.values())
