@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from pyro.distributions import constraints
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
+from torch.distributions import Transform
 
 from .actnorm import ActNorm
 from .pyro_glue import ModuleInverseMixin, VersionedCacheMixin, module_parameters_and_buffers
@@ -139,8 +140,11 @@ class MultiscaleFlow(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
     r"""Levels of blocks with a squeeze (and optionally a split) between levels (see the module docstring).
 
     :param image_shape: ``(C, H, W)`` of the input images (rows of ``C H W``).
-    :param levels: one list of blocks per level, each a bijective ``TransformModule`` of the
-        rows of that level's shape (:attr:`level_shapes`, from :func:`level_shapes`).
+    :param levels: one list of blocks per level, each a bijective transform of the rows of that
+        level's shape (:attr:`level_shapes`, from :func:`level_shapes`). Blocks that are modules
+        (``TransformModule`` s) are registered in order in ``block_modules``, for their
+        parameters and state; a plain ``Transform`` (such as Pyro's ``Permute``) has no state
+        to save and must be rebuilt identically.
     :param factor_out: after each squeeze, move half of the channels to the output.
 
     The forward map keeps its log-det beside the cached pair, so ``log_abs_det_jacobian``
@@ -157,7 +161,7 @@ class MultiscaleFlow(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
     def __init__(
         self,
         image_shape: Sequence[int],
-        levels: Sequence[Sequence[TransformModule]],
+        levels: Sequence[Sequence[Transform]],
         factor_out: bool = True,
         cache_size: int = 1,
     ) -> None:
@@ -167,11 +171,12 @@ class MultiscaleFlow(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
         self.image_shape: Shape = tuple(int(n) for n in image_shape)  # type: ignore[assignment]
         self.factor_out = factor_out
         self.level_shapes = level_shapes(self.image_shape, len(levels), factor_out)
-        self.levels = nn.ModuleList(nn.ModuleList(blocks) for blocks in levels)
+        self.levels = tuple(tuple(blocks) for blocks in levels)
+        self.block_modules = nn.ModuleList(block for block in self.blocks() if isinstance(block, nn.Module))
         self.input_dim = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
         self.last_inverse_reports: list = []
 
-    def blocks(self) -> Iterable[TransformModule]:
+    def blocks(self) -> Iterable[Transform]:
         """Every block, in the order of the forward map."""
         for level in self.levels:
             yield from level

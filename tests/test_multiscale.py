@@ -3,7 +3,7 @@
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.distributions.transforms import affine_coupling
+from pyro.distributions.transforms import Permute, affine_coupling
 
 from pyro_cpflow.conv import conv_cpflow
 from pyro_cpflow.multiscale import ChannelActNorm, MultiscaleFlow, level_shapes, squeeze, unsqueeze
@@ -98,8 +98,13 @@ def test_pyro_affine_couplings_as_blocks():
     """Any bijective row transform is a block: the coupling baseline of experiments/image_density.py."""
     torch.manual_seed(1)
     shapes = level_shapes((1, 4, 4), 2)
-    levels = [[ChannelActNorm(s), affine_coupling(s[0] * s[1] * s[2], hidden_dims=[8])] for s in shapes]
+    levels = [
+        [ChannelActNorm(s), affine_coupling(d, hidden_dims=[8]), Permute(torch.randperm(d)),
+         affine_coupling(d, hidden_dims=[8])]
+        for s in shapes for d in [s[0] * s[1] * s[2]]
+    ]
     flow = MultiscaleFlow((1, 4, 4), levels)
+    assert len(flow.block_modules) == 6  # the permutations are plain transforms
     x = torch.randn(3, 16)
     z = flow(x)
     jacobian = _jacobians(flow, x)
