@@ -3,7 +3,8 @@
 * command line: :func:`build_parser` (``--steps``, ``--batch-size``, ``--seed``,
   ``--device``, ``--dtype``, ``--out-dir``, ``--quick``, ...) and :func:`setup_torch`;
 * training: :func:`fit_density`, maximum likelihood with Adam and a cosine learning
-  rate, a tqdm progress bar and an optional evaluation callback;
+  rate, a tqdm progress bar and an optional evaluation callback; its steps are those of
+  :class:`DensityFit`, whose state a checkpoint can hold;
 * output: :func:`write_json`, :func:`markdown_table` and :func:`replace_markdown_section`
   (each script owns one ``## ...`` section of ``experiments/RESULTS.md`` and
   regenerates it from its JSON file).
@@ -39,6 +40,7 @@ __all__ = [
     "EXPERIMENTS_DIR",
     "RESULTS_DIR",
     "RESULTS_MD",
+    "DensityFit",
     "add_run_options",
     "build_parser",
     "count_parameters",
@@ -200,6 +202,61 @@ def progress(total: int, desc: str, enabled: bool = True, leave: bool = False) -
     return tqdm(total=total, desc=desc, disable=not enabled, leave=leave, dynamic_ncols=True)
 
 
+class DensityFit:
+    r"""One maximum-likelihood fit, step by step: Adam with a cosine decay of the learning
+    rate from ``lr`` to ``lr * final_lr_fraction`` over ``steps`` steps, gradients clipped to
+    norm ``max_grad_norm``. :meth:`step` minimises :math:`-\frac1B\sum_i \log p(x_i)` on one
+    batch; :meth:`state_dict` and :meth:`load_state_dict` (optimiser, schedule and steps
+    done, tensors and plain data) let a checkpoint resume the fit exactly.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        distribution: dist.Distribution,
+        steps: int,
+        lr: float,
+        *,
+        final_lr_fraction: float = 0.01,
+        max_grad_norm: float | None = 100.0,
+        desc: str = "fit",
+    ) -> None:
+        self.module, self.distribution, self.steps = module, distribution, steps
+        self.max_grad_norm, self.desc = max_grad_norm, desc
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+
+        def factor(step: int) -> float:
+            t = min(step / max(steps, 1), 1.0)
+            return final_lr_fraction + (1.0 - final_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.done = 0
+
+    def step(self, batch: Tensor) -> float:
+        """One optimiser step on ``batch``; returns its loss (a non-finite one raises)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = -self.distribution.log_prob(batch).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.desc}: non-finite loss {float(loss)} at step {self.done}")
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        self.done += 1
+        return float(loss.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "done": self.done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.done = int(state["done"])
+
+
 def fit_density(
     module: nn.Module,
     distribution: dist.Distribution,
@@ -216,36 +273,22 @@ def fit_density(
 ) -> list[float]:
     r"""Maximum likelihood: minimise :math:`-\frac1B\sum_i \log p(x_i)` over fresh batches.
 
-    Adam with a cosine decay from ``lr`` to ``lr * final_lr_fraction``. ``sample_batch(step)``
-    returns the batch of a step. ``callback(step)`` runs before the first step, every
-    ``callback_every`` steps and after the last one (``step`` counts steps done).
-    Returns the training losses.
+    The steps of a :class:`DensityFit` (Adam, cosine decay from ``lr`` to
+    ``lr * final_lr_fraction``). ``sample_batch(step)`` returns the batch of a step.
+    ``callback(step)`` runs before the first step, every ``callback_every`` steps and after
+    the last one (``step`` counts steps done). Returns the training losses.
     """
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
-
-    def factor(step: int) -> float:
-        t = min(step / max(steps, 1), 1.0)
-        return final_lr_fraction + (1.0 - final_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    fit = DensityFit(
+        module, distribution, steps, lr, final_lr_fraction=final_lr_fraction,
+        max_grad_norm=max_grad_norm, desc=desc,
+    )
     module.train()
     losses: list[float] = []
     if callback is not None:
         callback(0)
     with progress(steps, desc, show_progress) as bar:
         for step in range(steps):
-            batch = sample_batch(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss = -distribution.log_prob(batch).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: non-finite loss {float(loss)} at step {step}")
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
+            losses.append(fit.step(sample_batch(step)))
             bar.update()
             if step % 25 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
