@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,10 @@ except ImportError:  # run as a script
     import common
     from toy_data import TOY_DATASETS, sample_toy
 
-__all__ = ["MODELS", "ToyConfig", "build_model", "held_out_loglik", "markdown_section", "plot_grid", "run"]
+__all__ = [
+    "MODELS", "ToyConfig", "build_model", "cpflow_model", "held_out_loglik", "markdown_section", "plot_grid",
+    "run",
+]
 
 TITLE = "Toy densities"
 
@@ -81,14 +84,23 @@ def _interleave(layers: Sequence[nn.Module], dim: int) -> T.ComposeTransformModu
     return _standardised(parts, dim)
 
 
-def _cpflow_one(dim: int, gain: float) -> nn.Module:
-    flow = cpflow(dim, hidden_dims=(112, 112), logdet="exact", input_gain=gain)
-    return _standardised([flow], dim)
+def cpflow_model(
+    dim: int, gain: float, blocks: int = 1, hidden_dims: Sequence[int] = (112, 112), **options: Any
+) -> nn.Module:
+    """``ActNorm``, then one CP-Flow block (``blocks=1``) or a :func:`~pyro_cpflow.cpflow_stack`
+    of ``blocks`` with ActNorm between them; exact log-dets, networks of input gain ``gain``.
+
+    ``options`` go to :func:`~pyro_cpflow.cpflow` (``activation``, ``alpha``,
+    ``initial_scale``...).
+    """
+    options = dict(hidden_dims=tuple(hidden_dims), logdet="exact", input_gain=gain, **options)
+    if blocks == 1:
+        return _standardised([cpflow(dim, **options)], dim)
+    return _standardised(list(cpflow_stack(dim, blocks, **options)), dim)
 
 
-def _cpflow_three(dim: int, gain: float) -> nn.Module:
-    stack = cpflow_stack(dim, 3, hidden_dims=(64, 64), logdet="exact", input_gain=gain)
-    return _standardised(list(stack), dim)
+_cpflow_one = functools.partial(cpflow_model, blocks=1, hidden_dims=(112, 112))
+_cpflow_three = functools.partial(cpflow_model, blocks=3, hidden_dims=(64, 64))
 
 
 def _maf(dim: int, gain: float) -> nn.Module:
@@ -135,14 +147,16 @@ def build_model(
     dtype: torch.dtype,
     dim: int = 2,
     cpflow_input_gain: float = DEFAULT_INPUT_GAIN,
+    models: Mapping[str, Callable[[int, float], nn.Module]] = MODELS,
 ) -> tuple[nn.Module, dist.TransformedDistribution]:
     """The module (data -> base) and its density-direction distribution, initialised from ``seed``.
 
-    Every model starts with an :class:`~pyro_cpflow.ActNorm` that standardises the data
-    (initialised on the first batch it sees).
+    ``name`` is looked up in ``models`` (default :data:`MODELS`). Every model starts with an
+    :class:`~pyro_cpflow.ActNorm` that standardises the data (initialised on the first batch
+    it sees).
     """
     torch.manual_seed(seed)
-    module = MODELS[name](dim, cpflow_input_gain).to(device=device, dtype=dtype)
+    module = models[name](dim, cpflow_input_gain).to(device=device, dtype=dtype)
     distribution = dist.TransformedDistribution(common.standard_normal(dim, device, dtype), [module.inv])
     return module, distribution
 
