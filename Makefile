@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Two entry points for a fresh machine: `make demo` (CP-Flow learning an OT map) and `make test`.
 # Both create the virtual environment on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -33,7 +33,7 @@ docs: $(STAMP)
 
 # each demo run gets its own folder: a finished run is never started over
 demo: $(STAMP)
-	$(PY) experiments/vae.py --dataset freyfaces --flow cpflow --out-dir experiments/runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(PY) experiments/demo.py --out-dir experiments/runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 bench: $(STAMP)
 	$(PY) experiments/benchmarks/inverse_solvers.py
