@@ -8,15 +8,16 @@ layers) reads an image :math:`x \in \mathbb{R}^{C \times H \times W}`:
     z_1 = s(W_0 \star x + b_0), \qquad
     z_{k+1} = s\Bigl(\bigl[P_k \star z_k + W_k \star x + b_k;\; L_k \star x + c_k\bigr]\Bigr),
     \qquad
-    g(x) = \sum_c p_c\, \overline{z_K}[c] + w^\top x,
+    g(x) = \sum_{c, i, j} p_c\, z_K[c, i, j] + w^\top x,
 
 where :math:`\star` is a stride-1 "same" convolution, :math:`P_k = \mathrm{softplus}(A_k) /
 \mathrm{fan\_in} \ge 0` elementwise (non-negative kernels on the convex path
 :math:`z_k \to z_{k+1}`), :math:`W_k, L_k` are unconstrained kernels on the input path, the
 channels :math:`s(L_k \star x + c_k)` are the input augmentation of eq. 7 (half of each
 hidden layer after the first), :math:`s` is a convex non-decreasing activation
-(:func:`~pyro_cpflow.nn.gaussian_softplus` or softplus), :math:`\overline{z_K}[c]` is the
-spatial mean of channel :math:`c` and :math:`p_c = \mathrm{softplus}(a_c) / h_K \ge 0`.
+(:func:`~pyro_cpflow.nn.gaussian_softplus` or softplus) and :math:`p_c = \mathrm{softplus}(a_c) /
+h_K \ge 0`. The read-out sums over the positions (not a mean), so that each pixel's share of
+:math:`\nabla g` and :math:`\nabla^2 g` stays of order one whatever the image size.
 A convolution is a linear map, so each pre-activation is affine in :math:`(z_k, x)` with
 non-negative coefficients on :math:`z_k`, and :math:`g` is convex by the argument of the
 dense ICNN (:mod:`pyro_cpflow.nn`).
@@ -243,10 +244,9 @@ class ConvICNN(PackedParameters):
             convex = positive_weight(p[f"convex_paths.{k}.raw_weight"], width_in * fan)
             hidden.append(ConvAffineLayer(p[f"input_paths.{k}.weight"], p[f"input_paths.{k}.bias"], convex,
                                           spatial))
-        # p_c / h_K on every position of channel c: the sum over channels of spatial means
-        positions = math.prod(spatial)
-        per_channel = positive_weight(p["output_convex.raw_weight"], self.hidden_channels[-1]) / positions
-        readout = per_channel.repeat_interleave(positions)[None]
+        # p_c on every position of channel c: the sum over channels and positions
+        per_channel = positive_weight(p["output_convex.raw_weight"], self.hidden_channels[-1])
+        readout = per_channel.repeat_interleave(math.prod(spatial))[None]
         return hidden, AffineLayer((p["output_input.weight"],), (None,), None, readout)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
