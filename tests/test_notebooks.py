@@ -38,8 +38,14 @@ def kernel_from_this_interpreter(tmp_path, monkeypatch):
     return KERNEL_NAME
 
 
-def test_there_are_notebooks():
+def test_every_notebook_has_a_quick_mode_read_from_the_environment():
+    """The quick runs below are quick only if each notebook reads ``CPFLOW_QUICK`` into ``QUICK``
+    and uses it (and an empty folder would leave nothing to run)."""
     assert NOTEBOOKS, f"no notebooks found in {NOTEBOOK_DIR}"
+    for path in NOTEBOOKS:
+        code = [cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
+        assert any('QUICK = os.environ.get("CPFLOW_QUICK") == "1"' in source for source in code), path.name
+        assert sum(source.count("QUICK") for source in code) > 1, f"{path.name} never uses QUICK"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
