@@ -479,6 +479,7 @@ def test_options_added_later_take_their_defaults_when_resuming_an_older_run():
     assert replace(TINY, actnorm="around").differences(older) == ["actnorm"]
 
 
+@pytest.mark.slow  # subprocesses: about 30-90 s on two cores
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
     flags = [*TINY_FLAGS, "--dataset", "binarized_mnist", "--flow", "cpflow", "--epochs", "4",
              "--max-batches", "3"]
@@ -523,6 +524,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # subprocesses: about 30-90 s on two cores
 def test_two_process_distributed_run_keeps_the_ranks_identical(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -1,8 +1,10 @@
 """CP-Flow inside zuko (pyro_cpflow.zuko_bridge): densities, round trips, one potential
 evaluation per call_and_ladj, conditioning, training, gradients and errors."""
 
+import importlib
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -246,6 +248,17 @@ def test_eval_mode_and_options_reach_the_block():
     assert flow.transform.transforms[0]().flow.options.logdet == "stochastic"
 
 
+def test_without_zuko_the_bridge_says_what_to_install(monkeypatch):
+    """In process, quick: with zuko blocked, importing the bridge names the extra to install
+    (the subprocess test below also checks ``import pyro_cpflow`` and the doctest collection)."""
+    for name in [n for n in sys.modules if n == "zuko" or n.startswith("zuko.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # imported submodules would still be found
+    monkeypatch.delitem(sys.modules, "pyro_cpflow.zuko_bridge", raising=False)
+    with pytest.raises(ImportError, match=re.escape("pip install pyro-cpflow[zuko]")):
+        importlib.import_module("pyro_cpflow.zuko_bridge")
+
+
+@pytest.mark.slow  # a subprocess that imports torch and collects the package: about 20 s
 def test_without_zuko_the_package_imports_and_the_bridge_says_what_to_install():
     """zuko blocked from importing (sys.modules entry None): ``import pyro_cpflow`` works, the
     bridge raises an ImportError naming the extra, and pytest's collection of the package
