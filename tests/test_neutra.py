@@ -16,6 +16,7 @@ MEASURES = ("ess_per_1000_gradients", "ess_per_second", "min_ess", "median_ess",
             "mean_abs_log_sd_ratio")
 
 
+@pytest.mark.slow  # NUTS with every guide, even at --quick: about 100 s on two cores
 def test_quick_run_measures_every_sampler_with_finite_numbers():
     results = neutra.main(["--quick", "--no-progress"])
     json.dumps(results, allow_nan=False)  # JSON-able, no NaN or Inf anywhere

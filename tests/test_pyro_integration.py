@@ -129,12 +129,29 @@ def test_stochastic_logdet_guide_trains(forbid_inverse):
     assert problem.kl(sample_and_log_q) < 0.2 * start
 
 
-def test_autonormalizingflow_and_neutra_hmc():
-    problem = ConjugateGaussian()
+def _trained_autonormalizingflow(problem):
     torch.manual_seed(0)
     guide = AutoNormalizingFlow(problem.model, partial(cpflow, hidden_dims=(16, 16), logdet="exact"))
     losses = _train(problem.model, guide, steps=300, lr=3e-2)
     assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 1.0
+    return guide
+
+
+def _neutra_nuts(problem, guide, num_samples, warmup_steps, max_tree_depth):
+    """NeuTra: NUTS in the flow's base space, with the trained (exact-mode) flow; the draws of z."""
+    neutra = NeuTraReparam(guide.requires_grad_(False))
+    reparam_model = poutine.reparam(problem.model, config=lambda _: neutra)
+    mcmc = MCMC(NUTS(reparam_model, max_tree_depth=max_tree_depth), num_samples=num_samples,
+                warmup_steps=warmup_steps, disable_progbar=True)
+    mcmc.run()
+    z = neutra.transform_sample(mcmc.get_samples()["z_shared_latent"])["z"]
+    assert z.shape == (num_samples, D) and torch.isfinite(z).all()
+    return z
+
+
+def test_autonormalizingflow_and_a_short_neutra_chain():
+    problem = ConjugateGaussian()
+    guide = _trained_autonormalizingflow(problem)
 
     def sample_and_log_q(n):
         posterior = guide.get_posterior()
@@ -142,14 +159,15 @@ def test_autonormalizingflow_and_neutra_hmc():
         return z, posterior.log_prob(z)
 
     assert problem.kl(sample_and_log_q) < problem.mean_field_kl
-    # NeuTra: HMC in the flow's base space, with the trained (exact-mode) flow
-    neutra = NeuTraReparam(guide.requires_grad_(False))
-    reparam_model = poutine.reparam(problem.model, config=lambda _: neutra)
-    mcmc = MCMC(NUTS(reparam_model, max_tree_depth=4), num_samples=60, warmup_steps=40,
-                disable_progbar=True)
-    mcmc.run()
-    z = neutra.transform_sample(mcmc.get_samples()["z_shared_latent"])["z"]
-    assert z.shape == (60, D) and torch.isfinite(z).all()
+    z = _neutra_nuts(problem, guide, num_samples=4, warmup_steps=4, max_tree_depth=2)
+    assert z.std(0).gt(0).all()  # the chain moves
+
+
+@pytest.mark.slow  # NUTS: about 30 s on two cores
+def test_neutra_hmc_reaches_the_posterior_mean():
+    problem = ConjugateGaussian()
+    z = _neutra_nuts(problem, _trained_autonormalizingflow(problem), num_samples=60, warmup_steps=40,
+                     max_tree_depth=4)
     # the chain is near the exact posterior mean (within a few posterior standard deviations)
     scale = problem.covariance.diagonal().sqrt()
     assert bool(((z.mean(0) - problem.mean).abs() < 4 * scale / 60**0.5 + 0.5 * scale).all())
