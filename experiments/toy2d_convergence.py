@@ -1,0 +1,756 @@
+r"""Toy densities to convergence: CP-Flow against Pyro's flows, several seeds, curves.
+
+``toy2d.py`` fits every model for one short budget and one seed. This script trains
+models of the same kind (:func:`toy2d.cpflow_model` and :mod:`toy2d`'s baselines, all with
+7-8k parameters, each after a data-initialised ActNorm) on the same six data sets
+(:mod:`toy_data`) until the held-out curve has flattened, from ``--seeds`` seeds, and
+records the held-out log-likelihood against optimiser steps **and** against training time:
+
+* every model: ``--steps`` Adam steps with a cosine decay of the learning rate from the
+  model's peak rate to 1% of it (:class:`common.DensityFit`), gradients clipped to norm
+  100, batches of ``--batch-size`` fresh samples; the batches of a step are the same for
+  every model of a (data set, seed), so the comparison is paired. The peak rate is the
+  model's own (:data:`CPFLOW_VARIANTS`, :data:`BASELINE_LR`: the best of the ablations'
+  sweep) unless ``--lr`` sets one for all;
+* the held-out set (``--n-test`` points of another seed) is the same for every model and
+  seed; it is evaluated every ``--eval-every`` steps. Training time is measured around
+  the batch draw and the step, without the evaluations, as wall-clock time
+  (``time.perf_counter``) and as CPU time of the thread (``time.thread_time``). The
+  figures and the equal-time table use the CPU time: with one torch thread it is what a
+  model costs on an idle core, where the wall-clock time of a shared machine also counts
+  the other jobs;
+* reported: at **equal steps**, the held-out log-likelihood after the last step, mean ±
+  standard error over the seeds; at **equal time**, each model's curve read (linearly
+  interpolated) at the time the fastest model needed for its whole run (mean over seeds),
+  i.e. what a slower model gives when stopped then, its learning rate not yet decayed.
+
+``--ablation`` runs the CP-Flow variants of :data:`CPFLOW_VARIANTS` (widths and depth,
+blocks, activation, input gain, learning rate) and the baselines at three learning rates
+on 8gaussians and rings, one seed, into ``results/toy2d_convergence_ablation.json`` and
+its own section of ``RESULTS.md``.
+
+Long runs checkpoint: each (data set, model, seed) has its file in ``--run-dir`` (default
+``experiments/runs/<name of --out>/``; the ablations share the full run's), written with
+:func:`pyro_cpflow.save_checkpoint` every ``--eval-every`` steps (model, optimiser,
+schedule, curve, clocks, RNG states) and kept when the unit has finished (with its final
+density grid). Started again with the same options, the script resumes where it stopped,
+bit for bit; a checkpoint written with other settings is refused. A finished run
+(``--out`` exists) is never replaced without ``--overwrite``, which deletes the
+checkpoints of the selected units and the old JSON first, so that an interrupted
+overwrite resumes when started again without it.
+
+Run ``python experiments/toy2d_convergence.py`` (about 35 minutes of one CPU core, more
+on a shared machine); it writes ``results/toy2d_convergence.json``, the curves
+``results/toy2d_convergence_curves.png``, the density grid (the paper's figure 3 on the
+six sets) ``results/toy2d_convergence_densities.png`` and the "Toy densities at
+convergence" section of ``RESULTS.md``. ``--quick`` is a run of seconds with a temporary
+checkpoint folder (``--out`` defaults to ``experiments/runs/toy2d_convergence-quick.json``);
+``--render-only`` redraws the figures and the section from the JSON (and the checkpoints,
+for the density grids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import re
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pyro_cpflow import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_cpflow.checkpoints import rng_state, set_rng_state
+from pyro_cpflow.nn import DEFAULT_INPUT_GAIN
+
+try:  # imported as experiments.toy2d_convergence
+    from . import common, toy2d
+    from .toy_data import TOY_DATASETS, sample_toy
+except ImportError:  # run as a script
+    import common
+    import toy2d
+    from toy_data import TOY_DATASETS, sample_toy
+
+__all__ = ["CPFLOW_VARIANTS", "MODELS", "main", "markdown_section", "summarise", "train_unit"]
+
+TITLE = "Toy densities at convergence"
+RESULTS_JSON = common.RESULTS_DIR / "toy2d_convergence.json"
+QUICK_JSON = common.EXPERIMENTS_DIR / "runs" / "toy2d_convergence-quick.json"
+CHECKPOINT_FORMAT = 1
+
+# -------------------------------------------------------------------------- models
+
+@dataclass(frozen=True)
+class CPFlowVariant:
+    """A CP-Flow configuration: :func:`toy2d.cpflow_model` arguments, input gain and learning rate."""
+
+    hidden_dims: tuple[int, ...] = (112, 112)
+    blocks: int = 1
+    input_gain: float = DEFAULT_INPUT_GAIN
+    activation: str = "gaussian_softplus"
+    lr: float = 1e-2
+
+
+CPFLOW_VARIANTS: dict[str, CPFlowVariant] = {
+    "CP-Flow (112x2, gain 4)": CPFlowVariant(),
+    "CP-Flow (3 blocks of 64x2, gain 4)": CPFlowVariant(hidden_dims=(64, 64), blocks=3),
+    "CP-Flow (64x4, gain 4)": CPFlowVariant(hidden_dims=(64,) * 4),
+    "CP-Flow (32x12, gain 4)": CPFlowVariant(hidden_dims=(32,) * 12),
+    "CP-Flow (112x2, gain 4, softplus)": CPFlowVariant(activation="softplus"),
+    "CP-Flow (112x2, gain 4, lr 0.02)": CPFlowVariant(lr=2e-2),
+    "CP-Flow (112x2, gain 8)": CPFlowVariant(input_gain=8.0),
+    "CP-Flow (112x2, gain 16)": CPFlowVariant(input_gain=16.0),
+    "CP-Flow (64x4, gain 8, lr 0.02)": CPFlowVariant(hidden_dims=(64,) * 4, input_gain=8.0, lr=2e-2),
+}
+"""CP-Flow configurations of the ablations; the first is ``toy2d.py``'s one-block model."""
+
+BASELINES = ("MAF (affine AR)", "NAF", "NSF (spline coupling)")
+BASELINE_LR = {name: 1e-2 for name in BASELINES}
+"""Learning rate of each baseline (the best of the sweep in the ablations)."""
+
+LR_SWEEP = (5e-3, 2e-2)
+BASELINE_VARIANTS: dict[str, tuple[str, float]] = {
+    f"{name} (lr {lr:g})": (name, lr) for name in BASELINES for lr in LR_SWEEP
+}
+"""The baselines at other learning rates: name -> (baseline, learning rate)."""
+
+MODELS: dict[str, Callable[[int, float], nn.Module]] = {
+    **{
+        name: functools.partial(
+            toy2d.cpflow_model, blocks=v.blocks, hidden_dims=v.hidden_dims, activation=v.activation
+        )
+        for name, v in CPFLOW_VARIANTS.items()
+    },
+    **{name: toy2d.MODELS[name] for name in BASELINES},
+    **{name: toy2d.MODELS[base] for name, (base, _) in BASELINE_VARIANTS.items()},
+}
+"""Model name -> factory ``(dim, cpflow_input_gain)`` of a module mapping data to the base."""
+
+DEFAULT_MODELS = ("CP-Flow (64x4, gain 8, lr 0.02)", *BASELINES)
+ABLATION_MODELS = (*CPFLOW_VARIANTS, *BASELINES, *BASELINE_VARIANTS)
+
+
+def model_spec(name: str) -> str:
+    """What defines a model, for the checkpoint fingerprint and the JSON."""
+    if name in CPFLOW_VARIANTS:
+        return f"toy2d.cpflow_model: {CPFLOW_VARIANTS[name]}"
+    return f"toy2d.MODELS[{BASELINE_VARIANTS.get(name, (name,))[0]!r}]"
+
+
+def model_lr(name: str, args: argparse.Namespace) -> float:
+    """``--lr`` if given, else the model's own learning rate."""
+    if args.lr is not None:
+        return args.lr
+    if name in CPFLOW_VARIANTS:
+        return CPFLOW_VARIANTS[name].lr
+    return BASELINE_VARIANTS[name][1] if name in BASELINE_VARIANTS else BASELINE_LR[name]
+
+
+def model_gain(name: str) -> float:
+    """The input gain of a CP-Flow variant (the library's default for the other models)."""
+    return CPFLOW_VARIANTS[name].input_gain if name in CPFLOW_VARIANTS else DEFAULT_INPUT_GAIN
+
+
+def build(name: str, seed: int) -> tuple[nn.Module, Any]:
+    """Module and density-direction distribution of model ``name`` (float64, CPU)."""
+    return toy2d.build_model(
+        name, seed, torch.device("cpu"), torch.float64, cpflow_input_gain=model_gain(name), models=MODELS
+    )
+
+
+# ------------------------------------------------------------------------ training
+
+
+def _data_index(data_name: str) -> int:
+    return list(TOY_DATASETS).index(data_name)
+
+
+def unit_seeds(data_name: str, model_name: str, seed: int) -> tuple[int, int]:
+    """``(initialisation seed, seed of batch 0)`` of a unit: stable under any selection of
+    data sets and models; the batches depend on the data set and seed only (paired)."""
+    init = 1_000_003 * seed + zlib.crc32(f"{data_name}|{model_name}".encode()) % 1_000_000
+    batches = 10_000_000 * (seed + 1) + 100_000 * _data_index(data_name)
+    return init, batches
+
+
+def held_out_set(data_name: str, n: int, dtype: torch.dtype) -> Tensor:
+    """The held-out sample of a data set: the same for every model and seed."""
+    return sample_toy(data_name, n, seed=1_000 + _data_index(data_name), dtype=dtype)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def unit_path(run_dir: Path, data_name: str, model_name: str, seed: int) -> Path:
+    return Path(run_dir) / data_name / f"{_slug(model_name)}-seed{seed}.pt"
+
+
+def fingerprint(data_name: str, model_name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a checkpoint must have been written with to be resumed."""
+    return {
+        "format": CHECKPOINT_FORMAT, "data": data_name, "model": model_name, "spec": model_spec(model_name),
+        "seed": seed, "steps": args.steps, "lr": model_lr(model_name, args), "batch_size": args.batch_size,
+        "eval_every": args.eval_every, "n_test": args.n_test, "grid_size": args.grid_size, "dtype": "float64",
+    }
+
+
+def _evaluate(module: nn.Module, distribution: Any, test: Tensor) -> tuple[float, float]:
+    module.eval()
+    try:
+        return toy2d.held_out_loglik(distribution, test)
+    finally:
+        module.train()
+
+
+def train_unit(
+    data_name: str,
+    model_name: str,
+    seed: int,
+    args: argparse.Namespace,
+    test: Tensor,
+    path: Path,
+    bar: Any = None,
+    stop_after: int | None = None,
+) -> dict[str, Any] | None:
+    """Train one model on one data set from one seed, resuming from ``path`` if it holds a
+    checkpoint of these settings; return the unit's record (``None`` when stopped by
+    ``stop_after``, a step count, for tests of the resumption)."""
+    expected = fingerprint(data_name, model_name, seed, args)
+    state = None
+    if path.exists():
+        state = load_checkpoint(path, map_location="cpu")
+        if state.get("fingerprint") != expected:
+            raise CheckpointError(
+                f"{path} was written with other settings ({state.get('fingerprint')} instead of "
+                f"{expected}): pass --overwrite to discard this run's checkpoints, or choose "
+                "another --run-dir"
+            )
+        if state["finished"]:
+            if bar is not None:
+                bar.update(args.steps)
+            return state["result"]
+    init_seed, batch_seed = unit_seeds(data_name, model_name, seed)
+    dtype = torch.float64
+    module, distribution = build(model_name, init_seed)
+
+    def batch(step: int) -> Tensor:
+        return sample_toy(data_name, args.batch_size, seed=batch_seed + step, dtype=dtype)
+
+    desc = f"{data_name} | {model_name} | seed {seed}"
+    stderr = math.nan
+    fit = common.DensityFit(module, distribution, args.steps, model_lr(model_name, args), desc=desc)
+    if state is None:
+        with torch.no_grad():  # the ActNorm layers initialise on batch 0, as training would
+            distribution.log_prob(batch(0))
+        start_cpu = time.thread_time()
+        loglik, _ = _evaluate(module, distribution, test)
+        clocks = {"seconds": 0.0, "cpu_seconds": 0.0, "eval_cpu_seconds": time.thread_time() - start_cpu}
+        curve = [{"step": 0, "seconds": 0.0, "cpu_seconds": 0.0, "test_loglik": loglik}]
+        losses: list[float] = []
+    else:
+        module.load_state_dict(state["module"])
+        fit.load_state_dict(state["fit"])
+        clocks, curve, losses = state["clocks"], state["curve"], state["losses"]
+        set_rng_state(state["rng"])
+        if bar is not None:
+            bar.update(fit.done)
+
+    def checkpoint(finished: bool, result: dict[str, Any] | None = None, grid: Tensor | None = None) -> None:
+        save_checkpoint(path, {
+            "fingerprint": expected, "finished": finished, "result": result, "grid": grid,
+            "module": module.state_dict(), "fit": fit.state_dict(), "clocks": clocks, "curve": curve,
+            "losses": losses, "rng": rng_state(),
+        })
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.train()
+    while fit.done < args.steps:
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        losses.append(fit.step(batch(fit.done)))
+        clocks["seconds"] += time.perf_counter() - start
+        clocks["cpu_seconds"] += time.thread_time() - start_cpu
+        if bar is not None:
+            bar.update()
+            if fit.done % 25 == 0:
+                bar.set_postfix_str(f"{desc}: loss {losses[-1]:.3f}")
+        if fit.done % args.eval_every == 0 or fit.done == args.steps:
+            start_cpu = time.thread_time()
+            loglik, stderr = _evaluate(module, distribution, test)
+            clocks["eval_cpu_seconds"] += time.thread_time() - start_cpu
+            curve.append({"step": fit.done, "seconds": clocks["seconds"],
+                          "cpu_seconds": clocks["cpu_seconds"], "test_loglik": loglik})
+            if fit.done < args.steps:
+                checkpoint(finished=False)
+            if stop_after is not None and fit.done >= stop_after:
+                return None
+    module.eval()
+    window = max(1, min(50, len(losses) // 5))
+    result = {
+        "init_seed": init_seed,
+        "test_loglik": curve[-1]["test_loglik"],
+        "test_loglik_stderr": stderr,
+        "train_seconds": clocks["seconds"],
+        "train_cpu_seconds": clocks["cpu_seconds"],
+        "eval_cpu_seconds": clocks["eval_cpu_seconds"],
+        "ms_per_step": 1000 * clocks["seconds"] / args.steps,
+        "cpu_ms_per_step": 1000 * clocks["cpu_seconds"] / args.steps,
+        "train_loss_start": sum(losses[:window]) / window,
+        "train_loss_end": sum(losses[-window:]) / window,
+        "curve": curve,
+    }
+    grid = toy2d.density_grid(distribution, args.limit, args.grid_size, torch.device("cpu"), dtype)
+    checkpoint(finished=True, result=result, grid=grid)
+    return result
+
+
+def density_grid_of(run_dir: Path, data_name: str, model_name: str, seed: int) -> Tensor | None:
+    """The density grid a finished unit saved, if its checkpoint is there."""
+    path = unit_path(run_dir, data_name, model_name, seed)
+    if not path.exists():
+        return None
+    state = load_checkpoint(path, map_location="cpu")
+    return state["grid"] if state["finished"] else None
+
+
+# ---------------------------------------------------------------------- summaries
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error (``nan`` for one value) of ``values``."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def _interpolate(curve: Sequence[dict[str, float]], seconds: float) -> float:
+    """The held-out log-likelihood of a curve at training CPU time ``seconds`` (linear)."""
+    points = [(p["cpu_seconds"], p["test_loglik"]) for p in curve]
+    if seconds >= points[-1][0]:
+        return points[-1][1]
+    for (t0, y0), (t1, y1) in zip(points, points[1:], strict=False):
+        if t0 <= seconds <= t1:
+            return y0 + (y1 - y0) * (seconds - t0) / max(t1 - t0, 1e-12)
+    return points[0][1]
+
+
+def _value_at_step(curve: Sequence[dict[str, float]], step: int) -> float:
+    return min(curve, key=lambda p: abs(p["step"] - step))["test_loglik"]
+
+
+def summarise(record: dict[str, Any]) -> dict[str, Any]:
+    """Per data set and model: mean ± standard error over seeds at equal steps and at equal
+    time, the gain over the last quarter of the steps, the times; the best model."""
+    steps = record["settings"]["steps"]
+    summary: dict[str, Any] = {}
+    for data_name, entry in record["datasets"].items():
+        models = entry["models"]
+        seconds = {m: mean_and_stderr([r["train_cpu_seconds"] for r in e["seeds"].values()])[0]
+                   for m, e in models.items()}
+        equal_time = min(seconds.values())
+        rows: dict[str, Any] = {}
+        for model_name, model_entry in models.items():
+            runs = list(model_entry["seeds"].values())
+            final = mean_and_stderr([r["test_loglik"] for r in runs])
+            at_time = mean_and_stderr([_interpolate(r["curve"], equal_time) for r in runs])
+            gain = mean_and_stderr([
+                r["test_loglik"] - _value_at_step(r["curve"], (3 * steps) // 4) for r in runs
+            ])
+            rows[model_name] = {
+                "equal_steps": {"mean": final[0], "stderr": final[1]},
+                "equal_time": {"mean": at_time[0], "stderr": at_time[1]},
+                "last_quarter_gain": gain[0],
+                "train_cpu_seconds": seconds[model_name],
+                "train_seconds": mean_and_stderr([r["train_seconds"] for r in runs])[0],
+                "ms_per_step": mean_and_stderr([r["ms_per_step"] for r in runs])[0],
+                "cpu_ms_per_step": mean_and_stderr([r["cpu_ms_per_step"] for r in runs])[0],
+                "seeds": len(runs),
+            }
+        best = max(rows, key=lambda m: rows[m]["equal_steps"]["mean"])
+        summary[data_name] = {"equal_time_seconds": equal_time, "best": best, "models": rows}
+    return summary
+
+
+# -------------------------------------------------------------------------- output
+
+
+def _cell(stats: dict[str, float], bold: bool) -> str:
+    text = f"{stats['mean']:.3f}"
+    if math.isfinite(stats["stderr"]):
+        text += f" ± {stats['stderr']:.3f}"
+    return f"**{text}**" if bold else text
+
+
+def results_table(record: dict[str, Any], key: str) -> str:
+    """Mean ± standard error per data set (rows) and model (columns) at ``key``
+    (``equal_steps`` or ``equal_time``); the best mean of a row in bold."""
+    models = record["settings"]["models"]
+    summary = record["summary"]
+    rows = []
+    for data_name, entry in summary.items():
+        best = max(entry["models"][m][key]["mean"] for m in models)
+        cells = [_cell(entry["models"][m][key], entry["models"][m][key]["mean"] == best) for m in models]
+        extra = [f"{entry['equal_time_seconds']:.0f}"] if key == "equal_time" else []
+        gaussian = record["datasets"][data_name]["gaussian_fit_loglik"]
+        rows.append([data_name, *cells, *extra, f"{gaussian:.3f}"])
+    headers = ["data set", *models, *(["time (s)"] if key == "equal_time" else []), "Gaussian fit"]
+    return common.markdown_table(headers, rows)
+
+
+def cost_table(record: dict[str, Any]) -> str:
+    """Parameters, milliseconds per step (wall and CPU), last-quarter gain, per model."""
+    models = record["settings"]["models"]
+    summary = record["summary"]
+
+    def average(model_name: str, key: str) -> float:
+        return sum(e["models"][model_name][key] for e in summary.values()) / len(summary)
+
+    rows = [
+        ["parameters", *[str(record["models"][m]["parameters"]) for m in models]],
+        ["ms / step (wall)", *[f"{average(m, 'ms_per_step'):.1f}" for m in models]],
+        ["ms / step (CPU)", *[f"{average(m, 'cpu_ms_per_step'):.1f}" for m in models]],
+        ["training time per run (CPU s)", *[f"{average(m, 'train_cpu_seconds'):.0f}" for m in models]],
+        ["training time per run (wall s)", *[f"{average(m, 'train_seconds'):.0f}" for m in models]],
+        ["gain over the last quarter of the steps (nats, mean over sets)",
+         *[f"{average(m, 'last_quarter_gain'):+.4f}" for m in models]],
+    ]
+    return common.markdown_table(["", *models], rows)
+
+
+def gap_lines(record: dict[str, Any]) -> list[str]:
+    """Per data set: the best CP-Flow against the best model, in standard errors."""
+    lines = []
+    for data_name, entry in record["summary"].items():
+        rows = entry["models"]
+        cpflows = [m for m in rows if m.startswith("CP-Flow")]
+        if not cpflows:
+            continue
+        cp = max(cpflows, key=lambda m: rows[m]["equal_steps"]["mean"])
+        best = entry["best"]
+        if best == cp:
+            lines.append(f"* {data_name}: {cp} is the best model.")
+            continue
+        gap = rows[best]["equal_steps"]["mean"] - rows[cp]["equal_steps"]["mean"]
+        se = rows[best]["equal_steps"]["stderr"]
+        combined = math.hypot(se, rows[cp]["equal_steps"]["stderr"])
+        verdict = "within" if gap <= se else "outside"
+        lines.append(
+            f"* {data_name}: {cp} trails {best} by {gap:.3f} nats ({verdict} the best model's standard "
+            f"error {se:.3f}; {gap / combined:.1f} combined standard errors)."
+        )
+    return lines
+
+
+def model_rows_table(record: dict[str, Any]) -> str:
+    """One row per model: learning rate, parameters, CPU ms per step and the held-out
+    log-likelihood after the last step on each data set (the best of a column in bold)."""
+    models, summary = record["settings"]["models"], record["summary"]
+    best = {d: max(e["models"][m]["equal_steps"]["mean"] for m in models) for d, e in summary.items()}
+    rows = []
+    for m in models:
+        cells = [_cell(e["models"][m]["equal_steps"], e["models"][m]["equal_steps"]["mean"] == best[d])
+                 for d, e in summary.items()]
+        cpu = sum(e["models"][m]["cpu_ms_per_step"] for e in summary.values()) / len(summary)
+        rows.append([m, f"{record['models'][m]['lr']:g}", str(record["models"][m]["parameters"]),
+                     f"{cpu:.1f}", *cells])
+    return common.markdown_table(["model", "lr", "parameters", "CPU ms / step", *summary], rows)
+
+
+def _header_lines(record: dict[str, Any]) -> list[str]:
+    settings = record["settings"]
+    seeds = settings["seed_list"]
+    lrs = ", ".join(f"{m} {record['models'][m]['lr']:g}" for m in settings["models"])
+    return [
+        f"Command: `{record['command']}`  ",
+        f"Compute: {record['cpu_seconds_total'] / 60:.1f} min of one CPU core (training "
+        f"{record['train_cpu_seconds_total'] / 60:.1f} min, the rest held-out evaluations), "
+        f"{record['environment']['torch_threads']} torch thread, float64, on a machine shared with "
+        "other jobs (wall-clock times are in the JSON).  ",
+        f"Each model: {settings['steps']} Adam steps with a cosine decay of the learning rate to 1% "
+        f"of its peak ({lrs}), batches of {settings['batch_size']} fresh samples (the same batches "
+        f"for every model); seed(s) {', '.join(map(str, seeds))}; held-out set of "
+        f"{settings['n_test']} points, the same for every model and seed, evaluated every "
+        f"{settings['eval_every']} steps.",
+    ]
+
+
+def ablation_section(record: dict[str, Any]) -> str:
+    """The ablations' section: one row per model."""
+    return "\n".join([
+        *_header_lines(record),
+        "",
+        f"Held-out log-likelihood after {record['settings']['steps']} steps (nats, best of a column in "
+        "bold); `gain` is the CP-Flow networks' `input_gain`, `AxB` B hidden layers of width A:",
+        "",
+        model_rows_table(record),
+    ])
+
+
+def markdown_section(record: dict[str, Any], markdown_path: Path = common.RESULTS_MD) -> str:
+    """The section of RESULTS.md, generated from the JSON record."""
+    if record["settings"].get("ablation"):
+        return ablation_section(record)
+    settings = record["settings"]
+    seeds = settings["seed_list"]
+    lines = [
+        *_header_lines(record),
+        "Time is the CPU time of the training thread (batch draws and steps), which on a shared "
+        "machine measures a model's cost where wall-clock time measures the other jobs too.",
+        "",
+        f"Held-out log-likelihood after {settings['steps']} steps (equal steps; nats, mean ± standard "
+        f"error over {len(seeds)} seeds, best mean in bold):",
+        "",
+        results_table(record, "equal_steps"),
+        "",
+        "At equal time: each curve read at the training CPU time of the fastest model's whole run "
+        "(mean over seeds, column \"time\"); the slower models are then mid-schedule, their "
+        "learning rate not yet decayed:",
+        "",
+        results_table(record, "equal_time"),
+        "",
+        "Cost and convergence (averages over the data sets):",
+        "",
+        cost_table(record),
+        "",
+        *gap_lines(record),
+        "",
+    ]
+    figures = record.get("figures", {})
+    if "curves" in figures:
+        lines += [
+            f"![held-out curves]({common.link(figures['curves'], markdown_path)})",
+            "",
+            "Figure: held-out log-likelihood against optimiser steps and against training time "
+            "(mean over seeds, band ± one standard error; dashed: the Gaussian fit).",
+            "",
+        ]
+    if "densities" in figures:
+        lines += [
+            f"![densities at convergence]({common.link(figures['densities'], markdown_path)})",
+            "",
+            f"Figure (the paper's figure 3 on six sets): held-out samples, then each model's density "
+            f"after {settings['steps']} steps (seed {seeds[0]}) on [-4, 4]^2; the number is that "
+            "run's held-out log-likelihood.",
+        ]
+    return "\n".join(lines)
+
+
+def plot_curves(record: dict[str, Any], path: Path) -> Path:
+    """Per data set two panels: held-out log-likelihood against steps, and against time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(record["datasets"])
+    models = record["settings"]["models"]
+    cols = 4
+    rows = math.ceil(2 * len(datasets) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.0 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, data_name in enumerate(datasets):
+        entry = record["datasets"][data_name]
+        by_steps, by_time = axes.flat[2 * k], axes.flat[2 * k + 1]
+        top = -math.inf
+        for c, model_name in enumerate(models):
+            runs = list(entry["models"][model_name]["seeds"].values())
+            points = len(min(runs, key=lambda r: len(r["curve"]))["curve"])
+            steps = [runs[0]["curve"][i]["step"] for i in range(points)]
+            stats = [mean_and_stderr([r["curve"][i]["test_loglik"] for r in runs]) for i in range(points)]
+            seconds = [sum(r["curve"][i]["cpu_seconds"] for r in runs) / len(runs) for i in range(points)]
+            mean = [s[0] for s in stats]
+            se = [0.0 if not math.isfinite(s[1]) else s[1] for s in stats]
+            top = max(top, max(mean))
+            for ax, x in ((by_steps, steps), (by_time, seconds)):
+                ax.plot(x, mean, color=colours[c % len(colours)], label=model_name, lw=1.3)
+                ax.fill_between(x, [m - s for m, s in zip(mean, se, strict=True)],
+                                [m + s for m, s in zip(mean, se, strict=True)],
+                                color=colours[c % len(colours)], alpha=0.25, lw=0)
+        gaussian = entry["gaussian_fit_loglik"]
+        for ax, label in ((by_steps, "steps"), (by_time, "training time (CPU s, one thread)")):
+            ax.axhline(gaussian, color="grey", ls="--", lw=0.8)
+            ax.set_ylim(gaussian - 0.15, top + 0.1 * (top - gaussian) + 0.02)
+            ax.set_xlabel(label)
+            ax.set_title(data_name, fontsize=10)
+            ax.grid(alpha=0.3)
+        by_steps.set_ylabel("held-out log-likelihood")
+    for ax in list(axes.flat)[2 * len(datasets):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    return common.save_figure(fig, path)
+
+
+def plot_densities(record: dict[str, Any], run_dir: Path, path: Path, limit: float) -> Path | None:
+    """Figure 3: data, then each model's density (first seed), from the finished checkpoints."""
+    seed = record["settings"]["seed_list"][0]
+    models = record["settings"]["models"]
+    result = toy2d.ToyResult(record={"datasets": {}})
+    for data_name in record["datasets"]:
+        grids = {m: density_grid_of(run_dir, data_name, m, seed) for m in models}
+        if any(g is None for g in grids.values()):
+            print(f"no density grids for {data_name} in {run_dir}: the density figure is not drawn")
+            return None
+        result.grids[data_name] = grids
+        result.samples[data_name] = held_out_set(data_name, 5000, torch.float64)
+        result.record["datasets"][data_name] = {
+            m: {"test_loglik": record["datasets"][data_name]["models"][m]["seeds"][str(seed)]["test_loglik"]}
+            for m in models
+        }
+    return toy2d.plot_grid(result, path, limit)
+
+
+# ---------------------------------------------------------------------- command line
+
+QUICK = dict(datasets=["8gaussians", "moons"], models=["CP-Flow (112x2, gain 4)", "MAF (affine AR)"],
+             seeds=2, steps=24, eval_every=8, n_test=512, grid_size=16)
+"""Defaults of ``--quick``: a run of seconds for smoke tests."""
+
+ABLATION_TITLE = f"{TITLE}: ablations"
+ABLATION = dict(datasets=["8gaussians", "rings"], models=list(ABLATION_MODELS), seeds=1, steps=1500,
+                out=common.RESULTS_DIR / "toy2d_convergence_ablation.json", section=ABLATION_TITLE,
+                run_dir=common.EXPERIMENTS_DIR / "runs" / "toy2d_convergence")
+"""Defaults of ``--ablation``: every CP-Flow variant and the baselines at three learning rates,
+on the two sets where CP-Flow trailed most, one seed. The checkpoints go to the full run's
+folder: the units both runs have (same settings, checked by the fingerprint) are trained once."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--datasets", nargs="+", choices=list(TOY_DATASETS), default=list(TOY_DATASETS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(DEFAULT_MODELS),
+                        metavar="MODEL", help="names of MODELS: " + "; ".join(MODELS))
+    parser.add_argument("--seeds", type=common.positive(int), default=3,
+                        help="number of seeds, from --seed on")
+    parser.add_argument("--steps", type=common.positive(int), default=1500, help="optimiser steps per model")
+    parser.add_argument("--batch-size", type=common.positive(int), default=256)
+    parser.add_argument("--lr", type=common.positive(float), default=None,
+                        help="peak Adam learning rate of every model (cosine decay to 1%%); default: each "
+                        "model's own (CPFLOW_VARIANTS, BASELINE_LR)")
+    parser.add_argument("--eval-every", type=common.positive(int), default=100,
+                        help="steps between held-out evaluations (and checkpoints)")
+    parser.add_argument("--n-test", type=common.positive(int), default=10000, help="held-out points")
+    parser.add_argument("--grid-size", type=common.positive(int), default=100, help="density heat-map size")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="checkpoints (default experiments/runs/<stem of --out>/; --quick: a "
+                        "temporary folder)")
+    parser.add_argument("--results-md", type=lambda value: Path(value) if value else None,
+                        default=common.RESULTS_MD,
+                        help="Markdown file whose --section a full run rewrites ('' to skip)")
+    parser.add_argument("--section", default=TITLE,
+                        help=f"title of that section ({TITLE!r} only for the default --out)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="the ablations' defaults: 8gaussians and rings, every CP-Flow variant and "
+                        "the baselines at three learning rates, 1 seed, 1500 steps, "
+                        "results/toy2d_convergence_ablation.json")
+    parser.add_argument("--render-only", action="store_true",
+                        help="no training: redraw the figures and the section from --out (and --run-dir)")
+    common.add_run_options(parser, RESULTS_JSON, "a run of seconds (2 sets, 2 models, 2 seeds, 24 steps)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = build_parser()
+    argv = list(common.script_argv() if argv is None else argv)
+    if "--ablation" in argv:
+        parser.set_defaults(**ABLATION)
+    if "--quick" in argv:
+        parser.set_defaults(**QUICK, out=QUICK_JSON)
+    args = parser.parse_args(argv)
+    args.limit = 4.0
+    return parser, args
+
+
+def _render(record: dict[str, Any], args: argparse.Namespace, run_dir: Path) -> None:
+    """Draw the figures next to ``--out`` and note their paths in ``record``."""
+    out = Path(args.out)
+    if record["settings"].get("ablation"):  # too many models for one figure: the table says it
+        return
+    curves = plot_curves(record, out.with_name(out.stem + "_curves.png"))
+    figures = {"curves": common.relative_to_repo(curves)}
+    densities = plot_densities(record, run_dir, out.with_name(out.stem + "_densities.png"), args.limit)
+    if densities is not None:
+        figures["densities"] = common.relative_to_repo(densities)
+    elif "densities" in record.get("figures", {}):  # --render-only without the checkpoints
+        figures["densities"] = record["figures"]["densities"]
+    record["figures"] = figures
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command-line entry point; returns the JSON record."""
+    argv = list(common.script_argv() if argv is None else argv)
+    parser, args = parse_args(argv)
+    out = Path(args.out)
+    temporary = tempfile.TemporaryDirectory() if args.quick and args.run_dir is None else None
+    default_run_dir = common.EXPERIMENTS_DIR / "runs" / out.stem
+    run_dir = Path(temporary.name) if temporary else (args.run_dir or default_run_dir)
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    try:
+        if args.render_only:
+            record = common.read_json(out)
+        else:
+            common.refuse_overwrite(parser, args)
+            units = [(d, m, s) for s in range(args.seed, args.seed + args.seeds)
+                     for d in args.datasets for m in args.models]
+            if args.overwrite:
+                for d, m, s in units:
+                    unit_path(run_dir, d, m, s).unlink(missing_ok=True)
+                out.unlink(missing_ok=True)
+            record = run(args, argv, units, run_dir)
+        _render(record, args, run_dir)
+        common.write_json(out, record)
+    except CheckpointError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    finally:
+        if temporary:
+            temporary.cleanup()
+    # the default section belongs to the default run; other runs write it under another --section
+    if not args.quick and args.results_md and (out == RESULTS_JSON or args.section != TITLE):
+        section = markdown_section(record, args.results_md)
+        common.replace_markdown_section(args.results_md, args.section, section)
+    print(results_table(record, "equal_steps"))
+    return record
+
+
+def run(args: argparse.Namespace, argv: Sequence[str], units: list[tuple[str, str, int]],
+        run_dir: Path) -> dict[str, Any]:
+    """Train (or resume) every unit; the JSON record with its summary."""
+    header = common.run_header("toy2d_convergence.py", argv, args)
+    settings = header["settings"] | {"seed_list": list(range(args.seed, args.seed + args.seeds))}
+    record: dict[str, Any] = {**header, "settings": settings, "run_dir": common.relative_to_repo(run_dir),
+                              "models": {}, "datasets": {}}
+    tests = {d: held_out_set(d, args.n_test, torch.float64) for d in args.datasets}
+    for d in args.datasets:
+        reference = toy2d.gaussian_fit(sample_toy(d, 100_000, seed=2_000 + _data_index(d)))
+        record["datasets"][d] = {"gaussian_fit_loglik": float(reference.log_prob(tests[d]).mean()),
+                                 "models": {m: {"seeds": {}} for m in args.models}}
+    for m in args.models:
+        record["models"][m] = {"parameters": common.count_parameters(build(m, 0)[0]), "spec": model_spec(m),
+                               "lr": model_lr(m, args)}
+    with common.stopwatch() as clock, common.progress(len(units) * args.steps, "toy2d convergence",
+                                                      args.progress, leave=True) as bar:
+        for d, m, s in units:
+            result = train_unit(d, m, s, args, tests[d], unit_path(run_dir, d, m, s), bar)
+            record["datasets"][d]["models"][m]["seeds"][str(s)] = result
+    record["seconds"] = clock["seconds"]
+    runs = [r for d in record["datasets"].values() for e in d["models"].values() for r in e["seeds"].values()]
+    record["train_cpu_seconds_total"] = sum(r["train_cpu_seconds"] for r in runs)
+    record["cpu_seconds_total"] = sum(r["train_cpu_seconds"] + r["eval_cpu_seconds"] for r in runs)
+    record["summary"] = summarise(record)
+    return record
+
+
+if __name__ == "__main__":
+    main()

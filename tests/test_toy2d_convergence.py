@@ -1,0 +1,116 @@
+"""``experiments/toy2d_convergence.py``: the ``--quick`` run's JSON, exact resumption from a
+checkpoint, refusals (other settings, a finished run), the section rendered from the JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from experiments import toy2d_convergence as conv  # noqa: E402
+from pyro_cpflow import CheckpointError  # noqa: E402
+
+MODELS = ["CP-Flow (112x2, gain 4)", "MAF (affine AR)"]
+
+
+def _quick(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--quick", "--no-progress", "--out", str(tmp_path / "conv.json"), "--run-dir", str(tmp_path / "runs"),
+        "--datasets", "moons", "--models", *MODELS, "--steps", "16", *extra,
+    ]
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One ``--quick`` run (1 set, 2 models, 2 seeds, 16 steps): its folder and record."""
+    folder = tmp_path_factory.mktemp("toy2d_convergence")
+    return folder, conv.main(_quick(folder))
+
+
+def test_quick_run_writes_finite_curves_summaries_and_figures(quick_run):
+    tmp_path, record = quick_run
+    data = json.loads((tmp_path / "conv.json").read_text())
+    assert data["command"].startswith("python experiments/toy2d_convergence.py --quick")
+    assert data["settings"]["seed_list"] == [0, 1] and data["settings"]["models"] == MODELS
+    assert set(data["models"]) == set(MODELS)
+    assert 0.8 < data["models"][MODELS[0]]["parameters"] / data["models"][MODELS[1]]["parameters"] < 1.25
+    entry = data["datasets"]["moons"]
+    assert _finite(entry["gaussian_fit_loglik"])
+    for model_name in MODELS:
+        runs = entry["models"][model_name]["seeds"]
+        assert sorted(runs) == ["0", "1"]
+        for run in runs.values():
+            assert [p["step"] for p in run["curve"]] == [0, 8, 16]
+            for point in run["curve"]:
+                assert all(_finite(float(point[k])) for k in ("seconds", "cpu_seconds", "test_loglik"))
+            seconds = [p["cpu_seconds"] for p in run["curve"]]
+            assert seconds == sorted(seconds) and seconds[-1] == pytest.approx(run["train_cpu_seconds"])
+            assert run["test_loglik"] == run["curve"][-1]["test_loglik"]
+            assert all(_finite(run[k]) for k in ("test_loglik_stderr", "ms_per_step", "train_loss_end"))
+        assert runs["0"]["init_seed"] != runs["1"]["init_seed"]
+    summary = data["summary"]["moons"]
+    assert summary["best"] in MODELS and _finite(summary["equal_time_seconds"])
+    for row in summary["models"].values():
+        for key in ("equal_steps", "equal_time"):
+            assert _finite(row[key]["mean"]) and _finite(row[key]["stderr"]) and row[key]["stderr"] >= 0
+        assert row["seeds"] == 2 and _finite(row["last_quarter_gain"])
+    for figure in data["figures"].values():
+        assert Path(figure).stat().st_size > 5_000
+    # a second start finds every unit finished: nothing is trained again, the numbers are the same
+    again = conv.main(_quick(tmp_path))
+    assert again["datasets"] == record["datasets"]
+
+
+def test_an_interrupted_unit_resumes_exactly(tmp_path):
+    _, args = conv.parse_args(_quick(tmp_path, "--eval-every", "4"))
+    test = conv.held_out_set("moons", args.n_test, torch.float64)
+    for model_name in MODELS:
+        whole = conv.train_unit("moons", model_name, 0, args, test, tmp_path / f"{model_name}-whole.pt")
+        path = tmp_path / f"{model_name}-cut.pt"
+        assert conv.train_unit("moons", model_name, 0, args, test, path, stop_after=8) is None
+        assert path.exists()
+        resumed = conv.train_unit("moons", model_name, 0, args, test, path)
+        assert [p["test_loglik"] for p in resumed["curve"]] == [p["test_loglik"] for p in whole["curve"]]
+        assert resumed["train_loss_end"] == whole["train_loss_end"]
+        # the settings are part of the checkpoint: other ones are refused
+        args.lr = 0.123
+        with pytest.raises(CheckpointError, match="other settings"):
+            conv.train_unit("moons", model_name, 0, args, test, path)
+        args.lr = None
+
+
+def test_a_finished_run_is_not_replaced_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "done.json"
+    out.write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        conv.main(["--out", str(out), "--results-md", ""])
+    assert stop.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_the_section_is_rendered_from_the_json(quick_run, tmp_path):
+    folder, _ = quick_run
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Experiment results\n\n## Other\n\nkept\n")
+    argv = ["--render-only", "--out", str(folder / "conv.json"), "--run-dir", str(folder / "runs"),
+            "--results-md", str(md), "--section", "Toy check"]
+    record = conv.main(argv)
+    text = md.read_text()
+    assert "## Other\n\nkept" in text and "## Toy check" in text and "| moons |" in text
+    best = record["summary"]["moons"]["models"][record["summary"]["moons"]["best"]]["equal_steps"]
+    assert f"**{best['mean']:.3f} ± {best['stderr']:.3f}**" in text
+    assert "conv_curves.png" in text and "conv_densities.png" in text
+    # the default section is only written from the default results file
+    conv.main(argv[:-2])
+    assert f"## {conv.TITLE}" not in md.read_text()
