@@ -3,13 +3,15 @@
 ``pytest --device cuda --dtype float32`` runs the suite on a GPU in single precision: the
 ``device`` and ``dtype`` fixtures return the options, and every test starts with
 ``torch.set_default_dtype(dtype)`` (float64 unless ``--dtype`` says otherwise). A test or
-module whose tolerances are those of float64 pins it with ``@pytest.mark.float64``.
+module whose tolerances are those of float64 pins it with ``@pytest.mark.float64``, and the
+doctests are pinned to float64.
 """
 
 import importlib.util
 
 import pytest
 import torch
+from _pytest.doctest import DoctestItem
 
 # pyro_cpflow/zuko_bridge.py needs the optional extra pyro-cpflow[zuko]: without zuko, its
 # doctests are not collected (importing it would raise the ImportError that says so)
@@ -46,7 +48,8 @@ def device(request) -> torch.device:
 
 @pytest.fixture(autouse=True)
 def _default_dtype_and_seed(request):
-    pinned = request.node.get_closest_marker("float64") is not None
+    # doctests print float64 values: they are pinned too
+    pinned = request.node.get_closest_marker("float64") is not None or isinstance(request.node, DoctestItem)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64 if pinned else DTYPES[request.config.getoption("--dtype")])
     torch.manual_seed(0)
