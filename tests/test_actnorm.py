@@ -8,6 +8,8 @@ import torch
 
 from pyro_cpflow import ActNorm, cpflow_stack
 
+pytestmark = pytest.mark.float64  # tolerances of float64, whatever --dtype says
+
 D = 3
 NAN_ROW = [0.0, float("nan"), 1.0]
 

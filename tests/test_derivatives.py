@@ -8,6 +8,8 @@ from pyro_cpflow.derivatives import AutogradTrace
 from pyro_cpflow.nn import ICNN, PICNN, gaussian_softplus
 from pyro_cpflow.potential import ContextQuadratic, ConvexPotential
 
+pytestmark = pytest.mark.float64  # tolerances of float64, whatever --dtype says
+
 D, C, N = 4, 3, 6
 TOL = 1e-10
 

@@ -12,6 +12,8 @@ from pyro_cpflow.linalg import (
 )
 from pyro_cpflow.potential import DenseQuadraticFactor, LowRankQuadraticFactor
 
+pytestmark = pytest.mark.float64  # tolerances of float64, whatever --dtype says
+
 
 def _spd_batch(n, d, condition=10.0):
     q, _ = torch.linalg.qr(torch.randn(n, d, d))

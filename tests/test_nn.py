@@ -6,6 +6,8 @@ import torch
 from pyro_cpflow.nn import ICNN, PICNN, PositiveLinear, gaussian_softplus, get_activation
 from pyro_cpflow.potential import ContextQuadratic, ConvexPotential
 
+pytestmark = pytest.mark.float64  # tolerances of float64, whatever --dtype says
+
 D, C = 4, 3
 CONTEXTS = 3
 

@@ -7,6 +7,8 @@ import torch
 
 from pyro_cpflow import NonConvergenceWarning, conditional_cpflow, cpflow
 
+pytestmark = pytest.mark.float64  # tolerances of float64, whatever --dtype says
+
 D = 4
 RUNS = 3000
 
