@@ -27,8 +27,9 @@ Every model's run is checkpointed after each evaluation in ``--run-dir`` (defaul
 ``experiments/runs/tabular``); ``--resume`` continues unfinished ones and reuses finished
 ones, ``--overwrite`` deletes them and starts again, and without either a folder holding
 checkpoints is refused. A full run writes ``results/tabular.json`` (never replaced without
-``--overwrite``) and the "Tabular density" section of ``RESULTS.md``. ``--quick`` is a smoke
-run of a few seconds per set that checkpoints into a temporary folder and writes nothing else.
+``--overwrite``) and the "Tabular density" section of ``RESULTS.md`` (``--render-only``
+rewrites that section from the JSON). ``--quick`` is a smoke run of a few seconds per set that
+checkpoints into a temporary folder and writes nothing else.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from common import (
     count_parameters,
     markdown_table,
     positive,
+    read_json,
     refuse_overwrite,
     replace_markdown_section,
     run_header,
@@ -273,7 +275,12 @@ def section(record: dict[str, Any]) -> str:
         f"{_data_description(record)} The Gaussian is the maximum-likelihood fit of the training "
         "distribution."
     )
-    return intro + "\n\n" + report(record)
+    capped = [f"{name} {model}" for name, entry in record["datasets"].items()
+              for model, row in entry["models"].items() if row["stop_reason"] == "max_steps"]
+    notes = ("One seed; the test sets are small (the two standard errors say how small). "
+             + (f"Stopped by the step limit, not by early stopping: {', '.join(capped)}. " if capped else "")
+             + "No model was tuned beyond these shared settings.")
+    return intro + "\n\n" + report(record) + "\n\n" + notes
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -300,6 +307,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     parser.add_argument("--run-dir", type=Path,
                         help=f"checkpoints (default {RUN_DIR}; --quick: a temporary one)")
     parser.add_argument("--resume", action="store_true", help="continue the checkpointed runs in --run-dir")
+    parser.add_argument("--render-only", action="store_true",
+                        help="no training: print the report of the JSON in --out (and, for the default "
+                        "--out, rewrite the RESULTS.md section)")
     add_run_options(parser, RESULTS_JSON, "smoke run: 30 steps per model; writes no results")
     args = parser.parse_args(argv)
     if args.quick:
@@ -309,12 +319,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
         parser.error("--resume and --overwrite exclude each other: continue the runs or replace them")
     if any(name in MAF_DATASETS for name in args.datasets) and args.maf_root is None:
         parser.error(f"the MAF sets need --maf-root, the folder holding {LAYOUT}")
-    refuse_overwrite(parser, args)
+    if not args.render_only:
+        refuse_overwrite(parser, args)
     return parser, args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser, args = parse_args(argv)
+    if args.render_only:
+        record = read_json(args.out)
+        print(section(record))
+        if args.out == RESULTS_JSON:
+            replace_markdown_section(RESULTS_MD, SECTION, section(record))
+        return record
     torch.set_default_dtype(getattr(torch, args.dtype))
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="tabular-quick-") as scratch:

@@ -326,6 +326,8 @@ def test_quick_run_reports_every_model_and_writes_nothing(tmp_path):
     for row in entry["models"].values():
         assert np.isfinite(row["test_loglik"]) and row["test_loglik_2se"] > 0 and row["steps"] == 30
     assert np.isfinite(entry["gaussian"]["test_loglik"]) and not out.exists()
+    text = tabular.section(record)
+    assert "| wine (d = 13, test 35) |" in text and "| data set | CP-Flow − MAF |" in text
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["wine-cpflow.pt", "wine-maf.pt"]
     with pytest.raises(SystemExit):  # the checkpoints are not started over silently
         tabular.main(["--quick", "--no-progress", "--datasets", "wine", "--models", "MAF",
