@@ -102,6 +102,7 @@ from pyro_cpflow.multiscale import ChannelActNorm, MultiscaleFlow, level_shapes 
 from pyro_cpflow.preprocessing import LogitTransform, bits_per_dim, dequantize  # noqa: E402
 
 RESULTS_JSON = RESULTS_DIR / "image_density.json"
+EQUAL_TIME_JSON = RESULTS_DIR / "image_density_coupling_equal_time.json"
 RUN_DIR = EXPERIMENTS_DIR / "runs" / "image-density"
 SECTION = "Image density (MNIST 14x14)"
 MODELS = ("cpflow", "coupling")
@@ -404,22 +405,34 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 # -------------------------------------------------------------------------- output
 
 
-def save_grid(images: Tensor, path: Path) -> Path:
-    from torchvision.utils import save_image
+def save_grid(images: Tensor, path: Path, zoom: int = 3) -> Path:
+    """A square grid of ``images`` ``(N, C, H, W)`` in [0, 1], each pixel shown as ``zoom`` x ``zoom``."""
+    from torchvision.utils import make_grid, save_image
 
+    grid = make_grid(images, nrow=int(math.sqrt(len(images))) or 1, padding=1, pad_value=0.5)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=int(math.sqrt(len(images))) or 1, padding=1, pad_value=0.5)
+    save_image(grid.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2), path)
     return path
 
 
-def section(results: dict[str, Any]) -> str:
-    """The "Image density" section of ``RESULTS.md``."""
+def _listed(values: Any) -> str:
+    return ", ".join(map(str, values))
+
+
+def section(results: dict[str, Any], equal_time: dict[str, Any] | None = None) -> str:
+    """The "Image density" section of ``RESULTS.md``; ``equal_time``, if given, is a coupling run
+    trained for about the CP-Flow's time (:data:`EQUAL_TIME_JSON`)."""
     s = results["settings"]
     rows = []
-    for name, row in results["models"].items():
+    labels = {"cpflow": "CP-Flow (conv ICNN)", "coupling": "affine coupling (Pyro)"}
+    runs = list(results["models"].items())
+    if equal_time is not None:
+        labels["coupling, equal time"] = f"affine coupling, {equal_time['settings']['steps']} steps"
+        runs.append(("coupling, equal time", equal_time["models"]["coupling"]))
+    for name, row in runs:
         check = row.get("exact_check")
         rows.append([
-            {"cpflow": "CP-Flow (conv ICNN)", "coupling": "affine coupling (Pyro)"}[name],
+            labels[name],
             f"{row['test_bits_per_dim']:.3f} ± {row['test_bits_per_dim_se']:.3f}",
             f"{row['final_train_bits_per_dim']:.3f}", f"{row['parameters']:,}", f"{row['ms_per_step']:.0f}",
             f"{row['train_seconds'] / 60:.1f}",
@@ -431,25 +444,34 @@ def section(results: dict[str, Any]) -> str:
          "train min", "exact / stochastic on a subset"], rows,
     )
     first = next(iter(results["models"].values()))
+    layout = " → ".join("x".join(map(str, shape)) for shape in first["level_shapes"])
     intro = (
         f"Command: `{results['command']}`\n\n"
         f"MNIST downsampled to {s['size']}x{s['size']} (2x2 means rounded to 8-bit levels; not comparable "
         "with 28x28 numbers such as the paper's 1.02), uniform dequantisation, logit with "
-        f"λ = {s['margin']:g}; multiscale layout {' → '.join(map(str, first['level_shapes']))} (squeeze and "
-        f"half the channels factored out between levels), {s['blocks']} blocks per level. "
+        f"λ = {s['margin']:g}; multiscale layout {layout} (squeeze and half the channels factored out "
+        f"between levels), blocks per level: {_listed(s['blocks'])}. "
         f"{s['steps']} Adam steps of {s['batch_size']} images (lr {s['lr']:g}, cosine to a tenth), float32, "
         "one CPU thread, same data order and noise for both models. CP-Flow: convolutional "
-        f"input-augmented ICNN, {s['depth']} hidden layers of {s['channels']} channels per level, stochastic "
-        f"log-det (CG rtol {s['cg_rtol']:g}); coupling: two Pyro `affine_coupling` per block (hidden width "
-        f"{results['coupling_hidden']}, matched parameter count) with random permutations. Test bits/dim on "
-        f"{first['test_images']} test images, one dequantisation; the last column compares the exact log-det "
-        "with the one-probe stochastic estimate used for the test number, on the same images."
+        f"input-augmented ICNN, {s['depth']} hidden layers of {_listed(s['channels'])} channels per level, "
+        f"stochastic log-det (CG rtol {s['cg_rtol']:g}); coupling: two Pyro `affine_coupling` per block "
+        f"(hidden width {results['coupling_hidden']}, matched parameter count) with random permutations. "
+        f"Test bits/dim on {first['test_images']} test images, one dequantisation; the last column "
+        "compares the exact log-det with the one-probe stochastic estimate used for the test number, on the "
+        "same images."
     )
     figures = "\n\n".join(
         f"![{name} samples](results/{Path(row['samples_png']).name})"
         for name, row in results["models"].items()
     )
-    return intro + "\n\n" + table + "\n\n" + figures + "\n\nFigure: samples of each model (CP-Flow first)."
+    if equal_time is not None:
+        intro += (
+            f" The last row is the coupling model trained for {equal_time['settings']['steps']} steps "
+            f"(command `{equal_time['command']}`), about the CP-Flow's training time; its learning rate "
+            "decays over those steps."
+        )
+    caption = "Figure: samples of each model (CP-Flow first), each pixel shown 3x3."
+    return intro + "\n\n" + table + "\n\n" + figures + "\n\n" + caption
 
 
 # ---------------------------------------------------------------------------- main
@@ -501,6 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=positive(int), default=50)
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="checkpoints and per-model results")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    parser.add_argument("--render-only", action="store_true",
+                        help="no training: rewrite the RESULTS.md section from the JSON files")
     add_run_options(parser, RESULTS_JSON, "smoke run under a minute: tiny models, 20 steps; writes only into "
                                           "--run-dir")
     defaults = parser.parse_args([])
@@ -516,6 +540,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--channels needs one width per level ({len(args.blocks)}), got {args.channels}")
     if not 0 <= args.margin < 0.5:
         parser.error(f"--margin must lie in [0, 1/2), got {args.margin}")
+    if args.render_only:
+        return args
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     refuse_overwrite(parser, args)
@@ -574,8 +600,11 @@ def _tenths(values: list[float]) -> list[list[float]]:
     return [values[i:i + size] for i in range(0, len(values), size)]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
+    if args.render_only:
+        render_section()
+        return None
     torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     device = torch.device(args.device)
@@ -595,9 +624,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps({name: row["test_bits_per_dim"] for name, row in results["models"].items()}))
     if not args.quick:
         write_json(args.out, results)
-        if args.out == RESULTS_JSON:
-            replace_markdown_section(RESULTS_MD, SECTION, section(results))
+        if args.out in (RESULTS_JSON, EQUAL_TIME_JSON):
+            render_section()
     return results
+
+
+def render_section() -> None:
+    """(Re)write the section of ``RESULTS.md`` from the JSON files of the runs (when there)."""
+    if RESULTS_JSON.is_file():
+        equal_time = read_json(EQUAL_TIME_JSON) if EQUAL_TIME_JSON.is_file() else None
+        replace_markdown_section(RESULTS_MD, SECTION, section(read_json(RESULTS_JSON), equal_time))
 
 
 if __name__ == "__main__":

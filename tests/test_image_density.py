@@ -20,6 +20,8 @@ def test_quick_run_trains_evaluates_and_samples_both_models(tmp_path):
     check = results["models"]["cpflow"]["exact_check"]
     assert abs(check["mean_difference"]) < 0.05  # one-probe stochastic log-det against the exact one
     assert results["models"]["cpflow"]["samples_converged"]
+    text = image_density.section(results, equal_time=results)  # the RESULTS.md section renders
+    assert "| CP-Flow (conv ICNN) |" in text and "| affine coupling, 20 steps |" in text
 
 
 def test_a_finished_run_is_never_overwritten(tmp_path):
