@@ -44,7 +44,7 @@ every ``--checkpoint-every`` steps) go to ``--run-dir``; ``--resume`` continues 
 from them, ``--overwrite`` replaces a finished one (never silently). ``--quick`` is a smoke
 run under a minute that writes only into ``--run-dir``.
 
-The paper's settings (Huang et al. 2021, table 3: MNIST 1.02 bits/dim with 2.9M parameters,
+The paper's settings (Huang et al. 2021: MNIST 1.02 bits/dim with 2.9M parameters,
 CIFAR-10 3.40 with 1.9M), prepared for a GPU and not run here::
 
     python experiments/image_density.py --preset paper-mnist --device cuda \
