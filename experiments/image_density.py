@@ -467,8 +467,8 @@ def section(results: dict[str, Any], equal_time: dict[str, Any] | None = None) -
     if equal_time is not None:
         intro += (
             f" The last row is the coupling model trained for {equal_time['settings']['steps']} steps "
-            f"(command `{equal_time['command']}`), about the CP-Flow's training time; its learning rate "
-            "decays over those steps."
+            f"(command `{equal_time['command']}`), for a training time closer to the CP-Flow's (the minutes "
+            "are wall time on a machine shared with other jobs); its learning rate decays over those steps."
         )
     caption = "Figure: samples of each model (CP-Flow first), each pixel shown 3x3."
     return intro + "\n\n" + table + "\n\n" + figures + "\n\n" + caption
@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     print(json.dumps({name: row["test_bits_per_dim"] for name, row in results["models"].items()}))
     if not args.quick:
         write_json(args.out, results)
-        if args.out in (RESULTS_JSON, EQUAL_TIME_JSON):
+        if args.out.resolve() in (RESULTS_JSON, EQUAL_TIME_JSON):
             render_section()
     return results
 
