@@ -53,6 +53,7 @@ for the density grids).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import re
@@ -60,7 +61,6 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ CHECKPOINT_FORMAT = 1
 
 # -------------------------------------------------------------------------- models
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CPFlowVariant:
     """A CP-Flow configuration: :func:`toy2d.cpflow_model` arguments, input gain and learning rate."""
 
@@ -97,6 +97,7 @@ class CPFlowVariant:
     input_gain: float = DEFAULT_INPUT_GAIN
     activation: str = "gaussian_softplus"
     lr: float = 1e-2
+    alpha: float = 1e-2
 
 
 CPFLOW_VARIANTS: dict[str, CPFlowVariant] = {
@@ -113,6 +114,12 @@ CPFLOW_VARIANTS: dict[str, CPFlowVariant] = {
     "CP-Flow (112x2, gain 8, lr 0.08)": CPFlowVariant(input_gain=8.0, lr=8e-2),
     "CP-Flow (64x4, gain 8, lr 0.04)": CPFlowVariant(hidden_dims=(64,) * 4, input_gain=8.0, lr=4e-2),
     "CP-Flow (64x4, gain 8, lr 0.08)": CPFlowVariant(hidden_dims=(64,) * 4, input_gain=8.0, lr=8e-2),
+    # where the chosen one still trailed (checkerboard, pinwheel): sharper, wider, deeper, lower floor
+    "CP-Flow (64x4, gain 16, lr 0.08)": CPFlowVariant(hidden_dims=(64,) * 4, input_gain=16.0, lr=8e-2),
+    "CP-Flow (48x6, gain 8, lr 0.08)": CPFlowVariant(hidden_dims=(48,) * 6, input_gain=8.0, lr=8e-2),
+    "CP-Flow (64x4, gain 8, lr 0.08, alpha 0.001)": CPFlowVariant(
+        hidden_dims=(64,) * 4, input_gain=8.0, lr=8e-2, alpha=1e-3
+    ),
 }
 """CP-Flow configurations of the ablations; the first is ``toy2d.py``'s one-block model."""
 
@@ -129,7 +136,8 @@ BASELINE_VARIANTS: dict[str, tuple[str, float]] = {
 MODELS: dict[str, Callable[[int, float], nn.Module]] = {
     **{
         name: functools.partial(
-            toy2d.cpflow_model, blocks=v.blocks, hidden_dims=v.hidden_dims, activation=v.activation
+            toy2d.cpflow_model, blocks=v.blocks, hidden_dims=v.hidden_dims, activation=v.activation,
+            alpha=v.alpha,
         )
         for name, v in CPFLOW_VARIANTS.items()
     },
@@ -149,7 +157,11 @@ ABLATION_MODELS = (*CPFLOW_VARIANTS, *BASELINES, *BASELINE_VARIANTS)
 def model_spec(name: str) -> str:
     """What defines a model, for the checkpoint fingerprint and the JSON."""
     if name in CPFLOW_VARIANTS:
-        return f"toy2d.cpflow_model: {CPFLOW_VARIANTS[name]}"
+        variant = CPFLOW_VARIANTS[name]
+        # the dataclass's repr, without alpha at its default (the fields the first runs had)
+        fields = [f"{f.name}={getattr(variant, f.name)!r}" for f in dataclasses.fields(variant)
+                  if f.name != "alpha" or variant.alpha != CPFlowVariant.alpha]
+        return f"toy2d.cpflow_model: CPFlowVariant({', '.join(fields)})"
     return f"toy2d.MODELS[{BASELINE_VARIANTS.get(name, (name,))[0]!r}]"
 
 
@@ -495,14 +507,21 @@ def _header_lines(record: dict[str, Any]) -> list[str]:
 
 
 def ablation_section(record: dict[str, Any]) -> str:
-    """The ablations' section: one row per model."""
-    return "\n".join([
+    """The ablations' section: one row per model (and, for the default ablation, how its
+    variants were chosen and what the full run took from it)."""
+    lines = [
         *_header_lines(record),
         "",
         f"Held-out log-likelihood after {record['settings']['steps']} steps (nats, best of a column in "
-        "bold); `gain` is the CP-Flow networks' `input_gain`, `AxB` B hidden layers of width A:",
+        "bold); `gain` is the CP-Flow networks' `input_gain`, `AxB` B hidden layers of width A, "
+        "`alpha` the floor of the potential's Hessian:",
         "",
         model_rows_table(record),
+    ]
+    if Path(record["settings"]["out"]).name != Path(ABLATION["out"]).name:
+        return "\n".join(lines)
+    return "\n".join([
+        *lines,
         "",
         "The CP-Flow variants change one thing at a time from `toy2d.py`'s one-block model (112x2, "
         "input gain 4, the library's default, lr 0.01): the widths and depth at about 7k parameters, "
