@@ -8,7 +8,13 @@ from .derivatives import AutogradTrace, NetworkTrace, PotentialTrace
 from .factories import conditional_cpflow, conditional_cpflow_stack, cpflow, cpflow_stack
 from .linalg import CGResult, StochasticLogdet, conjugate_gradient, stochastic_logdet
 from .nn import ICNN, PICNN, PositiveLinear, gaussian_softplus
-from .options import FlowOptions, NonConvergenceError, NonConvergenceWarning, StackOptions
+from .options import (
+    FlowOptions,
+    NonConvergenceError,
+    NonConvergenceWarning,
+    StackOptions,
+    StochasticDensityWarning,
+)
 from .potential import ConvexPotential
 from .pyro_glue import InverseTransformModule
 from .reports import Diagnostics, InverseReport
@@ -43,6 +49,7 @@ __all__ = [
     "NewtonCG",
     "NonConvergenceError",
     "NonConvergenceWarning",
+    "StochasticDensityWarning",
     "PICNN",
     "PositiveLinear",
     "PotentialTrace",

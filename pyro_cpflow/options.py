@@ -23,6 +23,7 @@ __all__ = [
     "NonConvergenceError",
     "NonConvergenceWarning",
     "StackOptions",
+    "StochasticDensityWarning",
     "add_option_properties",
     "exact_is_cheaper",
     "handle_failure",
@@ -45,9 +46,16 @@ d = 64 it was not measured."""
 
 
 EXACT_SCORING_MAX_DIM = 64
-"""``logdet="auto"`` when no gradient is taken (scoring samples, importance weights): exact up
-to this dimension, whatever the batch and the train/eval state, so that a density a user
-reads is exact. Beyond it the dense Hessians of a large batch would not fit in memory."""
+"""``logdet="auto"`` in training mode when no gradient is taken (scoring samples, importance
+weights): exact up to this dimension, whatever the batch."""
+
+EXACT_EVAL_MAX_DIM = 256
+"""``logdet="auto"`` in eval mode: exact up to this dimension, so that a density a user reads
+is exact. Beyond it the exact mode's memory (``N d^2`` for the Hessians, ``N d h`` per hidden
+layer of width ``h`` for the forward Jacobians: 16 MB a row for a 32-channel convolution at
+d = 256) would not fit a batch, so the mode is stochastic and the flow says once that its
+densities are estimates (:class:`StochasticDensityWarning`); set ``logdet="exact"`` to
+insist."""
 
 
 def exact_is_cheaper(dim: int, batch: int) -> bool:
@@ -56,6 +64,11 @@ def exact_is_cheaper(dim: int, batch: int) -> bool:
         if largest_batch is None or batch <= largest_batch:
             return dim <= largest_dim
     return False  # pragma: no cover (the table ends with None)
+
+
+class StochasticDensityWarning(UserWarning):
+    """A flow in eval mode with ``logdet="auto"`` above :data:`EXACT_EVAL_MAX_DIM`: its
+    log-densities are unbiased stochastic estimates, not exact values."""
 
 
 class NonConvergenceWarning(RuntimeWarning):
@@ -85,7 +98,8 @@ class FlowOptions:
 
     :param logdet: ``"exact"`` (dense Hessian, Cholesky), ``"stochastic"`` (one
         preconditioned CG solve per probe gives the value and the gradient) or ``"auto"``:
-        exact in eval mode and wherever no gradient is taken up to
+        exact in eval mode up to :data:`EXACT_EVAL_MAX_DIM` (beyond it stochastic, with a
+        :class:`StochasticDensityWarning`), wherever no gradient is taken up to
         :data:`EXACT_SCORING_MAX_DIM` (scoring samples), and while training wherever it is
         measured to be no slower (:func:`exact_is_cheaper`, by dimension and batch size) or
         ``d <= exact_max_dim``.
@@ -153,7 +167,9 @@ class FlowOptions:
         state, with or without a ``gradient`` to take."""
         if self.logdet != "auto":
             return self.logdet
-        if not training or (not gradient and dim <= EXACT_SCORING_MAX_DIM):
+        if not training:
+            return "exact" if dim <= EXACT_EVAL_MAX_DIM else "stochastic"
+        if not gradient and dim <= EXACT_SCORING_MAX_DIM:
             return "exact"
         if self.exact_max_dim is not None:
             return "exact" if dim <= self.exact_max_dim else "stochastic"

@@ -14,9 +14,10 @@ direction ``f(x)`` is one gradient evaluation; the inverse solves a convex probl
   (:func:`~pyro_cpflow.linalg.stochastic_logdet`), combined as
   ``value + (surrogate - surrogate.detach())``. Memory does not grow with the number of
   CG iterations; gradients reach the parameters and the input ``x``.
-* ``"auto"``: ``"exact"`` in eval mode, wherever no gradient is taken (scoring samples, up to
-  ``d = 64``) and where it is measured to be no slower, else ``"stochastic"``
-  (:meth:`~pyro_cpflow.options.FlowOptions.resolve_logdet`).
+* ``"auto"``: ``"exact"`` in eval mode (up to ``d = 256``; beyond, the densities are
+  estimates and a :class:`~pyro_cpflow.options.StochasticDensityWarning` says so), wherever no
+  gradient is taken (scoring samples, up to ``d = 64``) and where it is measured to be no
+  slower, else ``"stochastic"`` (:meth:`~pyro_cpflow.options.FlowOptions.resolve_logdet`).
 
 The potential is evaluated once per input: ``f(x)`` keeps the evaluated potential
 (a :class:`~pyro_cpflow.derivatives.PotentialTrace`) beside the cached pair, and
@@ -38,6 +39,7 @@ from ``condition``. Options are read and set as attributes of the owners
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -50,7 +52,7 @@ from torch.distributions import Transform
 from .checks import check_finite, check_like, check_not_tracing, check_rows, count_nonfinite
 from .derivatives import PotentialTrace
 from .linalg import CGResult, cholesky_logdet, stochastic_logdet
-from .options import FlowOptions, add_option_properties
+from .options import EXACT_EVAL_MAX_DIM, FlowOptions, StochasticDensityWarning, add_option_properties
 from .potential import ConvexPotential
 from .precision import float64_twin
 from .pyro_glue import ModuleInverseMixin, VersionedCacheMixin, module_parameters_and_buffers
@@ -277,12 +279,15 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
         options = self.options
         rows = trace.x.shape[0]
         gradient = trace.gradient.requires_grad
-        if options.resolve_logdet(self.input_dim, rows, self.training, gradient) == "exact":
+        mode = options.resolve_logdet(self.input_dim, rows, self.training, gradient)
+        if mode == "exact":
             try:
                 return cholesky_logdet(trace.hessian())
             except ValueError:  # not positive definite: only NaN or Inf can do that to F
                 self._raise_if_nonfinite(trace.x)
                 raise
+        if not self.training and options.logdet == "auto":
+            self._warn_stochastic_density()
         estimate = stochastic_logdet(
             trace,
             self.potential.factorize(trace.quadratic),
@@ -296,6 +301,18 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
         if options.on_failure != "ignore" and not bool(estimate.cg.converged.all()):
             self._report_cg_miss(trace.x, estimate.cg, estimate.condition)
         return estimate.combined()
+
+    def _warn_stochastic_density(self) -> None:
+        situation = ("stochastic density in eval mode", self.input_dim)
+        if situation not in self.diagnostics.warned:
+            self.diagnostics.warned.add(situation)
+            warnings.warn(
+                f"logdet='auto' in eval mode at d={self.input_dim} > {EXACT_EVAL_MAX_DIM}: the exact "
+                "log-det would form a d x d Hessian per sample, so log-densities are unbiased "
+                "stochastic estimates; set logdet='exact' for exact values (warned once)",
+                StochasticDensityWarning,
+                stacklevel=5,
+            )
 
     def _nonfinite_inputs(self, rows: Tensor) -> str | None:
         """What holds NaN or Inf among the rows, the context and the parameters, if anything."""

@@ -437,6 +437,31 @@ def test_scoring_without_a_gradient_is_exact_in_training_mode():
 
 
 @pytest.mark.float64
+def test_eval_mode_beyond_the_exact_cap_estimates_and_says_so(monkeypatch):
+    """Above EXACT_EVAL_MAX_DIM, ``auto`` in eval mode is stochastic (exact would not fit in
+    memory) and warns once that densities are estimates; an explicit ``exact`` is obeyed."""
+    import pyro_cpflow.options as options_module
+    from pyro_cpflow import StochasticDensityWarning
+
+    assert cpflow(256, hidden_dims=(8,)).eval().resolve_logdet(batch=100) == "exact"
+    assert cpflow(257, hidden_dims=(8,)).eval().resolve_logdet(batch=100) == "stochastic"
+    monkeypatch.setattr(options_module, "EXACT_EVAL_MAX_DIM", 4)  # the rule, at a small d
+    torch.manual_seed(0)
+    flow = cpflow(6, hidden_dims=(8,)).eval()
+    x = torch.randn(64, 6)
+    with pytest.warns(StochasticDensityWarning, match="logdet='exact'"):
+        estimate = flow.log_abs_det_jacobian(x, flow(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StochasticDensityWarning)  # once per flow
+        flow.log_abs_det_jacobian(x, flow(x))
+        flow.logdet = "exact"
+        exact = flow.log_abs_det_jacobian(x, flow(x))
+    assert torch.allclose(exact, torch.linalg.slogdet(flow.hessian(x).detach())[1], atol=1e-10)
+    assert not torch.allclose(estimate, exact, atol=1e-6)  # an estimate, not the exact value
+    assert (estimate - exact).abs().mean() < 0.5  # but an estimate of it
+
+
+@pytest.mark.float64
 def test_stack_actnorm_placements():
     names = {
         placement: [type(t).__name__ for t in cpflow_stack(D, num_blocks=2, actnorm=placement, **SMALL)]
