@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .checks import check_finite, check_like, check_rows, count_nonfinite
 from .precision import float64_twin
-from .pyro_glue import ModuleInverseMixin, VersionedCacheMixin, module_parameters_and_buffers
+from .pyro_glue import ModuleInverseMixin, VersionedCacheMixin, module_parameters_and_buffers, module_repr
 from .reports import Linearization
 
 __all__ = ["ActNorm"]
@@ -68,6 +68,11 @@ class ActNorm(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
         # the parameters with their versions while unset
         self.__dict__["_init_state"] = {"known": False, "unset": ()}
         self._remember_unset()
+
+    __repr__ = module_repr
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}"
 
     def _remember_unset(self) -> None:
         """Note the parameters as they are: replacing or changing them later means setting them."""

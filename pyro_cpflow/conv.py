@@ -231,6 +231,12 @@ class ConvICNN(PackedParameters):
         tensors["output_input.weight"] = output_input.weight
         self.pack(tensors)
 
+    def extra_repr(self) -> str:
+        return (
+            f"image_shape={self.image_shape}, hidden_channels={self.hidden_channels}, "
+            f"kernel_size={self.kernel_size}, augmented={self.augmented}, activation={self.activation.name!r}"
+        )
+
     def affine_layers(self, context: Tensor | None = None) -> tuple[list[ConvAffineLayer], AffineLayer]:
         """The pre-activations: ``(hidden, output)``, the hidden ones :class:`ConvAffineLayer` s and
         the read-out an :class:`~pyro_cpflow.affine.AffineLayer` of width 1."""

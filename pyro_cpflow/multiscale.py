@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 
 from .actnorm import ActNorm
-from .pyro_glue import ModuleInverseMixin, VersionedCacheMixin, module_parameters_and_buffers
+from .pyro_glue import ModuleInverseMixin, VersionedCacheMixin, module_parameters_and_buffers, module_repr
 
 __all__ = ["ChannelActNorm", "MultiscaleFlow", "level_shapes", "squeeze", "unsqueeze"]
 
@@ -119,6 +119,11 @@ class ChannelActNorm(TransformModule):
         self.image_shape: Shape = tuple(int(n) for n in image_shape)  # type: ignore[assignment]
         self.norm = ActNorm(self.image_shape[0], min_scale)
 
+    __repr__ = module_repr
+
+    def extra_repr(self) -> str:
+        return f"image_shape={self.image_shape}"
+
     def _channels_last(self, rows: Tensor) -> Tensor:
         return rows.reshape(*rows.shape[:-1], *self.image_shape).movedim(-3, -1)
 
@@ -175,6 +180,11 @@ class MultiscaleFlow(ModuleInverseMixin, VersionedCacheMixin, TransformModule):
         self.block_modules = nn.ModuleList(block for block in self.blocks() if isinstance(block, nn.Module))
         self.input_dim = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
         self.last_inverse_reports: list = []
+
+    __repr__ = module_repr
+
+    def extra_repr(self) -> str:
+        return f"image_shape={self.image_shape}, levels={len(self.levels)}, factor_out={self.factor_out}"
 
     def blocks(self) -> Iterable[Transform]:
         """Every block, in the order of the forward map."""

@@ -254,6 +254,12 @@ class ICNN(PackedParameters):
         tensors["output_input.weight"] = output_input.weight
         self.pack(tensors)
 
+    def extra_repr(self) -> str:
+        return (
+            f"input_dim={self.input_dim}, hidden_dims={self.hidden_dims}, augmented={self.augmented}, "
+            f"activation={self.activation.name!r}"
+        )
+
     def affine_layers(self, context: Tensor | None = None) -> tuple[list[AffineLayer], AffineLayer]:
         """The pre-activations as :class:`~pyro_cpflow.derivatives.AffineLayer` s: ``(hidden, output)``."""
         if context is not None:
@@ -323,6 +329,7 @@ class PICNN(PackedParameters):
             raise ValueError(f"context_dim must be positive, got {context_dim}")
         self.input_dim = input_dim
         self.context_dim = context_dim
+        self.hidden_dims = tuple(hidden_dims)
         self.augmented = augmented
         self.activation = get_activation(activation)
         context_widths = [context_dim] + hidden_dims
@@ -354,6 +361,12 @@ class PICNN(PackedParameters):
             layer.spec(f"augment_layers.{k}.") for k, layer in enumerate(draft.augment_layers)
         ]
         self.pack(dict(draft.named_parameters()))
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_dim={self.input_dim}, context_dim={self.context_dim}, hidden_dims={self.hidden_dims}, "
+            f"augmented={self.augmented}, activation={self.activation.name!r}"
+        )
 
     def affine_layers(self, context: Tensor | None) -> tuple[list[AffineLayer], AffineLayer]:
         """The pre-activations for context rows ``(N, c)``: ``(hidden, output)`` (see :class:`ICNN`)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "FAILURE_POLICIES",
@@ -157,6 +158,12 @@ class FlowOptions:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(field.name for field in dataclasses.fields(cls))
+
+    def changed(self) -> dict[str, Any]:
+        """The fields that differ from their defaults (for ``repr``)."""
+        default = FlowOptions()
+        values = {name: getattr(self, name) for name in self.names()}
+        return {name: value for name, value in values.items() if value != getattr(default, name)}
 
     def replace(self, **changes) -> FlowOptions:
         """A copy with ``changes`` applied (and validated)."""

@@ -348,6 +348,9 @@ class ConvexPotential(PackedParameters):
         )
         return PotentialTrace(network, self._quadratic_terms(parameters, context))
 
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}, alpha={self.alpha}, quadratic_rank={self.factor.shape[1]}"
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """:math:`F(x)` for ``x`` of shape ``(N, d)`` (and ``context`` ``(N, c)``); returns ``(N,)``."""
         return self.evaluate(x, context, derivatives=False).value

@@ -47,6 +47,7 @@ __all__ = [
     "ModuleInverseMixin",
     "VersionedCacheMixin",
     "module_parameters_and_buffers",
+    "module_repr",
 ]
 
 
@@ -181,6 +182,23 @@ def module_parameters_and_buffers(module: nn.Module) -> list[Tensor]:
     return tensors
 
 
+def module_repr(module: nn.Module) -> str:
+    """``nn.Module``'s repr (the class, its ``extra_repr`` and its children) for a Pyro
+    ``TransformModule``, whose MRO puts ``Transform.__repr__`` (the bare class name) first.
+
+    >>> from pyro_cpflow import cpflow
+    >>> print(cpflow(2, hidden_dims=(8,), logdet="exact"))
+    CPFlow(
+      input_dim=2, logdet='exact'
+      (potential): ConvexPotential(
+        input_dim=2, alpha=0.01, quadratic_rank=2
+        (network): ICNN(input_dim=2, hidden_dims=(8,), augmented=True, activation='gaussian_softplus')
+      )
+    )
+    """
+    return nn.Module.__repr__(module)
+
+
 class InverseTransformModule(TransformModule):
     r"""The inverse of a :class:`~pyro.distributions.TransformModule`, itself an ``nn.Module``.
 
@@ -204,6 +222,8 @@ class InverseTransformModule(TransformModule):
     def __init__(self, transform: TransformModule) -> None:
         super().__init__(cache_size=0)
         self.transform = transform
+
+    __repr__ = module_repr
 
     @property
     def domain(self) -> constraints.Constraint:  # type: ignore[override]

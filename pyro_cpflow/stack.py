@@ -54,7 +54,7 @@ from torch.distributions import Transform
 from .actnorm import ActNorm
 from .options import StackOptions, add_option_properties
 from .precision import judged_in_float64
-from .pyro_glue import InverseTransformModule, VersionedCacheMixin, module_parameters_and_buffers
+from .pyro_glue import InverseTransformModule, VersionedCacheMixin, module_parameters_and_buffers, module_repr
 from .reports import (
     Diagnostics,
     InverseReport,
@@ -195,6 +195,8 @@ class CPFlowStack(_StackOptionAttributes, VersionedCacheMixin, ComposeTransformM
 
     def _cache_key_extra(self) -> StackOptions:
         return self.options
+
+    __repr__ = module_repr
 
     def __call__(self, x: Tensor) -> Tensor:
         partner = self.__dict__.get("_inverse_module")  # the two directions share their pairs

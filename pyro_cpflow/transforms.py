@@ -55,7 +55,7 @@ from .linalg import CGResult, cholesky_logdet, stochastic_logdet
 from .options import EXACT_EVAL_MAX_DIM, FlowOptions, StochasticDensityWarning, add_option_properties
 from .potential import ConvexPotential
 from .precision import float64_twin
-from .pyro_glue import ModuleInverseMixin, VersionedCacheMixin, module_parameters_and_buffers
+from .pyro_glue import ModuleInverseMixin, VersionedCacheMixin, module_parameters_and_buffers, module_repr
 from .reports import Diagnostics, InverseReport, Linearization
 from .solvers import gradient_linearization, invert_gradient_map, with_implicit_gradients
 
@@ -89,6 +89,12 @@ class _OptionAttributes:
 
 
 add_option_properties(_OptionAttributes, FlowOptions)
+
+
+def _options_repr(input_dim: int, options: FlowOptions) -> str:
+    """``input_dim=..`` and the options that differ from their defaults."""
+    fields = {"input_dim": input_dim, **options.changed()}
+    return ", ".join(f"{name}={value!r}" for name, value in fields.items())
 
 
 class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
@@ -384,6 +390,11 @@ class CPFlow(ModuleInverseMixin, ConditionedCPFlow, TransformModule):
     def __init__(self, potential: ConvexPotential, cache_size: int = 1, **options) -> None:
         super().__init__(potential, None, FlowOptions().replace(**options), None, True, cache_size)
 
+    __repr__ = module_repr
+
+    def extra_repr(self) -> str:
+        return _options_repr(self.potential.input_dim, self.options)
+
 
 class ConditionalCPFlow(_OptionAttributes, ConditionalTransformModule):
     r"""Conditional convex potential flow :math:`x \mapsto \nabla_x F(x; c)`.
@@ -408,6 +419,9 @@ class ConditionalCPFlow(_OptionAttributes, ConditionalTransformModule):
         self.potential = potential
         self.options = FlowOptions().replace(**options)
         self.diagnostics = Diagnostics()
+
+    def extra_repr(self) -> str:
+        return _options_repr(self.potential.input_dim, self.options)
 
     def condition(self, context: Tensor) -> ConditionedCPFlow:
         check_like(context, "context", self.potential.packed)

@@ -171,11 +171,20 @@ def test_state_dict_through_torch_load_weights_only_rebuilds_the_flow(name, logd
 
 
 @pytest.mark.parametrize("name", FACTORIES)
-def test_repr_names_the_class(name):
+def test_repr_names_the_class_and_its_sizes(name):
     transform, owner, _ = _build(name)
-    # Pyro's Transform.__repr__ comes before nn.Module's: the class name, not the blocks
     assert repr(owner).startswith(type(owner).__name__ + "(")
     assert repr(transform).startswith(type(transform).__name__ + "(")
+    # nn.Module's repr, not Pyro's bare class name: the sizes of every block are shown
+    assert f"input_dim={D}" in repr(owner)
+
+
+def test_repr_shows_the_options_that_differ_from_their_defaults():
+    flow = cpflow(D, hidden_dims=(8, 4), logdet="exact", cg_rtol=1e-4)
+    text = repr(flow)
+    assert "logdet='exact'" in text and "cg_rtol=0.0001" in text and "hidden_dims=(8, 4)" in text
+    assert "num_probes" not in text and "on_failure" not in text  # defaults are not listed
+    assert repr(cpflow(D, hidden_dims=(8,))).splitlines()[1].strip() == f"input_dim={D}"
 
 
 @dtypes
