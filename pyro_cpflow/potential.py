@@ -315,6 +315,34 @@ class ConvexPotential(PackedParameters):
         """:math:`\\beta`, the learnable isotropic curvature above the floor."""
         return F.softplus(self.raw_beta)
 
+    @torch.no_grad()
+    def set_quadratic(self, matrix: Tensor) -> None:
+        r"""Set :math:`Q = (\alpha + \beta) I + L L^\top` to the symmetric positive definite
+        ``matrix`` :math:`M`, as closely as a rank-:math:`r` factor allows.
+
+        With :math:`M = U \operatorname{diag}(\mu) U^\top`: :math:`\alpha + \beta = \mu_{\min}/2`
+        (:math:`\beta \ge 10^{-3}`), and :math:`L` the columns :math:`u_i \sqrt{\mu_i - \alpha - \beta}`
+        of the :math:`r` largest eigenvalues (exact when :math:`r = d` and :math:`\mu_{\min} > 2\alpha`).
+
+        >>> from pyro_cpflow.nn import ICNN
+        >>> potential = ConvexPotential(ICNN(2, [4]), 2)
+        >>> potential.set_quadratic(torch.tensor([[2.0, 0.5], [0.5, 1.0]]))
+        >>> potential.quadratic_matrix()
+        tensor([[2.0000, 0.5000],
+                [0.5000, 1.0000]], grad_fn=<...>)
+        """
+        d, rank = self.input_dim, self.factor.shape[1]
+        if matrix.shape != (d, d):
+            raise ValueError(f"matrix must have shape ({d}, {d}), got {tuple(matrix.shape)}")
+        eigenvalues, vectors = torch.linalg.eigh((matrix + matrix.mT) / 2)
+        if not bool(torch.isfinite(eigenvalues).all()) or float(eigenvalues[0]) <= 0:
+            raise ValueError("matrix must be symmetric positive definite")
+        beta = max(float(eigenvalues[0]) / 2 - self.alpha, 1e-3)
+        excess = (eigenvalues - self.alpha - beta).clamp_min(0)
+        top = slice(d - rank, d)  # eigh sorts ascending
+        self.raw_beta.fill_(inverse_softplus(beta))
+        self.factor.copy_(vectors[:, top] * excess[top].sqrt())
+
     def quadratic_matrix(self) -> Tensor:
         """The dense :math:`Q = (\\alpha + \\beta) I + L L^\\top`, shape ``(d, d)``."""
         return self.quadratic_terms(with_context=False).matrix

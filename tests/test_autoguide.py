@@ -175,6 +175,65 @@ def test_the_guide_starts_at_init_loc_with_init_scale():
     assert bool(((samples.std(0) > 0.005) & (samples.std(0) < 0.02)).all())
 
 
+def test_the_negative_log_density_is_the_models_in_the_unconstrained_space():
+    def model():
+        pyro.sample("a", dist.Normal(torch.tensor([1.0, -1.0]), 2.0).to_event(1))
+        pyro.sample("b", dist.LogNormal(0.5, 0.7))
+
+    guide = SMALL(model)
+    guide()
+    z = torch.tensor([0.3, 0.2, -0.4])
+    a, log_b = z[:2], z[2]
+    expected = dist.Normal(torch.tensor([1.0, -1.0]), 2.0).log_prob(a).sum()
+    expected = expected + dist.LogNormal(0.5, 0.7).log_prob(log_b.exp()) + log_b  # + log |d b / d log b|
+    assert torch.allclose(guide._negative_log_density(z), -expected)
+
+
+def test_curvature_initialisation_is_the_laplace_approximation():
+    """On a Gaussian posterior started at its mean, the start is the posterior's scale and
+    correlation (the quadratic exactly; the network adds a little curvature)."""
+    mean = torch.tensor([1.0, -1.0, 0.5])
+    covariance = torch.tensor([[1.0, 0.8, 0.0], [0.8, 1.0, 0.3], [0.0, 0.3, 0.5]]) * 0.2
+
+    def model():
+        pyro.sample("x", dist.MultivariateNormal(mean, covariance))
+
+    guide = SMALL(model, init_curvature=True, init_loc_fn=init_to_value(values={"x": mean}))
+    guide()
+    scale = covariance.diagonal().sqrt()
+    assert torch.allclose(guide.scale, scale, atol=1e-5)
+    correlation = covariance / scale[:, None] / scale[None, :]
+    root = guide.flow.potential.quadratic_matrix().detach()
+    assert torch.allclose(root @ root, correlation, atol=1e-5)
+    samples = guide.get_posterior().sample((20000,))
+    assert torch.allclose(torch.cov(samples.T), covariance, atol=0.03)
+    # without it, the isotropic start of init_scale
+    pyro.clear_param_store()
+    plain = SMALL(model, init_loc_fn=init_to_value(values={"x": mean}))
+    plain()
+    assert torch.allclose(plain.scale, torch.full((3,), 0.1))
+
+
+def test_curvature_initialisation_falls_back_where_the_hessian_is_indefinite():
+    def funnel():  # at (log tau, theta) = (0, 3) the log density is not concave in log tau
+        log_tau = pyro.sample("log_tau", dist.Normal(0.0, 3.0))
+        pyro.sample("theta", dist.Normal(0.0, log_tau.exp()))
+
+    start = {"log_tau": torch.tensor(0.0), "theta": torch.tensor(3.0)}
+    guide = SMALL(funnel, init_curvature=True, init_scale=0.2, init_loc_fn=init_to_value(values=start))
+    guide()
+    assert torch.allclose(guide.scale, torch.full((2,), 0.2))
+
+
+def test_a_stale_param_store_of_other_shapes_is_refused():
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    SMALL(model)()  # leaves its parameters in the store
+    with pytest.raises(ValueError, match="clear_param_store"):
+        AutoCPFlow(model, hidden_dims=(16,))()  # Pyro would hand back the (8, 8) flow's
+
+
 def test_predictive_and_param_store_round_trip(tmp_path):
     def model(data=None):
         loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
