@@ -9,6 +9,7 @@ doctests are pinned to float64.
 
 import importlib.util
 
+import pyro
 import pytest
 import torch
 from _pytest.doctest import DoctestItem
@@ -55,6 +56,15 @@ def _default_dtype_and_seed(request):
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_param_store():
+    # Pyro's global param store outlives a test: a guide left in it by one test (or doctest)
+    # must not hand its parameters to the next
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
 
 
 @pytest.fixture(autouse=True)
