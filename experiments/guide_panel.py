@@ -96,6 +96,7 @@ CPFLOW_VARIANTS: dict[str, Callable[[Callable[[], None]], Any]] = {
     "AutoCPFlow (alpha 1e-3)": functools.partial(AutoCPFlow, alpha=1e-3),
     "AutoCPFlow (factor std 1)": functools.partial(AutoCPFlow, initial_factor_std=1.0),
     "AutoCPFlow (init scale 1)": functools.partial(AutoCPFlow, init_scale=1.0),
+    "AutoCPFlow (curvature init)": functools.partial(AutoCPFlow, init_curvature=True),
 }
 """Other settings of AutoCPFlow, for ``--guides`` (not in the default panel)."""
 
