@@ -114,3 +114,29 @@ def test_the_section_is_rendered_from_the_json(quick_run, tmp_path):
     # the default section is only written from the default results file
     conv.main(argv[:-2])
     assert f"## {conv.TITLE}" not in md.read_text()
+    # a budget check against a longer run (here the run itself: no change)
+    check = conv.markdown_section(record, md, longer=record)
+    assert "Budget check" in check and "(+0.000)" in check and "(-" not in check
+
+
+def test_no_figures_and_readings(quick_run, tmp_path, monkeypatch):
+    folder, record = quick_run
+    out = tmp_path / "plain.json"
+    out.write_text(json.dumps(record))
+    plain = conv.main(["--render-only", "--no-figures", "--out", str(out), "--results-md", ""])
+    assert plain.get("figures") == record.get("figures") and not (tmp_path / "plain_curves.png").exists()
+    # a reading written for a results file is appended to its section, after a blank line
+    monkeypatch.setitem(conv.READINGS, Path(record["settings"]["out"]).name, "What it says.")
+    assert "\n\nWhat it says.\n" in conv.markdown_section(record, tmp_path / "RESULTS.md")
+
+
+def test_later_variant_fields_keep_the_first_runs_fingerprints():
+    # the fields added later (alpha, initial_scale) are left out at their defaults
+    spec = conv.model_spec("CP-Flow (64x4, gain 8, lr 0.08)")
+    assert spec == ("toy2d.cpflow_model: CPFlowVariant(hidden_dims=(64, 64, 64, 64), blocks=1, "
+                    "input_gain=8.0, activation='gaussian_softplus', lr=0.08)")
+    assert conv.model_spec("CP-Flow (64x4, gain 16, lr 0.08, scale 1)").endswith("initial_scale=1.0)")
+    module, _ = conv.build("CP-Flow (64x4, gain 16, lr 0.08, scale 1)", 0)
+    scales = [float(torch.nn.functional.softplus(m.raw_scale.detach()))
+              for m in module.modules() if hasattr(m, "raw_scale")]
+    assert scales and all(s == pytest.approx(1.0) for s in scales)
