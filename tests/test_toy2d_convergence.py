@@ -117,6 +117,9 @@ def test_the_section_is_rendered_from_the_json(quick_run, tmp_path):
     # a budget check against a longer run (here the run itself: no change)
     check = conv.markdown_section(record, md, longer=record)
     assert "Budget check" in check and "(+0.000)" in check and "(-" not in check
+    margin = record["datasets"]["moons"]["models"][MODELS[0]]["seeds"]["0"]["test_loglik"] - (
+        record["datasets"]["moons"]["models"][MODELS[1]]["seeds"]["0"]["test_loglik"])
+    assert f"{margin:+.3f} → {margin:+.3f}" in check
 
 
 def test_no_figures_and_readings(quick_run, tmp_path, monkeypatch):
