@@ -84,7 +84,8 @@ __all__ = ["CPFLOW_VARIANTS", "MODELS", "main", "markdown_section", "summarise",
 TITLE = "Toy densities at convergence"
 RESULTS_JSON = common.RESULTS_DIR / "toy2d_convergence.json"
 LONGER_JSON = common.RESULTS_DIR / "toy2d_convergence_3000.json"
-"""The budget check (twice the steps, one seed, two sets), reported in the full run's section."""
+"""The budget check (twice the steps, seed 0, the three sets where CP-Flow trailed), reported in
+the full run's section."""
 QUICK_JSON = common.EXPERIMENTS_DIR / "runs" / "toy2d_convergence-quick.json"
 CHECKPOINT_FORMAT = 1
 
