@@ -48,10 +48,8 @@ eight-schools funnel" section of ``RESULTS.md``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pyro
@@ -62,8 +60,7 @@ from pyro.infer.reparam import NeuTraReparam
 from pyro.ops.stats import effective_sample_size
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+from experiments.common import (
     RESULTS_DIR,
     RESULTS_MD,
     add_run_options,
@@ -75,8 +72,8 @@ from common import (
     run_header,
     write_json,
 )
-from guide_models import build
-from guide_panel import NUTS_CACHE, train
+from experiments.guide_models import build
+from experiments.guide_panel import NUTS_CACHE, train
 
 NEUTRA_JSON = RESULTS_DIR / "neutra.json"
 MODEL = "eight_schools"
@@ -240,7 +237,7 @@ def reading(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.neutra", description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--steps", type=positive(int), default=3000, help="SVI steps per guide")
     parser.add_argument("--particles", type=positive(int), default=4)
@@ -268,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"{NUTS_CACHE} is missing: run python experiments/guide_panel.py first")
     reference = read_json(NUTS_CACHE)[MODEL]
     results: dict[str, Any] = {
-        **run_header("neutra.py", argv, args),
+        **run_header("experiments.neutra", argv, args),
         "methods": {},
     }
     start = time.perf_counter()

@@ -67,17 +67,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from experiments import common, toy2d
+from experiments.toy_data import TOY_DATASETS, sample_toy
 from pyro_cpflow import CheckpointError, load_checkpoint, save_checkpoint
 from pyro_cpflow.checkpoints import rng_state, set_rng_state
 from pyro_cpflow.nn import DEFAULT_INPUT_GAIN
-
-try:  # imported as experiments.toy2d_convergence
-    from . import common, toy2d
-    from .toy_data import TOY_DATASETS, sample_toy
-except ImportError:  # run as a script
-    import common
-    import toy2d
-    from toy_data import TOY_DATASETS, sample_toy
 
 __all__ = ["CPFLOW_VARIANTS", "MODELS", "main", "markdown_section", "summarise", "train_unit"]
 
@@ -663,6 +657,7 @@ folder: the units both runs have (same settings, checked by the fingerprint) are
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m experiments.toy2d_convergence",
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--datasets", nargs="+", choices=list(TOY_DATASETS), default=list(TOY_DATASETS))
@@ -764,7 +759,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def run(args: argparse.Namespace, argv: Sequence[str], units: list[tuple[str, str, int]],
         run_dir: Path) -> dict[str, Any]:
     """Train (or resume) every unit; the JSON record with its summary."""
-    header = common.run_header("toy2d_convergence.py", argv, args)
+    header = common.run_header("experiments.toy2d_convergence", argv, args)
     settings = header["settings"] | {"seed_list": list(range(args.seed, args.seed + args.seeds))}
     record: dict[str, Any] = {**header, "settings": settings, "run_dir": common.relative_to_repo(run_dir),
                               "models": {}, "datasets": {}}

@@ -28,16 +28,10 @@ Every value is checked: one outside its range is refused with the range it must 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from experiments.vae.config import CHOICES, Config, ConfigError  # noqa: E402
-from experiments.vae.train import RunExistsError, run  # noqa: E402
-from pyro_cpflow import CheckpointError  # noqa: E402
+from experiments.vae.config import CHOICES, Config, ConfigError
+from experiments.vae.train import RunExistsError, run
+from pyro_cpflow import CheckpointError
 
 PRESETS: dict[str, dict] = {
     "demo": {
@@ -64,7 +58,9 @@ def _hidden(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m experiments.vae",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
     add("--dataset", choices=CHOICES["dataset"], default="freyfaces")

@@ -21,15 +21,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from experiments import common  # noqa: E402
+from experiments import common
 
 PUBLISHED_NELBO = {
     ("freyfaces", "gaussian"): 4.53,
@@ -168,7 +163,9 @@ def section(runs: list[Run], figure: Path, results_md: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.vae.report", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run folders written by experiments/vae.py")
     parser.add_argument("--title", default="VAE", help="section title in the results file")
     parser.add_argument("--figure", type=Path, help="default: experiments/results/<first run>-curves.png")

@@ -26,26 +26,23 @@ import pyro
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from experiments import common  # noqa: E402
-from experiments.vae import data as vae_data  # noqa: E402
-from experiments.vae.config import ConfigError  # noqa: E402
-from experiments.vae.evaluate import evaluate_bounds, importance_sampled_log_likelihood  # noqa: E402
-from experiments.vae.model import VAE, Architecture, elbo_loss  # noqa: E402
-from experiments.vae.posteriors import (  # noqa: E402
+from experiments import common
+from experiments.vae import data as vae_data
+from experiments.vae.config import ConfigError
+from experiments.vae.evaluate import evaluate_bounds, importance_sampled_log_likelihood
+from experiments.vae.model import VAE, Architecture, elbo_loss
+from experiments.vae.posteriors import (
     POSTERIORS,
     PosteriorConfig,
     build_posterior,
     cpflow_blocks,
 )
-from experiments.vae.train import Config, RunExistsError, Trainer, run, state_dict_equal  # noqa: E402
-from pyro_cpflow import CheckpointError, NonConvergenceWarning, load_checkpoint  # noqa: E402
-from tests.sync_counter import HostSyncCounter  # noqa: E402
-from tests.test_checkpoints import CreatesAFile  # noqa: E402
+from experiments.vae.train import Config, RunExistsError, Trainer, run, state_dict_equal
+from pyro_cpflow import CheckpointError, NonConvergenceWarning, load_checkpoint
+from tests.sync_counter import HostSyncCounter
+from tests.test_checkpoints import CreatesAFile
 
+ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "vae.py"
 TINY = Config(
     dataset="binarized_mnist", flow="gaussian", epochs=1, max_batches=2, batch_size=20,

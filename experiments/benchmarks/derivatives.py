@@ -39,7 +39,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from common import base_parser, fmt, machine_summary, markdown_table, save_results, setup, time_call
+from experiments.benchmarks.timing import (
+    base_parser,
+    fmt,
+    machine_summary,
+    save_results,
+    setup,
+    time_call,
+)
+from experiments.common import markdown_table
 from pyro_cpflow import cpflow
 from pyro_cpflow.derivatives import AutogradTrace
 from pyro_cpflow.potential import ConvexPotential

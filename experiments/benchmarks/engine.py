@@ -108,10 +108,17 @@ from typing import Any
 
 import torch
 
-from common import base_parser, fmt, machine_summary, markdown_table, save_results, setup
-from engine_harness import BIAS_ALPHA, BIAS_GAIN, Backend, LocalBackend, WorkerBackend
-from reference_algorithm import REFERENCE_CG_TOL
-from svi_models import LATENT_DIMS, MODEL_NAMES
+from experiments.benchmarks.engine_harness import BIAS_ALPHA, BIAS_GAIN, Backend, LocalBackend, WorkerBackend
+from experiments.benchmarks.reference_algorithm import REFERENCE_CG_TOL
+from experiments.benchmarks.svi_models import LATENT_DIMS, MODEL_NAMES
+from experiments.benchmarks.timing import (
+    base_parser,
+    fmt,
+    machine_summary,
+    save_results,
+    setup,
+)
+from experiments.common import markdown_table
 
 TODAY_COMMIT = "df8048e"
 MEASUREMENTS = ("stochastic", "exact", "svi", "inversion", "memory", "bias", "threshold")

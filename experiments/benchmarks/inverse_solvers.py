@@ -90,15 +90,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from common import (
+from experiments.benchmarks.timing import (
     base_parser,
     fmt,
     machine_summary,
-    markdown_table,
     save_results,
     setup,
     time_call,
 )
+from experiments.common import markdown_table
 from pyro_cpflow.derivatives import PotentialTrace
 from pyro_cpflow.linalg import CGResult, conjugate_gradient
 from pyro_cpflow.nn import ICNN

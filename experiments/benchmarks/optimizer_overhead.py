@@ -24,7 +24,14 @@ import time
 import pyro
 import torch
 
-from common import base_parser, machine_summary, markdown_table, save_results, setup, time_call
+from experiments.benchmarks.timing import (
+    base_parser,
+    machine_summary,
+    save_results,
+    setup,
+    time_call,
+)
+from experiments.common import markdown_table
 from pyro_cpflow import cpflow
 
 SCALARS = 31 * 64 * 2 + 64 * 2 + 31 * 31
