@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import math
 import os
@@ -27,7 +25,6 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pyro
@@ -442,16 +439,6 @@ def link(path: str | Path, markdown_path: Path) -> str:
     if not target.is_absolute():
         target = EXPERIMENTS_DIR.parent / target
     return os.path.relpath(target, Path(markdown_path).resolve().parent)
-
-
-@functools.cache
-def load_script(name: str) -> ModuleType:
-    """The script ``experiments/<name>`` as a module, e.g. ``vae.py``, whose name is taken
-    by the ``experiments.vae`` package. Each script is executed once per process."""
-    spec = importlib.util.spec_from_file_location(Path(name).stem + "_script", EXPERIMENTS_DIR / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def script_argv() -> list[str]:
