@@ -5,7 +5,7 @@ first ones initialise ActNorm and CUDA), then runs ``--steps`` training steps un
 ``torch.cuda.set_sync_debug_mode("warn")``, which warns at every operation that makes the
 host wait for the device, and prints how many warnings each step raised and where. The
 trainer's settings are used: Pyro validation off and the CUDA CG settings of
-:meth:`experiments.vae.train.Config.cg_options`.
+:meth:`experiments.vae.config.Config.cg_options`.
 
 Example::
 
@@ -24,8 +24,9 @@ from pathlib import Path
 import pyro
 import torch
 
+from experiments.vae.config import Config
 from experiments.vae.data import load_dataset
-from experiments.vae.train import Config, build_vae
+from experiments.vae.train import build_vae
 
 
 def _where(message: warnings.WarningMessage) -> str:

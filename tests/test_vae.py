@@ -28,7 +28,8 @@ import torch
 
 from experiments.vae import cli, report
 from experiments.vae import data as vae_data
-from experiments.vae.config import ConfigError
+from experiments.vae.checkpoints import state_dict_equal
+from experiments.vae.config import Config, ConfigError
 from experiments.vae.evaluate import evaluate_bounds, importance_sampled_log_likelihood
 from experiments.vae.model import VAE, Architecture, elbo_loss
 from experiments.vae.posteriors import (
@@ -37,7 +38,8 @@ from experiments.vae.posteriors import (
     build_posterior,
     cpflow_blocks,
 )
-from experiments.vae.train import Config, RunExistsError, Trainer, run, state_dict_equal
+from experiments.vae.run_folder import RunExistsError
+from experiments.vae.train import Trainer, run
 from pyro_cpflow import CheckpointError, NonConvergenceWarning, load_checkpoint
 from tests.sync_counter import HostSyncCounter
 from tests.test_checkpoints import CreatesAFile

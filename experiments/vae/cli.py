@@ -30,7 +30,8 @@ from __future__ import annotations
 import argparse
 
 from experiments.vae.config import CHOICES, Config, ConfigError
-from experiments.vae.train import RunExistsError, run
+from experiments.vae.run_folder import RunExistsError
+from experiments.vae.train import run
 from pyro_cpflow import CheckpointError
 
 PRESETS: dict[str, dict] = {

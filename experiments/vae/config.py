@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
+from experiments.vae.data import DATASETS
+from experiments.vae.posteriors import POSTERIORS
 from pyro_cpflow.factories import ACTNORM_PLACEMENTS
 from pyro_cpflow.options import LOGDET_MODES
-
-from .data import DATASETS
-from .posteriors import POSTERIORS
 
 __all__ = ["Config", "ConfigError", "DTYPES", "RUNS_DIR"]
 
