@@ -28,7 +28,7 @@ al. 2016), which is tighter; their difference is (in expectation) a lower bound 
 :math:`\mathrm{KL}(q \,\|\, p(z \mid x))` of each guide, on the decoder it was trained with.
 Time per step is the median after 20 warm-up steps.
 
-Run ``python experiments/amortized_guide.py`` (a few minutes on 2 shared CPU cores);
+Run ``python -m experiments.amortized_guide`` (a few minutes on 2 shared CPU cores);
 ``--quick`` is a smoke run in seconds that writes nothing. A full run writes
 ``results/amortized_guide.json`` (refusing to overwrite one unless ``--overwrite``) and the
 "Amortized guide for local latents" section of ``RESULTS.md``.

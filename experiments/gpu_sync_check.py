@@ -9,7 +9,7 @@ trainer's settings are used: Pyro validation off and the CUDA CG settings of
 
 Example::
 
-    python experiments/gpu_sync_check.py --flows gaussian cpflow --steps 3
+    python -m experiments.gpu_sync_check --flows gaussian cpflow --steps 3
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ posterior's entropy, which is the same for every guide), and the spread of
 form, mapped to the guide's unconstrained coordinates by the guide's own site transforms;
 half of them fit, the other half score.
 
-Run ``python experiments/guide_capacity.py`` (about ten minutes on 2 shared CPU cores);
+Run ``python -m experiments.guide_capacity`` (about ten minutes on 2 shared CPU cores);
 ``--quick`` is a smoke run of seconds that writes nothing. It writes
 ``results/guide_capacity.json`` (refusing to overwrite a full run unless ``--overwrite``) and the
 "Funnel: capacity or optimisation" section of ``RESULTS.md``.

@@ -20,7 +20,7 @@ The NUTS reference (``--nuts-samples`` after ``--nuts-warmup``, one chain; eight
 on its non-centred form) is cached in ``results/guide_panel_nuts.json`` and recomputed with
 ``--refresh-nuts``. A KL gap is reported against the best IS log-evidence of the run.
 
-Run ``python experiments/guide_panel.py`` (14 minutes on 2 shared CPU cores; without the
+Run ``python -m experiments.guide_panel`` (14 minutes on 2 shared CPU cores; without the
 cached references the NUTS runs add 17 minutes); ``--quick`` runs a smoke version in seconds.
 It writes ``results/guide_panel.json`` (refusing to overwrite a full run unless
 ``--overwrite``) and the "Autoguides on real models" section of ``RESULTS.md``

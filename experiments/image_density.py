@@ -37,7 +37,7 @@ the same data order and dequantisation noise (per-step seeded generators), in fl
 thread. Test bits/dim are computed on the whole test set with one fixed dequantisation;
 samples (PNG grids) come from the inverse (Newton-CG for CP-Flow, analytic for couplings).
 
-Runs: ``python experiments/image_density.py`` (about 25 minutes on one CPU core in all)
+Runs: ``python -m experiments.image_density`` (about 25 minutes on one CPU core in all)
 writes ``results/image_density.json``, the grids ``results/image_density_*.png`` and the
 "Image density" section of ``RESULTS.md``; checkpoints (``pyro_cpflow.save_checkpoint``,
 every ``--checkpoint-every`` steps) go to ``--run-dir``; ``--resume`` continues a killed run
@@ -47,10 +47,10 @@ run under a minute that writes only into ``--run-dir``.
 The paper's settings (Huang et al. 2021: MNIST 1.02 bits/dim with 2.9M parameters,
 CIFAR-10 3.40 with 1.9M), prepared for a GPU and not run here::
 
-    python experiments/image_density.py --preset paper-mnist --device cuda \
+    python -m experiments.image_density --preset paper-mnist --device cuda \
         --out experiments/results/image_density_paper_mnist.json \
         --run-dir experiments/runs/image-density-paper-mnist
-    python experiments/image_density.py --preset paper-cifar10 --data-root /path/to/cifar \
+    python -m experiments.image_density --preset paper-cifar10 --data-root /path/to/cifar \
         --device cuda --out experiments/results/image_density_paper_cifar10.json \
         --run-dir experiments/runs/image-density-paper-cifar10
 

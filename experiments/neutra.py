@@ -39,7 +39,7 @@ MCMC's ``hook_fn``). Reported per sampler, on the sampling phase:
   :math:`s_\mathrm{ref}/\sqrt{\mathrm{ESS}_\mathrm{ref}}` combined; values far above 3 mean
   a bias), and the mean :math:`|\log(s / s_\mathrm{ref})|`.
 
-Run ``python experiments/neutra.py`` (a few minutes on 2 shared CPU cores); ``--quick``
+Run ``python -m experiments.neutra`` (a few minutes on 2 shared CPU cores); ``--quick``
 is a smoke version of seconds that writes nothing. It writes ``results/neutra.json``
 (refusing to overwrite a full run unless ``--overwrite``) and the "NeuTra HMC on the
 eight-schools funnel" section of ``RESULTS.md``.
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     if not NUTS_CACHE.exists():
-        raise FileNotFoundError(f"{NUTS_CACHE} is missing: run python experiments/guide_panel.py first")
+        raise FileNotFoundError(f"{NUTS_CACHE} is missing: run python -m experiments.guide_panel first")
     reference = read_json(NUTS_CACHE)[MODEL]
     results: dict[str, Any] = {
         **run_header("experiments.neutra", argv, args),

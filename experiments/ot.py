@@ -24,7 +24,7 @@ Problems: the paper's case (``d = 2``, ``m = (1.5, 1)``, :math:`\Sigma = [[0.9, 
 [-0.75, 0.9]]`) and random ones in ``d = 2, 4, 8, 16, 32`` (random rotation,
 eigenvalues log-uniform in [0.2, 5], ``m ~ N(0, I)``).
 
-Run ``python experiments/ot.py`` (about 6 minutes on 2 CPU cores); it writes
+Run ``python -m experiments.ot`` (about 6 minutes on 2 CPU cores); it writes
 ``results/ot.json``, ``results/ot_cost_vs_kl.png`` and the "Optimal transport" section
 of ``RESULTS.md``.
 """

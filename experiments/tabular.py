@@ -18,9 +18,9 @@ and the maximum-likelihood Gaussian as a reference.
 
 Run::
 
-    python experiments/tabular.py                      # the scikit-learn sets (about 25 min)
-    python experiments/tabular.py --resume             # continue after a kill
-    python experiments/tabular.py --datasets power gas hepmass miniboone bsds300 \
+    python -m experiments.tabular                      # the scikit-learn sets (about 25 min)
+    python -m experiments.tabular --resume             # continue after a kill
+    python -m experiments.tabular --datasets power gas hepmass miniboone bsds300 \
         --maf-root /path/to/maf-data --allow-pickle --out experiments/results/tabular_maf.json
 
 Every model's run is checkpointed after each evaluation in ``--run-dir`` (default

@@ -24,7 +24,7 @@ the Gaussian fit on these data: after 600 steps, held-out log-likelihoods of -4.
 block) and -3.88 (three blocks) on 8 gaussians, whose Gaussian fit scores -4.26, and
 exactly the Gaussian fit's -3.59 on rings.
 
-Run ``python experiments/toy2d.py`` (7-10 minutes on 2 shared CPU cores); it writes
+Run ``python -m experiments.toy2d`` (7-10 minutes on 2 shared CPU cores); it writes
 ``results/toy2d.json``, ``results/toy2d.png`` and the "Toy densities" section of
 ``RESULTS.md``. This is one short budget and one seed; ``toy2d_convergence.py`` trains
 until the held-out curves flatten, from several seeds, with tuned learning rates.

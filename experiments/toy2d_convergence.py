@@ -40,7 +40,7 @@ bit for bit; a checkpoint written with other settings is refused. A finished run
 checkpoints of the selected units and the old JSON first, so that an interrupted
 overwrite resumes when started again without it.
 
-Run ``python experiments/toy2d_convergence.py`` (about 35 minutes of one CPU core, more
+Run ``python -m experiments.toy2d_convergence`` (about 35 minutes of one CPU core, more
 on a shared machine); it writes ``results/toy2d_convergence.json``, the curves
 ``results/toy2d_convergence_curves.png``, the density grid (the paper's figure 3 on the
 six sets) ``results/toy2d_convergence_densities.png`` and the "Toy densities at

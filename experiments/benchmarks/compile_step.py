@@ -24,9 +24,9 @@ How to run
 ----------
 ::
 
-    .venv/bin/python experiments/benchmarks/compile_step.py                 # CPU, a few minutes (compilation)
-    .venv/bin/python experiments/benchmarks/compile_step.py --device cuda   # part of experiments/gpu_check.sh
-    .venv/bin/python experiments/benchmarks/compile_step.py --quick
+    .venv/bin/python -m experiments.benchmarks.compile_step                 # CPU, a few minutes (compilation)
+    .venv/bin/python -m experiments.benchmarks.compile_step --device cuda   # part of experiments/gpu_check.sh
+    .venv/bin/python -m experiments.benchmarks.compile_step --quick
 
 Results go to ``experiments/benchmarks/results/compile_step.json`` (``--out``) and ``.md``.
 """

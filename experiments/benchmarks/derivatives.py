@@ -23,8 +23,8 @@ How to run
 ----------
 ::
 
-    .venv/bin/python experiments/benchmarks/derivatives.py           # about 1 minute
-    .venv/bin/python experiments/benchmarks/derivatives.py --quick
+    .venv/bin/python -m experiments.benchmarks.derivatives           # about 1 minute
+    .venv/bin/python -m experiments.benchmarks.derivatives --quick
 
 Results go to ``experiments/benchmarks/results/derivatives.json`` and ``.md``.
 """

@@ -83,9 +83,9 @@ How to run
 ----------
 From the repository root (the full run should take 5 to 10 minutes on one thread)::
 
-    nice -n 10 .venv/bin/python experiments/benchmarks/engine.py
-    .venv/bin/python experiments/benchmarks/engine.py --quick          # smoke run, < 1 min
-    .venv/bin/python experiments/benchmarks/engine.py --only stochastic,inversion
+    nice -n 10 .venv/bin/python -m experiments.benchmarks.engine
+    .venv/bin/python -m experiments.benchmarks.engine --quick          # smoke run, < 1 min
+    .venv/bin/python -m experiments.benchmarks.engine --only stochastic,inversion
 
 ``--quick`` shrinks everything (hidden (16, 16), d = 16, 20 training steps, one SVI
 model, two condition numbers, a 3 x 2 threshold grid). Results go to

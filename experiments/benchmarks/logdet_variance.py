@@ -26,8 +26,8 @@ How to run
 ----------
 ::
 
-    .venv/bin/python experiments/benchmarks/logdet_variance.py          # about a minute
-    .venv/bin/python experiments/benchmarks/logdet_variance.py --quick
+    .venv/bin/python -m experiments.benchmarks.logdet_variance          # about a minute
+    .venv/bin/python -m experiments.benchmarks.logdet_variance --quick
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ How to run
 ----------
 ::
 
-    .venv/bin/python experiments/benchmarks/optimizer_overhead.py          # about 20 s
-    .venv/bin/python experiments/benchmarks/optimizer_overhead.py --quick
+    .venv/bin/python -m experiments.benchmarks.optimizer_overhead          # about 20 s
+    .venv/bin/python -m experiments.benchmarks.optimizer_overhead --quick
 
 Results go to ``experiments/benchmarks/results/optimizer_overhead.json`` (``--out``) and ``.md``.
 """

@@ -13,7 +13,7 @@ binarisation happen at load time (``experiments/vae/data.py``).
 
 Usage (the source folder holds the two npz files; their checksums are verified)::
 
-    python experiments/data/build_omniglot28.py --source /work/shared/data/omniglot
+    python -m experiments.data.build_omniglot28 --source /work/shared/data/omniglot
 
 The output's sha256 is recorded in ``experiments/vae/data.py``; the build is deterministic.
 """
