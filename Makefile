@@ -33,15 +33,15 @@ docs: $(STAMP)
 
 # each demo run gets its own folder: a finished run is never started over
 demo: $(STAMP)
-	$(PY) experiments/demo.py --out-dir experiments/runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m experiments.demo --out-dir experiments/runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 bench: $(STAMP)
-	$(PY) experiments/benchmarks/inverse_solvers.py
-	$(PY) experiments/benchmarks/engine.py
-	$(PY) experiments/benchmarks/derivatives.py
-	$(PY) experiments/benchmarks/logdet_variance.py
-	$(PY) experiments/benchmarks/compile_step.py
-	$(PY) experiments/benchmarks/optimizer_overhead.py
+	$(PY) -m experiments.benchmarks.inverse_solvers
+	$(PY) -m experiments.benchmarks.engine
+	$(PY) -m experiments.benchmarks.derivatives
+	$(PY) -m experiments.benchmarks.logdet_variance
+	$(PY) -m experiments.benchmarks.compile_step
+	$(PY) -m experiments.benchmarks.optimizer_overhead
 
 clean:
 	rm -rf $(VENV) .pytest_cache docs/_build docs/tutorials

@@ -28,7 +28,7 @@ al. 2016), which is tighter; their difference is (in expectation) a lower bound 
 :math:`\mathrm{KL}(q \,\|\, p(z \mid x))` of each guide, on the decoder it was trained with.
 Time per step is the median after 20 warm-up steps.
 
-Run ``python experiments/amortized_guide.py`` (a few minutes on 2 shared CPU cores);
+Run ``python -m experiments.amortized_guide`` (a few minutes on 2 shared CPU cores);
 ``--quick`` is a smoke run in seconds that writes nothing. A full run writes
 ``results/amortized_guide.json`` (refusing to overwrite one unless ``--overwrite``) and the
 "Amortized guide for local latents" section of ``RESULTS.md``.
@@ -39,10 +39,8 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pyro
@@ -54,8 +52,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+from experiments.common import (
     RESULTS_DIR,
     RESULTS_MD,
     add_run_options,
@@ -251,7 +248,9 @@ def section(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.amortized_guide", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--guides", nargs="+", choices=GUIDES, default=list(GUIDES))
     parser.add_argument("--steps", type=positive(int), default=3000)
     parser.add_argument("--batch-size", type=positive(int), default=100)
@@ -276,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     train_x, test_x = load_digits(args.test_size, args.seed)
-    header = run_header("amortized_guide.py", argv, args)
+    header = run_header("experiments.amortized_guide", argv, args)
     results: dict[str, Any] = {
         **header,
         "settings": header["settings"] | {"train_size": len(train_x)},

@@ -1,4 +1,4 @@
-"""Helpers shared by the experiment scripts (``toy2d.py``, ``ot.py``).
+"""Helpers shared by the experiment scripts (``python -m experiments.toy2d``, ``experiments.ot``, ...).
 
 * command line: :func:`build_parser` (``--steps``, ``--batch-size``, ``--seed``,
   ``--device``, ``--dtype``, ``--out-dir``, ``--quick``, ...) and :func:`setup_torch`;
@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import math
 import os
@@ -27,7 +25,6 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pyro
@@ -72,10 +69,13 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # ----------------------------------------------------------------------------- CLI
 
 
-def build_parser(description: str, *, steps: int, batch_size: int, lr: float) -> argparse.ArgumentParser:
-    """The options every experiment takes, with the script's own defaults."""
+def build_parser(
+    prog: str, description: str, *, steps: int, batch_size: int, lr: float
+) -> argparse.ArgumentParser:
+    """The options every experiment takes, with the script's own defaults; ``prog`` is the
+    command that runs it (``python -m experiments.<name>``)."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=steps, help="optimiser steps per model")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="fresh samples per step")
@@ -97,7 +97,7 @@ def build_parser(description: str, *, steps: int, batch_size: int, lr: float) ->
     parser.add_argument(
         "--render-only",
         action="store_true",
-        help="no training: regenerate the Markdown section (and, for ot.py, the figure) "
+        help="no training: regenerate the Markdown section (and, for experiments.ot, the figure) "
         "from the JSON in --out-dir",
     )
     return parser
@@ -132,11 +132,12 @@ def refuse_overwrite(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"{args.out} holds a run: pass --overwrite to replace it or --out elsewhere")
 
 
-def run_header(script: str, argv: Sequence[str] | None, args: argparse.Namespace) -> dict[str, Any]:
+def run_header(module: str, argv: Sequence[str] | None, args: argparse.Namespace) -> dict[str, Any]:
     """``command``, ``environment`` and ``settings`` (the options, paths as text) of a run of
-    ``experiments/<script>`` with ``argv`` (``None``: the process's own arguments)."""
+    the script ``module`` (e.g. ``experiments.ot``) with ``argv`` (``None``: the process's own
+    arguments)."""
     return {
-        "command": format_command(script, sys.argv[1:] if argv is None else argv),
+        "command": format_command(module, sys.argv[1:] if argv is None else argv),
         "environment": environment(torch.device("cpu")),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
@@ -162,9 +163,14 @@ def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(seed)
 
 
-def format_command(script: str, argv: Sequence[str]) -> str:
-    """The shell command that reproduces a run, e.g. ``python experiments/ot.py --steps 10``."""
-    return " ".join(["python", f"experiments/{script}", *map(shlex.quote, argv)])
+def format_command(module: str, argv: Sequence[str]) -> str:
+    """The shell command, run from the repository root, that reproduces a run of the script
+    ``module`` with ``argv``.
+
+    >>> format_command("experiments.ot", ["--steps", "10", "--out-dir", "a b"])
+    "python -m experiments.ot --steps 10 --out-dir 'a b'"
+    """
+    return " ".join(["python", "-m", module, *map(shlex.quote, argv)])
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -433,16 +439,6 @@ def link(path: str | Path, markdown_path: Path) -> str:
     if not target.is_absolute():
         target = EXPERIMENTS_DIR.parent / target
     return os.path.relpath(target, Path(markdown_path).resolve().parent)
-
-
-@functools.cache
-def load_script(name: str) -> ModuleType:
-    """The script ``experiments/<name>`` as a module, e.g. ``vae.py``, whose name is taken
-    by the ``experiments.vae`` package. Each script is executed once per process."""
-    spec = importlib.util.spec_from_file_location(Path(name).stem + "_script", EXPERIMENTS_DIR / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def script_argv() -> list[str]:

@@ -30,16 +30,14 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
-import ot
+from experiments import common, ot
 
 DEMO_STEPS = 800
 """Maximum-likelihood steps per flow (the full OT experiment takes 1500)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out-dir", type=Path, required=True, help="a new folder for this run")
     parser.add_argument("--steps", type=common.positive(int), default=DEMO_STEPS)
     parser.add_argument("--seed", type=int, default=0)
@@ -76,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          show_progress=args.progress)
     start = time.perf_counter()
     record = ot.run(config)
-    record.update(command=common.format_command("demo.py", sys.argv[1:] if argv is None else argv),
+    record.update(command=common.format_command("experiments.demo", sys.argv[1:] if argv is None else argv),
                   seconds=time.perf_counter() - start, environment=common.environment(torch.device("cpu")))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     figure = ot.plot_cost_vs_kl(record, args.out_dir / "ot_cost_vs_kl.png")

@@ -12,10 +12,10 @@
 # no IS-NLL. A run that fails or passes PER_RUN_TIMEOUT seconds is reported and the next
 # one starts, so the whole check stays within 11 x PER_RUN_TIMEOUT (11 minutes) of device
 # time; lower MNIST_BATCHES or FLOWS/DATASETS for a smaller budget.
-# First, experiments/gpu_sync_check.py counts the host synchronisations of a training step
+# First, python -m experiments.gpu_sync_check counts the host synchronisations of a training step
 # per posterior under torch.cuda.set_sync_debug_mode (expected 0 for the Gaussian and the
 # CP-Flow posteriors; Pyro's planar and IAF are measured as they are).
-# Then experiments/benchmarks/compile_step.py times the CP-Flow training step eagerly and
+# Then python -m experiments.benchmarks.compile_step times the CP-Flow training step eagerly and
 # under torch.compile on the GPU (one run, at most PER_RUN_TIMEOUT seconds).
 # Output: $OUT/sync_check.txt, $OUT/compile_step.{json,md}, $OUT/<dataset>-<flow>/metrics.jsonl
 # and the table $OUT/summary.md (printed).
@@ -35,10 +35,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nv
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'CUDA is not available'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
 
 echo "=== host synchronisations per training step"
-timeout "$PER_RUN_TIMEOUT" "$PY" experiments/gpu_sync_check.py --flows $FLOWS 2>&1 | tee "$OUT/sync_check.txt"
+timeout "$PER_RUN_TIMEOUT" "$PY" -m experiments.gpu_sync_check --flows $FLOWS 2>&1 | tee "$OUT/sync_check.txt"
 
 echo "=== torch.compile of the training step"
-timeout "$PER_RUN_TIMEOUT" "$PY" experiments/benchmarks/compile_step.py --device cuda --dtype "$DTYPE" \
+timeout "$PER_RUN_TIMEOUT" "$PY" -m experiments.benchmarks.compile_step --device cuda --dtype "$DTYPE" \
   --dims 16 64 --repeats 10 --out "$OUT/compile_step.json" > "$OUT/compile_step.log" 2>&1 \
   || echo "    compile_step FAILED or timed out: see $OUT/compile_step.log"
 tail -n 8 "$OUT/compile_step.log"
@@ -48,7 +48,7 @@ for dataset in $DATASETS; do
   [ "$dataset" = binarized_mnist ] && batches=$MNIST_BATCHES
   for flow in $FLOWS; do
     echo "=== $dataset / $flow"
-    timeout "$PER_RUN_TIMEOUT" "$PY" experiments/vae.py --dataset "$dataset" --flow "$flow" \
+    timeout "$PER_RUN_TIMEOUT" "$PY" -m experiments.vae --dataset "$dataset" --flow "$flow" \
       --device cuda --dtype "$DTYPE" --epochs 2 --max-batches "$batches" --warmup 100 \
       --early-stopping 0 --valid-images 500 --test-images 200 --is-samples 0 --chunk 2000 \
       --no-progress --out-dir "$OUT/$dataset-$flow" > "$OUT/$dataset-$flow.log" 2>&1

@@ -5,11 +5,11 @@ first ones initialise ActNorm and CUDA), then runs ``--steps`` training steps un
 ``torch.cuda.set_sync_debug_mode("warn")``, which warns at every operation that makes the
 host wait for the device, and prints how many warnings each step raised and where. The
 trainer's settings are used: Pyro validation off and the CUDA CG settings of
-:meth:`experiments.vae.train.Config.cg_options`.
+:meth:`experiments.vae.config.Config.cg_options`.
 
 Example::
 
-    python experiments/gpu_sync_check.py --flows gaussian cpflow --steps 3
+    python -m experiments.gpu_sync_check --flows gaussian cpflow --steps 3
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ from pathlib import Path
 import pyro
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from experiments.vae.data import load_dataset  # noqa: E402
-from experiments.vae.train import Config, build_vae  # noqa: E402
+from experiments.vae.config import Config
+from experiments.vae.data import load_dataset
+from experiments.vae.train import build_vae
 
 
 def _where(message: warnings.WarningMessage) -> str:
@@ -69,7 +66,9 @@ def count_synchronisations(flow: str, steps: int, warmup: int, batch_size: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.gpu_sync_check", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--flows", nargs="+", default=["gaussian", "iaf", "cpflow"])
     parser.add_argument("--steps", type=int, default=3, help="measured training steps")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")

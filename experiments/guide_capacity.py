@@ -20,7 +20,7 @@ posterior's entropy, which is the same for every guide), and the spread of
 form, mapped to the guide's unconstrained coordinates by the guide's own site transforms;
 half of them fit, the other half score.
 
-Run ``python experiments/guide_capacity.py`` (about ten minutes on 2 shared CPU cores);
+Run ``python -m experiments.guide_capacity`` (about ten minutes on 2 shared CPU cores);
 ``--quick`` is a smoke run of seconds that writes nothing. It writes
 ``results/guide_capacity.json`` (refusing to overwrite a full run unless ``--overwrite``) and the
 "Funnel: capacity or optimisation" section of ``RESULTS.md``.
@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pyro
@@ -41,8 +39,7 @@ from pyro.infer.autoguide import AutoIAFNormal
 from torch import Tensor
 from torch.distributions import biject_to
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+from experiments.common import (
     RESULTS_DIR,
     RESULTS_MD,
     add_run_options,
@@ -54,8 +51,8 @@ from common import (
     run_header,
     write_json,
 )
-from guide_models import PanelModel, build
-from guide_panel import evaluate, fit_svi, nuts_draws
+from experiments.guide_models import PanelModel, build
+from experiments.guide_panel import evaluate, fit_svi, nuts_draws
 from pyro_cpflow import AutoCPFlow
 
 OUT_JSON = RESULTS_DIR / "guide_capacity.json"
@@ -169,7 +166,9 @@ def section(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.guide_capacity", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--steps", type=positive(int), default=3000, help="SVI steps (the panel's)")
     parser.add_argument("--particles", type=positive(int), default=4)
     parser.add_argument("--lr", type=positive(float), default=1e-2)
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flat = {k: v.reshape(v.shape[0], -1) for k, v in test.items()}
     reference = {"mean": {k: v.mean(0).tolist() for k, v in flat.items()},
                  "std": {k: v.std(0).tolist() for k, v in flat.items()}}
-    results: dict[str, Any] = {**run_header("guide_capacity.py", argv, args), "families": {}}
+    results: dict[str, Any] = {**run_header("experiments.guide_capacity", argv, args), "families": {}}
     for family in FAMILIES:
         results["families"][family] = run_family(family, panel, train, test, reference, args)
     print(report(results))

@@ -20,7 +20,7 @@ The NUTS reference (``--nuts-samples`` after ``--nuts-warmup``, one chain; eight
 on its non-centred form) is cached in ``results/guide_panel_nuts.json`` and recomputed with
 ``--refresh-nuts``. A KL gap is reported against the best IS log-evidence of the run.
 
-Run ``python experiments/guide_panel.py`` (14 minutes on 2 shared CPU cores; without the
+Run ``python -m experiments.guide_panel`` (14 minutes on 2 shared CPU cores; without the
 cached references the NUTS runs add 17 minutes); ``--quick`` runs a smoke version in seconds.
 It writes ``results/guide_panel.json`` (refusing to overwrite a full run unless
 ``--overwrite``) and the "Autoguides on real models" section of ``RESULTS.md``
@@ -34,10 +34,8 @@ import argparse
 import functools
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pyro
@@ -53,8 +51,7 @@ from pyro.infer.autoguide import (
 from pyro.infer.importance import vectorized_importance_weights
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+from experiments.common import (
     RESULTS_DIR,
     RESULTS_MD,
     add_run_options,
@@ -67,7 +64,7 @@ from common import (
     run_header,
     write_json,
 )
-from guide_models import MODEL_NAMES, PanelModel, build
+from experiments.guide_models import MODEL_NAMES, PanelModel, build
 from pyro_cpflow import AutoCPFlow
 
 NUTS_CACHE = RESULTS_DIR / "guide_panel_nuts.json"
@@ -243,7 +240,9 @@ def report(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.guide_panel", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     parser.add_argument("--guides", nargs="+", choices=[*GUIDES, *CPFLOW_VARIANTS], default=list(GUIDES))
     parser.add_argument("--steps", type=positive(int), default=3000)
@@ -269,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     references = load_references(args.models, args)
     results: dict[str, Any] = {
-        **run_header("guide_panel.py", argv, args),
+        **run_header("experiments.guide_panel", argv, args),
         "nuts": {name: {k: v for k, v in references[name].items() if k not in ("mean", "std")}
                  for name in args.models},
         "models": {},

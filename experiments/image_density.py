@@ -37,7 +37,7 @@ the same data order and dequantisation noise (per-step seeded generators), in fl
 thread. Test bits/dim are computed on the whole test set with one fixed dequantisation;
 samples (PNG grids) come from the inverse (Newton-CG for CP-Flow, analytic for couplings).
 
-Runs: ``python experiments/image_density.py`` (about 25 minutes on one CPU core in all)
+Runs: ``python -m experiments.image_density`` (about 25 minutes on one CPU core in all)
 writes ``results/image_density.json``, the grids ``results/image_density_*.png`` and the
 "Image density" section of ``RESULTS.md``; checkpoints (``pyro_cpflow.save_checkpoint``,
 every ``--checkpoint-every`` steps) go to ``--run-dir``; ``--resume`` continues a killed run
@@ -47,10 +47,10 @@ run under a minute that writes only into ``--run-dir``.
 The paper's settings (Huang et al. 2021: MNIST 1.02 bits/dim with 2.9M parameters,
 CIFAR-10 3.40 with 1.9M), prepared for a GPU and not run here::
 
-    python experiments/image_density.py --preset paper-mnist --device cuda \
+    python -m experiments.image_density --preset paper-mnist --device cuda \
         --out experiments/results/image_density_paper_mnist.json \
         --run-dir experiments/runs/image-density-paper-mnist
-    python experiments/image_density.py --preset paper-cifar10 --data-root /path/to/cifar \
+    python -m experiments.image_density --preset paper-cifar10 --data-root /path/to/cifar \
         --device cuda --out experiments/results/image_density_paper_cifar10.json \
         --run-dir experiments/runs/image-density-paper-cifar10
 
@@ -64,7 +64,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -75,11 +74,7 @@ import torch
 from pyro.distributions.transforms import Permute, affine_coupling
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from experiments.common import (  # noqa: E402
+from experiments.common import (
     EXPERIMENTS_DIR,
     RESULTS_DIR,
     RESULTS_MD,
@@ -94,13 +89,14 @@ from experiments.common import (  # noqa: E402
     run_header,
     write_json,
 )
-from experiments.vae.data import _read_idx_images, verify_file  # noqa: E402
-from pyro_cpflow import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
-from pyro_cpflow.checkpoints import rng_state, set_rng_state  # noqa: E402
-from pyro_cpflow.conv import conv_cpflow  # noqa: E402
-from pyro_cpflow.multiscale import ChannelActNorm, MultiscaleFlow, level_shapes  # noqa: E402
-from pyro_cpflow.preprocessing import LogitTransform, bits_per_dim, dequantize  # noqa: E402
+from experiments.vae.data import _read_idx_images, verify_file
+from pyro_cpflow import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_cpflow.checkpoints import rng_state, set_rng_state
+from pyro_cpflow.conv import conv_cpflow
+from pyro_cpflow.multiscale import ChannelActNorm, MultiscaleFlow, level_shapes
+from pyro_cpflow.preprocessing import LogitTransform, bits_per_dim, dequantize
 
+ROOT = EXPERIMENTS_DIR.parent
 RESULTS_JSON = RESULTS_DIR / "image_density.json"
 EQUAL_TIME_JSON = RESULTS_DIR / "image_density_coupling_equal_time.json"
 RUN_DIR = EXPERIMENTS_DIR / "runs" / "image-density"
@@ -488,7 +484,9 @@ def _tuple(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.image_density", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
@@ -617,7 +615,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     with torch.random.fork_rng():
         reference = count_parameters(build_cpflow(shape, args))
     hidden = args.coupling_hidden or matched_coupling_width(shape, args, reference)
-    header = run_header("image_density.py", argv, args)
+    header = run_header("experiments.image_density", argv, args)
     results: dict[str, Any] = {**header, "coupling_hidden": hidden, "models": {}}
     for name in args.models:
         results["models"][name] = run_model(name, args, images, test, shape, device, dtype, hidden)

@@ -39,7 +39,7 @@ MCMC's ``hook_fn``). Reported per sampler, on the sampling phase:
   :math:`s_\mathrm{ref}/\sqrt{\mathrm{ESS}_\mathrm{ref}}` combined; values far above 3 mean
   a bias), and the mean :math:`|\log(s / s_\mathrm{ref})|`.
 
-Run ``python experiments/neutra.py`` (a few minutes on 2 shared CPU cores); ``--quick``
+Run ``python -m experiments.neutra`` (a few minutes on 2 shared CPU cores); ``--quick``
 is a smoke version of seconds that writes nothing. It writes ``results/neutra.json``
 (refusing to overwrite a full run unless ``--overwrite``) and the "NeuTra HMC on the
 eight-schools funnel" section of ``RESULTS.md``.
@@ -48,10 +48,8 @@ eight-schools funnel" section of ``RESULTS.md``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pyro
@@ -62,8 +60,7 @@ from pyro.infer.reparam import NeuTraReparam
 from pyro.ops.stats import effective_sample_size
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+from experiments.common import (
     RESULTS_DIR,
     RESULTS_MD,
     add_run_options,
@@ -75,8 +72,8 @@ from common import (
     run_header,
     write_json,
 )
-from guide_models import build
-from guide_panel import NUTS_CACHE, train
+from experiments.guide_models import build
+from experiments.guide_panel import NUTS_CACHE, train
 
 NEUTRA_JSON = RESULTS_DIR / "neutra.json"
 MODEL = "eight_schools"
@@ -240,7 +237,7 @@ def reading(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.neutra", description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--steps", type=positive(int), default=3000, help="SVI steps per guide")
     parser.add_argument("--particles", type=positive(int), default=4)
@@ -265,10 +262,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     if not NUTS_CACHE.exists():
-        raise FileNotFoundError(f"{NUTS_CACHE} is missing: run python experiments/guide_panel.py first")
+        raise FileNotFoundError(f"{NUTS_CACHE} is missing: run python -m experiments.guide_panel first")
     reference = read_json(NUTS_CACHE)[MODEL]
     results: dict[str, Any] = {
-        **run_header("neutra.py", argv, args),
+        **run_header("experiments.neutra", argv, args),
         "methods": {},
     }
     start = time.perf_counter()

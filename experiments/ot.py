@@ -24,7 +24,7 @@ Problems: the paper's case (``d = 2``, ``m = (1.5, 1)``, :math:`\Sigma = [[0.9, 
 [-0.75, 0.9]]`) and random ones in ``d = 2, 4, 8, 16, 32`` (random rotation,
 eigenvalues log-uniform in [0.2, 5], ``m ~ N(0, I)``).
 
-Run ``python experiments/ot.py`` (about 6 minutes on 2 CPU cores); it writes
+Run ``python -m experiments.ot`` (about 6 minutes on 2 CPU cores); it writes
 ``results/ot.json``, ``results/ot_cost_vs_kl.png`` and the "Optimal transport" section
 of ``RESULTS.md``.
 """
@@ -44,12 +44,8 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 
+from experiments import common
 from pyro_cpflow import cpflow
-
-try:  # imported as experiments.ot
-    from . import common
-except ImportError:  # run as a script
-    import common
 
 __all__ = [
     "GaussianProblem",
@@ -436,6 +432,7 @@ QUICK = dict(dims=[2], steps=300, batch_size=256, lr=2e-2, linear_lr=1e-1, n_eva
 def config_from_args(argv: Sequence[str]) -> tuple[OTConfig, Any]:
     """Parse the command line into an :class:`OTConfig` (and the raw namespace)."""
     parser = common.build_parser(
+        "python -m experiments.ot",
         __doc__.split("\n\n")[0], steps=OTConfig.steps, batch_size=OTConfig.batch_size, lr=OTConfig.lr
     )
     parser.add_argument("--dims", type=int, nargs="*", default=list(OTConfig.dims), help="random problems")
@@ -476,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with common.stopwatch() as clock:
             record = run(config)
         record.update(
-            command=common.format_command("ot.py", argv),
+            command=common.format_command("experiments.ot", argv),
             seconds=clock["seconds"],
             environment=common.environment(torch.device(args.device)),
         )

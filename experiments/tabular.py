@@ -18,9 +18,9 @@ and the maximum-likelihood Gaussian as a reference.
 
 Run::
 
-    python experiments/tabular.py                      # the scikit-learn sets (about 25 min)
-    python experiments/tabular.py --resume             # continue after a kill
-    python experiments/tabular.py --datasets power gas hepmass miniboone bsds300 \
+    python -m experiments.tabular                      # the scikit-learn sets (about 25 min)
+    python -m experiments.tabular --resume             # continue after a kill
+    python -m experiments.tabular --datasets power gas hepmass miniboone bsds300 \
         --maf-root /path/to/maf-data --allow-pickle --out experiments/results/tabular_maf.json
 
 Every model's run is checkpointed after each evaluation in ``--run-dir`` (default
@@ -35,7 +35,6 @@ checkpoints into a temporary folder and writes nothing else.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import zlib
@@ -45,8 +44,7 @@ from typing import Any
 import pyro.distributions as dist
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+from experiments.common import (
     EXPERIMENTS_DIR,
     RESULTS_DIR,
     RESULTS_MD,
@@ -60,8 +58,8 @@ from common import (
     run_header,
     write_json,
 )
-from tabular_bundled import BUNDLED_DATASETS, load_bundled
-from tabular_data import (
+from experiments.tabular_bundled import BUNDLED_DATASETS, load_bundled
+from experiments.tabular_data import (
     MAF_DATASETS,
     MAF_FILES,
     MissingDataError,
@@ -71,8 +69,8 @@ from tabular_data import (
     load_maf,
     size_differences,
 )
-from tabular_models import BASELINES, MODEL_NAMES, build_cpflow, density, matched_baseline
-from tabular_train import TensorSplits, TrainSettings, fit, mean_and_two_se
+from experiments.tabular_models import BASELINES, MODEL_NAMES, build_cpflow, density, matched_baseline
+from experiments.tabular_train import TensorSplits, TrainSettings, fit, mean_and_two_se
 
 RESULTS_JSON = RESULTS_DIR / "tabular.json"
 RUN_DIR = EXPERIMENTS_DIR / "runs" / "tabular"
@@ -177,7 +175,7 @@ def claim_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     """Every selected model on every selected set; the JSON record."""
-    header = run_header("tabular.py", argv, args)
+    header = run_header("experiments.tabular", argv, args)
     record: dict[str, Any] = {**header, "datasets": {}}
     start = time.perf_counter()
     for dataset in args.datasets:
@@ -287,7 +285,9 @@ def section(record: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.tabular", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--datasets", nargs="+", choices=[*BUNDLED_DATASETS, *MAF_DATASETS],
                         default=list(DEFAULT_DATASETS))
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))

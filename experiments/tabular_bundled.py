@@ -48,10 +48,7 @@ from typing import Any
 
 import numpy as np
 
-try:  # imported as experiments.tabular_bundled
-    from .tabular_data import TabularSplits, repeated_minimum_features, split_tail
-except ImportError:  # run as a script, or from experiments/ on the path
-    from tabular_data import TabularSplits, repeated_minimum_features, split_tail
+from experiments.tabular_data import TabularSplits, repeated_minimum_features, split_tail
 
 __all__ = ["BUNDLED_DATASETS", "grid_resolution", "load_bundled"]
 

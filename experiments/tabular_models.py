@@ -35,12 +35,8 @@ import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
+from experiments.common import count_parameters, standard_normal
 from pyro_cpflow import ActNorm, cpflow_stack
-
-try:  # imported as experiments.tabular_models
-    from .common import count_parameters, standard_normal
-except ImportError:  # run as a script, or from experiments/ on the path
-    from common import count_parameters, standard_normal
 
 __all__ = [
     "BASELINES", "MODEL_NAMES", "build_cpflow", "build_maf", "build_nsf", "density", "matched_baseline",

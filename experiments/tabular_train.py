@@ -35,13 +35,9 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
+from experiments.common import progress
 from pyro_cpflow import load_checkpoint, save_checkpoint
 from pyro_cpflow.checkpoints import rng_state, set_rng_state
-
-try:  # imported as experiments.tabular_train
-    from .common import progress
-except ImportError:  # run as a script, or from experiments/ on the path
-    from common import progress
 
 __all__ = ["TensorSplits", "TrainSettings", "fit", "log_likelihoods", "mean_and_two_se"]
 

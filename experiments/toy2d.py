@@ -24,7 +24,7 @@ the Gaussian fit on these data: after 600 steps, held-out log-likelihoods of -4.
 block) and -3.88 (three blocks) on 8 gaussians, whose Gaussian fit scores -4.26, and
 exactly the Gaussian fit's -3.59 on rings.
 
-Run ``python experiments/toy2d.py`` (7-10 minutes on 2 shared CPU cores); it writes
+Run ``python -m experiments.toy2d`` (7-10 minutes on 2 shared CPU cores); it writes
 ``results/toy2d.json``, ``results/toy2d.png`` and the "Toy densities" section of
 ``RESULTS.md``. This is one short budget and one seed; ``toy2d_convergence.py`` trains
 until the held-out curves flatten, from several seeds, with tuned learning rates.
@@ -46,15 +46,10 @@ import torch
 from pyro.nn import AutoRegressiveNN
 from torch import Tensor, nn
 
+from experiments import common
+from experiments.toy_data import TOY_DATASETS, sample_toy
 from pyro_cpflow import ActNorm, cpflow, cpflow_stack
 from pyro_cpflow.nn import DEFAULT_INPUT_GAIN
-
-try:  # imported as experiments.toy2d
-    from . import common
-    from .toy_data import TOY_DATASETS, sample_toy
-except ImportError:  # run as a script
-    import common
-    from toy_data import TOY_DATASETS, sample_toy
 
 __all__ = [
     "MODELS", "ToyConfig", "build_model", "cpflow_model", "held_out_loglik", "markdown_section", "plot_grid",
@@ -380,6 +375,7 @@ QUICK = dict(datasets=["8gaussians", "moons"], steps=40, batch_size=256, lr=1e-2
 def config_from_args(argv: Sequence[str]) -> tuple[ToyConfig, Any]:
     """Parse the command line into a :class:`ToyConfig` (and the raw namespace)."""
     parser = common.build_parser(
+        "python -m experiments.toy2d",
         __doc__.split("\n\n")[0], steps=ToyConfig.steps, batch_size=ToyConfig.batch_size, lr=ToyConfig.lr
     )
     parser.add_argument("--datasets", nargs="+", choices=list(TOY_DATASETS), default=list(TOY_DATASETS))
@@ -416,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         record = result.record
         figure = plot_grid(result, args.out_dir / "toy2d.png", config.limit)
         record.update(
-            command=common.format_command("toy2d.py", argv),
+            command=common.format_command("experiments.toy2d", argv),
             seconds=clock["seconds"],
             environment=common.environment(torch.device(args.device)),
             figure=common.relative_to_repo(figure),

@@ -40,7 +40,7 @@ bit for bit; a checkpoint written with other settings is refused. A finished run
 checkpoints of the selected units and the old JSON first, so that an interrupted
 overwrite resumes when started again without it.
 
-Run ``python experiments/toy2d_convergence.py`` (about 35 minutes of one CPU core, more
+Run ``python -m experiments.toy2d_convergence`` (about 35 minutes of one CPU core, more
 on a shared machine); it writes ``results/toy2d_convergence.json``, the curves
 ``results/toy2d_convergence_curves.png``, the density grid (the paper's figure 3 on the
 six sets) ``results/toy2d_convergence_densities.png`` and the "Toy densities at
@@ -67,17 +67,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from experiments import common, toy2d
+from experiments.toy_data import TOY_DATASETS, sample_toy
 from pyro_cpflow import CheckpointError, load_checkpoint, save_checkpoint
 from pyro_cpflow.checkpoints import rng_state, set_rng_state
 from pyro_cpflow.nn import DEFAULT_INPUT_GAIN
-
-try:  # imported as experiments.toy2d_convergence
-    from . import common, toy2d
-    from .toy_data import TOY_DATASETS, sample_toy
-except ImportError:  # run as a script
-    import common
-    import toy2d
-    from toy_data import TOY_DATASETS, sample_toy
 
 __all__ = ["CPFLOW_VARIANTS", "MODELS", "main", "markdown_section", "summarise", "train_unit"]
 
@@ -809,6 +803,7 @@ folder: the units both runs have (same settings, checked by the fingerprint) are
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m experiments.toy2d_convergence",
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--datasets", nargs="+", choices=list(TOY_DATASETS), default=list(TOY_DATASETS))
@@ -913,7 +908,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def run(args: argparse.Namespace, argv: Sequence[str], units: list[tuple[str, str, int]],
         run_dir: Path) -> dict[str, Any]:
     """Train (or resume) every unit; the JSON record with its summary."""
-    header = common.run_header("toy2d_convergence.py", argv, args)
+    header = common.run_header("experiments.toy2d_convergence", argv, args)
     settings = header["settings"] | {"seed_list": list(range(args.seed, args.seed + args.seeds))}
     record: dict[str, Any] = {**header, "settings": settings, "run_dir": common.relative_to_repo(run_dir),
                               "models": {}, "datasets": {}}

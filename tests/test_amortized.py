@@ -369,11 +369,7 @@ def test_two_blocks_and_flow_options_reach_the_flow():
 
 
 def _experiment():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    import amortized_guide
+    from experiments import amortized_guide
 
     return amortized_guide
 

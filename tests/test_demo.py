@@ -1,14 +1,10 @@
 """The main job (`make demo`): a smoke run, and its refusal to reuse a run folder."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import demo
+from experiments import demo
 
 
 def test_quick_demo_compares_both_flows_with_the_closed_form(tmp_path, capsys):

@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from experiments import common, toy2d  # noqa: E402
-from experiments import ot as ot_experiment  # noqa: E402
-from experiments.toy_data import TOY_DATASETS, sample_toy  # noqa: E402
+from experiments import common, toy2d
+from experiments import ot as ot_experiment
+from experiments.toy_data import TOY_DATASETS, sample_toy
 
 # ---------------------------------------------------------------- toy data sets
 
@@ -101,7 +95,7 @@ def test_toy2d_short_run_writes_outputs_and_learns(tmp_path):
     data = json.loads((tmp_path / "toy2d.json").read_text())
     assert data["config"]["datasets"] == ["moons"] and data["config"]["models"] == models
     assert data["config"]["steps"] == 150 and data["config"]["n_test"] == toy2d.QUICK["n_test"]
-    assert data["command"].startswith("python experiments/toy2d.py --quick")
+    assert data["command"].startswith("python -m experiments.toy2d --quick")
     entries = data["datasets"]["moons"]
     gaussian = data["gaussian_fit_loglik"]["moons"]
     for model_name, entry in entries.items():

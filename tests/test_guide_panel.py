@@ -1,17 +1,12 @@
 """The guide panel's models and a smoke run of its script."""
 
-import sys
-from pathlib import Path
 
 import pyro
 import pytest
 import torch
 from pyro.infer.autoguide import AutoDiagonalNormal
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import guide_models
-import guide_panel
+from experiments import guide_models, guide_panel
 
 
 @pytest.mark.parametrize("name", guide_models.MODEL_NAMES)
@@ -53,7 +48,7 @@ def test_a_full_run_is_never_overwritten(tmp_path):
 
 
 def test_a_damaged_results_file_is_named(tmp_path):
-    import common
+    from experiments import common
 
     path = tmp_path / "guide_panel_nuts.json"
     path.write_text('{"eight_schools": {"mean": ')
@@ -62,7 +57,7 @@ def test_a_damaged_results_file_is_named(tmp_path):
 
 
 def test_draws_map_to_the_guides_unconstrained_coordinates():
-    import guide_capacity
+    from experiments import guide_capacity
 
     panel = guide_models.build("eight_schools")
     pyro.clear_param_store()
@@ -79,7 +74,7 @@ def test_draws_map_to_the_guides_unconstrained_coordinates():
 
 
 def test_quick_capacity_run_scores_every_fit_of_every_family():
-    import guide_capacity
+    from experiments import guide_capacity
 
     results = guide_capacity.main(["--quick", "--no-progress"])
     for family in guide_capacity.FAMILIES:

@@ -1,13 +1,10 @@
 """experiments/image_density.py: the quick run, overwrite refusal, a bit-identical resume, the data."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments import image_density
 from pyro_cpflow import load_checkpoint
 

@@ -2,14 +2,10 @@
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import neutra
+from experiments import neutra
 
 MEASURES = ("ess_per_1000_gradients", "ess_per_second", "min_ess", "median_ess", "ms_per_gradient",
             "gradients_per_draw", "step_size", "max_mean_error", "max_mean_error_in_se",

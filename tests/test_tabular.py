@@ -12,14 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import tabular
-import tabular_bundled
-import tabular_data
-import tabular_models
-import tabular_train
-from tabular_data import MissingDataError, MissingDependencyError, PickleRefusedError
+from experiments import tabular, tabular_bundled, tabular_data, tabular_models, tabular_train
+from experiments.tabular_data import MissingDataError, MissingDependencyError, PickleRefusedError
 
 # ------------------------------------------------------------------ synthetic files
 

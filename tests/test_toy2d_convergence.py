@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from experiments import toy2d_convergence as conv  # noqa: E402
-from pyro_cpflow import CheckpointError  # noqa: E402
+from experiments import toy2d_convergence as conv
+from pyro_cpflow import CheckpointError
 
 MODELS = ["CP-Flow (112x2, gain 4)", "MAF (affine AR)"]
 
@@ -42,7 +37,7 @@ def quick_run(tmp_path_factory):
 def test_quick_run_writes_finite_curves_summaries_and_figures(quick_run):
     tmp_path, record = quick_run
     data = json.loads((tmp_path / "conv.json").read_text())
-    assert data["command"].startswith("python experiments/toy2d_convergence.py --quick")
+    assert data["command"].startswith("python -m experiments.toy2d_convergence --quick")
     assert data["settings"]["seed_list"] == [0, 1] and data["settings"]["models"] == MODELS
     assert set(data["models"]) == set(MODELS)
     assert 0.8 < data["models"][MODELS[0]]["parameters"] / data["models"][MODELS[1]]["parameters"] < 1.25

@@ -1,4 +1,4 @@
-"""The VAE experiment (experiments/vae.py, experiments/vae/): data, posteriors, training,
+"""The VAE experiment (python -m experiments.vae, experiments/vae/): data, posteriors, training,
 checkpoint/resume after a real kill, two-process DDP, evaluation bounds.
 
 Everything runs in float64 on tiny networks (8 latent dimensions, 4 base channels) and a
@@ -26,27 +26,26 @@ import pyro
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from experiments import common  # noqa: E402
-from experiments.vae import data as vae_data  # noqa: E402
-from experiments.vae.config import ConfigError  # noqa: E402
-from experiments.vae.evaluate import evaluate_bounds, importance_sampled_log_likelihood  # noqa: E402
-from experiments.vae.model import VAE, Architecture, elbo_loss  # noqa: E402
-from experiments.vae.posteriors import (  # noqa: E402
+from experiments.vae import cli, report
+from experiments.vae import data as vae_data
+from experiments.vae.checkpoints import state_dict_equal
+from experiments.vae.config import Config, ConfigError
+from experiments.vae.evaluate import evaluate_bounds, importance_sampled_log_likelihood
+from experiments.vae.model import VAE, Architecture, elbo_loss
+from experiments.vae.posteriors import (
     POSTERIORS,
     PosteriorConfig,
     build_posterior,
     cpflow_blocks,
 )
-from experiments.vae.train import Config, RunExistsError, Trainer, run, state_dict_equal  # noqa: E402
-from pyro_cpflow import CheckpointError, NonConvergenceWarning, load_checkpoint  # noqa: E402
-from tests.sync_counter import HostSyncCounter  # noqa: E402
-from tests.test_checkpoints import CreatesAFile  # noqa: E402
+from experiments.vae.run_folder import RunExistsError
+from experiments.vae.train import Trainer, run
+from pyro_cpflow import CheckpointError, NonConvergenceWarning, load_checkpoint
+from tests.sync_counter import HostSyncCounter
+from tests.test_checkpoints import CreatesAFile
 
-SCRIPT = ROOT / "experiments" / "vae.py"
+ROOT = Path(__file__).resolve().parents[1]
+CLI = ["-m", "experiments.vae"]  # the command line, from the repository root
 TINY = Config(
     dataset="binarized_mnist", flow="gaussian", epochs=1, max_batches=2, batch_size=20,
     warmup=2, early_stopping=0, latent_dim=8, feature_dim=16, channels=4, head_channels=8,
@@ -371,19 +370,19 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def test_a_run_folder_is_never_started_over_without_resume_or_overwrite(tmp_path, capsys):
     flags = [*TINY_FLAGS, "--dataset", "binarized_mnist", "--flow", "gaussian", "--max-batches", "1",
              "--out-dir", str(tmp_path)]
-    _cli().main([*flags, "--epochs", "2"])
+    cli.main([*flags, "--epochs", "2"])
     before = _snapshot(tmp_path)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        _cli().main([*flags, "--epochs", "1"])
+        cli.main([*flags, "--epochs", "1"])
     assert exit_.value.code == 2
     message = capsys.readouterr().err
     assert f"{tmp_path} already holds a run" in message and "--resume" in message and "--overwrite" in message
     assert _snapshot(tmp_path) == before  # nothing touched
     with pytest.raises(SystemExit):
-        _cli().main([*flags, "--resume", "--overwrite"])
+        cli.main([*flags, "--resume", "--overwrite"])
     assert "not allowed with argument" in capsys.readouterr().err
-    _cli().main([*flags, "--epochs", "1", "--overwrite"])
+    cli.main([*flags, "--epochs", "1", "--overwrite"])
     assert [r["event"] for r in _records(tmp_path / "metrics.jsonl")] == ["epoch", "final"]
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
 
@@ -457,7 +456,7 @@ def test_every_bad_command_line_value_is_refused_naming_the_option(tmp_path, cap
     flags = [*TINY_FLAGS, "--dataset", "binarized_mnist", "--flow", "cpflow", "--epochs", "1",
              "--max-batches", "1", "--out-dir", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as exit_:
-        _cli().main([*flags, option, value])  # the last occurrence of an option wins
+        cli.main([*flags, option, value])  # the last occurrence of an option wins
     assert exit_.value.code == 2
     assert re.search(f"argument {option}: {expected}", capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
@@ -483,8 +482,8 @@ def test_options_added_later_take_their_defaults_when_resuming_an_older_run():
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
     flags = [*TINY_FLAGS, "--dataset", "binarized_mnist", "--flow", "cpflow", "--epochs", "4",
              "--max-batches", "3"]
-    command = [sys.executable, str(SCRIPT), *flags]
-    _cli().main([*flags, "--out-dir", str(tmp_path / "straight")])  # in-process: saves a start-up
+    command = [sys.executable, *CLI, *flags]
+    cli.main([*flags, "--out-dir", str(tmp_path / "straight")])  # in-process: saves a start-up
     killed = tmp_path / "killed"
     process = subprocess.Popen([*command, "--out-dir", str(killed)], env=_environment(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -514,10 +513,6 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
     assert _records(tmp_path / "straight" / "metrics.jsonl") == _records(killed / "metrics.jsonl")
 
 
-def _cli():
-    return common.load_script("vae.py")
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -529,7 +524,7 @@ def test_two_process_distributed_run_keeps_the_ranks_identical(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(SCRIPT), *TINY_FLAGS, "--dataset", "binarized_mnist", "--flow", "cpflow",
+        *CLI, *TINY_FLAGS, "--dataset", "binarized_mnist", "--flow", "cpflow",
         "--epochs", "2", "--max-batches", "2", "--out-dir", str(tmp_path),
     ]
     result = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300)
@@ -546,14 +541,12 @@ def test_two_process_distributed_run_keeps_the_ranks_identical(tmp_path):
 
 
 def test_report_rebuilds_each_runs_command_and_writes_table_and_figure(tmp_path):
-    report = common.load_script("vae_report.py")
     folder = tmp_path / "run"
     record = run(replace(TINY, dataset="freyfaces", flow="cpflow", lr=2e-3, out_dir=str(folder)))
     entry = report.Run(folder)
     command = entry.command().split()
-    assert command[:2] == ["python", "experiments/vae.py"]
-    cli = _cli()
-    rebuilt = cli.config_from_args(cli.build_parser().parse_args(command[2:]))
+    assert command[:3] == ["python", "-m", "experiments.vae"]
+    rebuilt = cli.config_from_args(cli.build_parser().parse_args(command[3:]))
     assert rebuilt.to_dict() == entry.config  # the command reproduces the configuration
     results_md = tmp_path / "RESULTS.md"
     report.main([str(folder), "--title", "Tiny", "--results-md", str(results_md),

@@ -24,9 +24,9 @@ How to run
 ----------
 ::
 
-    .venv/bin/python experiments/benchmarks/compile_step.py                 # CPU, a few minutes (compilation)
-    .venv/bin/python experiments/benchmarks/compile_step.py --device cuda   # part of experiments/gpu_check.sh
-    .venv/bin/python experiments/benchmarks/compile_step.py --quick
+    .venv/bin/python -m experiments.benchmarks.compile_step                 # CPU, a few minutes (compilation)
+    .venv/bin/python -m experiments.benchmarks.compile_step --device cuda   # part of experiments/gpu_check.sh
+    .venv/bin/python -m experiments.benchmarks.compile_step --quick
 
 Results go to ``experiments/benchmarks/results/compile_step.json`` (``--out``) and ``.md``.
 """
@@ -41,7 +41,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from common import base_parser, fmt, machine_summary, markdown_table, save_results, setup, time_call
+from experiments.benchmarks.timing import (
+    base_parser,
+    fmt,
+    machine_summary,
+    save_results,
+    setup,
+    time_call,
+)
+from experiments.common import markdown_table
 from pyro_cpflow import cpflow
 from pyro_cpflow.linalg import stochastic_logdet
 

@@ -12,7 +12,7 @@ the potential plus the context-dependent term ``0.5 |L(h)^T x|^2 + b(h)^T x``
 (``context_quadratic_rank > 0``), and with the diagonal Gaussian alone, by the mean
 exact KL(q || p) over held-out contexts after a fixed training budget.
 
-Run:  python experiments/benchmarks/conditional_quadratic.py [--steps 1500] [--seeds 2]
+Run:  python -m experiments.benchmarks.conditional_quadratic [--steps 1500] [--seeds 2]
 """
 
 from __future__ import annotations
@@ -131,7 +131,9 @@ def run(variant: str, flow_rank: int | None, seed: int, steps: int, latent_dim: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m experiments.benchmarks.conditional_quadratic",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seeds", type=int, default=2)

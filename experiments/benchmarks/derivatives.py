@@ -23,8 +23,8 @@ How to run
 ----------
 ::
 
-    .venv/bin/python experiments/benchmarks/derivatives.py           # about 1 minute
-    .venv/bin/python experiments/benchmarks/derivatives.py --quick
+    .venv/bin/python -m experiments.benchmarks.derivatives           # about 1 minute
+    .venv/bin/python -m experiments.benchmarks.derivatives --quick
 
 Results go to ``experiments/benchmarks/results/derivatives.json`` and ``.md``.
 """
@@ -39,7 +39,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from common import base_parser, fmt, machine_summary, markdown_table, save_results, setup, time_call
+from experiments.benchmarks.timing import (
+    base_parser,
+    fmt,
+    machine_summary,
+    save_results,
+    setup,
+    time_call,
+)
+from experiments.common import markdown_table
 from pyro_cpflow import cpflow
 from pyro_cpflow.derivatives import AutogradTrace
 from pyro_cpflow.potential import ConvexPotential

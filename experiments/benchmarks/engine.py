@@ -83,9 +83,9 @@ How to run
 ----------
 From the repository root (the full run should take 5 to 10 minutes on one thread)::
 
-    nice -n 10 .venv/bin/python experiments/benchmarks/engine.py
-    .venv/bin/python experiments/benchmarks/engine.py --quick          # smoke run, < 1 min
-    .venv/bin/python experiments/benchmarks/engine.py --only stochastic,inversion
+    nice -n 10 .venv/bin/python -m experiments.benchmarks.engine
+    .venv/bin/python -m experiments.benchmarks.engine --quick          # smoke run, < 1 min
+    .venv/bin/python -m experiments.benchmarks.engine --only stochastic,inversion
 
 ``--quick`` shrinks everything (hidden (16, 16), d = 16, 20 training steps, one SVI
 model, two condition numbers, a 3 x 2 threshold grid). Results go to
@@ -108,10 +108,17 @@ from typing import Any
 
 import torch
 
-from common import base_parser, fmt, machine_summary, markdown_table, save_results, setup
-from engine_harness import BIAS_ALPHA, BIAS_GAIN, Backend, LocalBackend, WorkerBackend
-from reference_algorithm import REFERENCE_CG_TOL
-from svi_models import LATENT_DIMS, MODEL_NAMES
+from experiments.benchmarks.engine_harness import BIAS_ALPHA, BIAS_GAIN, Backend, LocalBackend, WorkerBackend
+from experiments.benchmarks.reference_algorithm import REFERENCE_CG_TOL
+from experiments.benchmarks.svi_models import LATENT_DIMS, MODEL_NAMES
+from experiments.benchmarks.timing import (
+    base_parser,
+    fmt,
+    machine_summary,
+    save_results,
+    setup,
+)
+from experiments.common import markdown_table
 
 TODAY_COMMIT = "df8048e"
 MEASUREMENTS = ("stochastic", "exact", "svi", "inversion", "memory", "bias", "threshold")

@@ -4,12 +4,13 @@ Every ``task_*`` function takes JSON-able keyword arguments and returns a JSON-a
 dict, and uses only the public API of whichever ``pyro_cpflow`` is importable, so the
 same code measures the working tree's library (:class:`LocalBackend`, in the calling
 process) and the library of an earlier commit (:class:`WorkerBackend`: ``git archive``
-into a folder, then this file run as a subprocess with ``PYTHONPATH`` set to that
-folder, answering one JSON request per line of stdin). Flows are float64; options are
+into a folder, then this module run as a subprocess with that folder first on
+``PYTHONPATH``, answering one JSON request per line of stdin). Flows are float64; options are
 only ever passed as ``cpflow`` keywords, and solver reports are read from
 ``flow.diagnostics`` or, for code without it, ``flow.last_cg`` / ``flow.last_inverse``.
 
-Run as a file it is the worker (``engine.py`` starts it; there is no other use).
+Run as a module (``python -m experiments.benchmarks.engine_harness``) it is the worker
+(``engine.py`` starts it; there is no other use).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from common import peak_memory_bytes, time_call
-from reference_algorithm import reference_density_step
-from svi_models import build_model
+from experiments.benchmarks.reference_algorithm import reference_density_step
+from experiments.benchmarks.svi_models import build_model
+from experiments.benchmarks.timing import peak_memory_bytes, time_call
 
 __all__ = ["BIAS_ALPHA", "BIAS_GAIN", "Backend", "LocalBackend", "TASKS", "WorkerBackend"]
 
@@ -382,11 +383,13 @@ class WorkerBackend:
         archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", commit, "pyro_cpflow"],
                                  check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(self.library)], input=archive, check=True)
-        paths = [str(self.library), os.environ.get("PYTHONPATH", "")]
+        # the copy first, then the repository for the experiments package; the working
+        # directory is the run's folder, not the repository, whose pyro_cpflow would come first
+        paths = [str(self.library), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+            [sys.executable, "-m", "experiments.benchmarks.engine_harness", "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=folder)
         try:
             self.info = self.call("info")
         except Exception:
@@ -433,7 +436,10 @@ def worker_main() -> None:
 
 
 def _main() -> None:
-    parser = argparse.ArgumentParser(description="engine.py worker (JSON lines on stdin/stdout)")
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.benchmarks.engine_harness",
+        description="engine.py worker (JSON lines on stdin/stdout)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     threads = parser.parse_args().threads
     if threads > 0:

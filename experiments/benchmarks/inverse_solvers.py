@@ -66,10 +66,10 @@ How to run
 ----------
 From the repository root::
 
-    nice -n 10 .venv/bin/python experiments/benchmarks/inverse_solvers.py          # 5-7 minutes
-    .venv/bin/python experiments/benchmarks/inverse_solvers.py --dims 2 16 64      # about 1 minute
-    .venv/bin/python experiments/benchmarks/inverse_solvers.py --quick             # smoke run, < 30 s
-    .venv/bin/python experiments/benchmarks/inverse_solvers.py --dims 2 16 --points 200
+    nice -n 10 .venv/bin/python -m experiments.benchmarks.inverse_solvers          # 5-7 minutes
+    .venv/bin/python -m experiments.benchmarks.inverse_solvers --dims 2 16 64      # about 1 minute
+    .venv/bin/python -m experiments.benchmarks.inverse_solvers --quick             # smoke run, < 30 s
+    .venv/bin/python -m experiments.benchmarks.inverse_solvers --dims 2 16 --points 200
 
 The default run takes 5-7 minutes on a shared 2-core machine, most of it the
 ``d = 256`` randomised problem (condition numbers ~3e4: thousands of batched
@@ -90,15 +90,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from common import (
+from experiments.benchmarks.timing import (
     base_parser,
     fmt,
     machine_summary,
-    markdown_table,
     save_results,
     setup,
     time_call,
 )
+from experiments.common import markdown_table
 from pyro_cpflow.derivatives import PotentialTrace
 from pyro_cpflow.linalg import CGResult, conjugate_gradient
 from pyro_cpflow.nn import ICNN

@@ -26,8 +26,8 @@ How to run
 ----------
 ::
 
-    .venv/bin/python experiments/benchmarks/logdet_variance.py          # about a minute
-    .venv/bin/python experiments/benchmarks/logdet_variance.py --quick
+    .venv/bin/python -m experiments.benchmarks.logdet_variance          # about a minute
+    .venv/bin/python -m experiments.benchmarks.logdet_variance --quick
 """
 
 from __future__ import annotations
@@ -40,8 +40,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from common import base_parser, fmt, machine_summary, markdown_table, save_results, setup
-from engine_harness import fixed_batch, make_flow, task_train
+from experiments.benchmarks.engine_harness import fixed_batch, make_flow, task_train
+from experiments.benchmarks.timing import (
+    base_parser,
+    fmt,
+    machine_summary,
+    save_results,
+    setup,
+)
+from experiments.common import markdown_table
 from pyro_cpflow.linalg import cholesky_logdet, stochastic_logdet
 
 HIDDEN = (64, 64)

@@ -11,8 +11,8 @@ How to run
 ----------
 ::
 
-    .venv/bin/python experiments/benchmarks/optimizer_overhead.py          # about 20 s
-    .venv/bin/python experiments/benchmarks/optimizer_overhead.py --quick
+    .venv/bin/python -m experiments.benchmarks.optimizer_overhead          # about 20 s
+    .venv/bin/python -m experiments.benchmarks.optimizer_overhead --quick
 
 Results go to ``experiments/benchmarks/results/optimizer_overhead.json`` (``--out``) and ``.md``.
 """
@@ -24,7 +24,14 @@ import time
 import pyro
 import torch
 
-from common import base_parser, machine_summary, markdown_table, save_results, setup, time_call
+from experiments.benchmarks.timing import (
+    base_parser,
+    machine_summary,
+    save_results,
+    setup,
+    time_call,
+)
+from experiments.common import markdown_table
 from pyro_cpflow import cpflow
 
 SCALARS = 31 * 64 * 2 + 64 * 2 + 31 * 31

@@ -13,7 +13,7 @@ binarisation happen at load time (``experiments/vae/data.py``).
 
 Usage (the source folder holds the two npz files; their checksums are verified)::
 
-    python experiments/data/build_omniglot28.py --source /work/shared/data/omniglot
+    python -m experiments.data.build_omniglot28 --source /work/shared/data/omniglot
 
 The output's sha256 is recorded in ``experiments/vae/data.py``; the build is deterministic.
 """
@@ -21,18 +21,13 @@ The output's sha256 is recorded in ``experiments/vae/data.py``; the build is det
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from experiments.vae.data import sha256_of_file  # noqa: E402
+from experiments.vae.data import sha256_of_file
 
 SOURCES = {
     "images_background.npz": "8bf84167413cd00beacdce3fe582f780ab538d8dbef043a6d688f2527bbce199",
@@ -76,7 +71,9 @@ def build(source: Path, output: Path = OUTPUT) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m experiments.data.build_omniglot28",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--source", type=Path, default=Path("/work/shared/data/omniglot"))
     parser.add_argument("--output", type=Path, default=OUTPUT)

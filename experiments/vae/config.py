@@ -1,7 +1,7 @@
 """What a VAE run depends on (:class:`Config`), and the accepted range of every value.
 
 A value outside its range raises :class:`ConfigError`, naming the option and the range;
-``experiments/vae.py`` reports it as an error of that command-line option.
+``python -m experiments.vae`` reports it as an error of that command-line option.
 
 >>> try:
 ...     Config(epochs=0)
@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
+from experiments.vae.data import DATASETS
+from experiments.vae.posteriors import POSTERIORS
 from pyro_cpflow.factories import ACTNORM_PLACEMENTS
 from pyro_cpflow.options import LOGDET_MODES
-
-from .data import DATASETS
-from .posteriors import POSTERIORS
 
 __all__ = ["Config", "ConfigError", "DTYPES", "RUNS_DIR"]
 
@@ -82,7 +81,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
-    """Everything a run depends on (the CLI's options; see ``experiments/vae.py --help``)."""
+    """Everything a run depends on (the CLI's options; see ``python -m experiments.vae --help``)."""
 
     dataset: str = "freyfaces"
     flow: str = "cpflow"

@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import ImageDataset
-from .model import VAE
+from experiments.vae.data import ImageDataset
+from experiments.vae.model import VAE
 
 __all__ = ["Bounds", "evaluate_bounds", "importance_sampled_log_likelihood"]
 

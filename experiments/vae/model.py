@@ -41,7 +41,6 @@ __all__ = [
     "GatedConv2d",
     "GatedConvTranspose2d",
     "VAE",
-    "count_parameters",
     "elbo_loss",
 ]
 
@@ -277,9 +276,4 @@ class VAE(nn.Module):
             self.observation(x)
         )
         return log_joint - q.log_prob(z)
-
-
-def count_parameters(module: nn.Module) -> int:
-    """The number of trainable scalars of ``module``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 

@@ -1,19 +1,18 @@
-"""Helpers shared by the benchmark scripts in this folder.
+"""Timing, peak memory and result files: the helpers of the benchmark scripts in this folder.
 
 * :func:`base_parser` - the common command line (``--quick``, ``--out``, ``--seed``,
   ``--device``, ``--threads``);
 * :func:`setup` - seeds, thread count and device from those options;
 * :func:`time_call` - wall time of a callable: warm-up runs, then the median of
   repeats (bounded by a time budget so slow configurations run fewer times);
-* :func:`markdown_table` and :func:`fmt` - Markdown output;
+* :func:`fmt` - table cells (the tables themselves: :func:`experiments.common.markdown_table`);
 * :func:`save_results` - the JSON file (with :func:`machine_info`) and a ``.md`` copy
   of the printed tables next to it;
 * :func:`peak_memory_bytes` - peak tensor memory allocated while a callable runs (on the
   CPU from the profiler's allocation events, on CUDA from the caching allocator).
 
-The scripts import this module as ``common``: run them as files
-(``python experiments/benchmarks/<script>.py``), which puts this folder on
-``sys.path``.
+Run the scripts as modules from the repository root:
+``python -m experiments.benchmarks.<script>``.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,7 +45,6 @@ __all__ = [
     "fmt",
     "machine_info",
     "machine_summary",
-    "markdown_table",
     "peak_memory_bytes",
     "save_results",
     "setup",
@@ -68,7 +66,9 @@ def default_output(script_file: str) -> Path:
 def base_parser(script_file: str, description: str) -> argparse.ArgumentParser:
     """The options every benchmark accepts; scripts add their own."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=f"python -m experiments.benchmarks.{Path(script_file).stem}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (well under 30 s)")
     parser.add_argument(
@@ -168,16 +168,6 @@ def fmt(value: Any, spec: str = ".3g") -> str:
             return "—"
         return format(value, spec)
     return str(value)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table; cells are converted with ``str``."""
-    lines = [
-        "| " + " | ".join(headers) + " |",
-        "|" + "|".join("---" for _ in headers) + "|",
-    ]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Collect finished VAE runs into a results table and a learning-curve figure.
 
-Reads each run folder written by ``experiments/vae.py`` (``config.json``, ``metrics.jsonl``,
+Reads each run folder written by ``python -m experiments.vae`` (``config.json``, ``metrics.jsonl``,
 ``results.json``) and writes
 
 * a figure of the validation negative ELBO by epoch, one curve per run, with the published
@@ -13,7 +13,7 @@ plus every option whose value differs from that preset.
 
 Example::
 
-    python experiments/vae_report.py experiments/runs/frey-gaussian-b32 \\
+    python -m experiments.vae.report experiments/runs/frey-gaussian-b32 \\
         experiments/runs/frey-cpflow-b32 --title "VAE on Frey Faces (CPU)"
 """
 
@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from experiments import common  # noqa: E402
+from experiments import common
+from experiments.vae import cli
 
 PUBLISHED_NELBO = {
     ("freyfaces", "gaussian"): 4.53,
@@ -77,11 +73,10 @@ class Run:
         return record.get(f"{key}_bpd", record.get(key))
 
     def command(self) -> str:
-        """The ``experiments/vae.py`` command that reproduces this run."""
+        """The ``python -m experiments.vae`` command that reproduces this run."""
         preset = ["--dataset", self.dataset, "--flow", self.flow, "--preset", "paper"]
-        cli = common.load_script("vae.py")
         baseline = cli.config_from_args(cli.build_parser().parse_args(preset)).to_dict()
-        words = ["python", "experiments/vae.py", *preset]
+        words = ["python", "-m", "experiments.vae", *preset]
         for key, value in self.config.items():
             if key in ("dataset", "flow") or baseline.get(key) == value or value is None:
                 continue
@@ -168,8 +163,10 @@ def section(runs: list[Run], figure: Path, results_md: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders written by experiments/vae.py")
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.vae.report", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders written by python -m experiments.vae")
     parser.add_argument("--title", default="VAE", help="section title in the results file")
     parser.add_argument("--figure", type=Path, help="default: experiments/results/<first run>-curves.png")
     parser.add_argument("--results-md", type=Path, default=common.EXPERIMENTS_DIR / "RESULTS.md")

@@ -10,13 +10,13 @@ The model, data and recipe are those of the Sylvester-flows / CP-Flow VAE experi
   early stopping after 100 epochs without validation improvement, every batch, IS-NLL with
   5000 samples (2000 for Caltech 101) on the whole test set.
 
-Examples::
+Examples (from the repository root; ``experiments/vae/__main__.py`` calls :func:`main`)::
 
-    python experiments/vae.py --dataset freyfaces --flow cpflow            # the demo
-    python experiments/vae.py --dataset binarized_mnist --flow iaf --preset paper --device cuda
-    python experiments/vae.py ... --resume                                 # continue after a kill
-    python experiments/vae.py ... --overwrite                              # replace the run
-    torchrun --nproc_per_node 2 experiments/vae.py ...                     # data parallel
+    python -m experiments.vae --dataset freyfaces --flow cpflow            # the demo
+    python -m experiments.vae --dataset binarized_mnist --flow iaf --preset paper --device cuda
+    python -m experiments.vae ... --resume                                 # continue after a kill
+    python -m experiments.vae ... --overwrite                              # replace the run
+    torchrun --nproc_per_node 2 -m experiments.vae ...                     # data parallel
 
 Outputs go to ``experiments/runs/<dataset>-<flow>-s<seed>/`` unless ``--out-dir`` is given:
 ``metrics.jsonl``, ``results.json``, ``checkpoint.pt``, ``config.json``, ``samples.png``
@@ -28,16 +28,11 @@ Every value is checked: one outside its range is refused with the range it must 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from experiments.vae.config import CHOICES, Config, ConfigError  # noqa: E402
-from experiments.vae.train import RunExistsError, run  # noqa: E402
-from pyro_cpflow import CheckpointError  # noqa: E402
+from experiments.vae.config import CHOICES, Config, ConfigError
+from experiments.vae.run_folder import RunExistsError
+from experiments.vae.train import run
+from pyro_cpflow import CheckpointError
 
 PRESETS: dict[str, dict] = {
     "demo": {
@@ -64,7 +59,9 @@ def _hidden(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m experiments.vae",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
     add("--dataset", choices=CHOICES["dataset"], default="freyfaces")
@@ -159,6 +156,3 @@ def main(argv: list[str] | None = None) -> dict:
     except (RunExistsError, CheckpointError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
-
-if __name__ == "__main__":
-    main()
