@@ -25,6 +25,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # the API reference, the maths and the notebooks (rendered, not executed) into docs/_build/html;
 # every warning is an error, and -E rereads every page so that none is missed

@@ -23,8 +23,12 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="torch device for the tests (e.g. cuda)")
-    parser.addoption("--dtype", default="float64", choices=sorted(DTYPES),
-                     help="default torch dtype for the tests (float64 unless given)")
+    parser.addoption(
+        "--dtype",
+        default="float64",
+        choices=sorted(DTYPES),
+        help="default torch dtype for the tests (float64 unless given)",
+    )
 
 
 def pytest_configure(config):

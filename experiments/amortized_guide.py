@@ -89,7 +89,10 @@ class DigitsVAE:
     def __init__(self, latent_dim: int, hidden: int) -> None:
         self.latent_dim = latent_dim
         self.decoder = nn.Sequential(
-            nn.Linear(latent_dim, hidden), nn.Softplus(), nn.Linear(hidden, hidden), nn.Softplus(),
+            nn.Linear(latent_dim, hidden),
+            nn.Softplus(),
+            nn.Linear(hidden, hidden),
+            nn.Softplus(),
             nn.Linear(hidden, PIXELS),
         )
 
@@ -119,8 +122,12 @@ def scaled_pixels(x: Tensor, subsample_size: int | None = None) -> Tensor:
 def build_guide(name: str, vae: DigitsVAE, args: argparse.Namespace) -> Any:
     amortized = {"plate": "data", "data": scaled_pixels, "create_plates": data_plate}
     if name == "AutoAmortizedCPFlow":
-        return AutoAmortizedCPFlow(vae.model, encoder=encoder(args.hidden, args.context_dim),
-                                   hidden_dims=(args.flow_hidden,) * 2, **amortized)
+        return AutoAmortizedCPFlow(
+            vae.model,
+            encoder=encoder(args.hidden, args.context_dim),
+            hidden_dims=(args.flow_hidden,) * 2,
+            **amortized,
+        )
     if name == "AutoAmortizedNormal":
         return AutoAmortizedNormal(vae.model, encoder=encoder(args.hidden, args.context_dim), **amortized)
     return AutoNormal(vae.model, create_plates=data_plate)
@@ -148,14 +155,20 @@ def train(name: str, train_x: Tensor, args: argparse.Namespace) -> tuple[DigitsV
     bar.close()
     timed = times[WARMUP_STEPS:] or times
     tenth = max(1, args.steps // 10)
-    curve = [sum(losses[i:i + tenth]) / len(losses[i:i + tenth]) / len(train_x)
-             for i in range(0, args.steps, tenth)]
-    return vae, guide, {
-        "ms_per_step": 1e3 * statistics.median(timed),
-        "train_loss_per_image_by_tenth": curve,
-        "finite": all(math.isfinite(v) for v in losses),
-        "guide_parameters": count_parameters(guide),
-    }
+    curve = [
+        sum(losses[i : i + tenth]) / len(losses[i : i + tenth]) / len(train_x)
+        for i in range(0, args.steps, tenth)
+    ]
+    return (
+        vae,
+        guide,
+        {
+            "ms_per_step": 1e3 * statistics.median(timed),
+            "train_loss_per_image_by_tenth": curve,
+            "finite": all(math.isfinite(v) for v in losses),
+            "guide_parameters": count_parameters(guide),
+        },
+    )
 
 
 @torch.no_grad()
@@ -204,14 +217,34 @@ def report(results: dict[str, Any]) -> str:
             return f"{values['iwae'] - values['elbo']:.2f}"
         return f"{values[key]:.2f}"
 
-    table = [[name, cell(row, "train", "elbo"), cell(row, "train", "iwae"), cell(row, "train", "gap"),
-              cell(row, "test", "elbo"), cell(row, "test", "iwae"), cell(row, "test", "gap"),
-              f"{row['ms_per_step']:.1f}", f"{row['ms_per_step'] / reference:.1f}" if reference else "",
-              f"{row['guide_parameters']:,}"]
-             for name, row in rows.items()]
+    table = [
+        [
+            name,
+            cell(row, "train", "elbo"),
+            cell(row, "train", "iwae"),
+            cell(row, "train", "gap"),
+            cell(row, "test", "elbo"),
+            cell(row, "test", "iwae"),
+            cell(row, "test", "gap"),
+            f"{row['ms_per_step']:.1f}",
+            f"{row['ms_per_step'] / reference:.1f}" if reference else "",
+            f"{row['guide_parameters']:,}",
+        ]
+        for name, row in rows.items()
+    ]
     return markdown_table(
-        ["guide", "train ELBO ± SE", "train log p̂ (IWAE)", "train gap", "held-out ELBO ± SE",
-         "held-out log p̂", "held-out gap", "ms / step", "time vs Gaussian", "guide parameters"],
+        [
+            "guide",
+            "train ELBO ± SE",
+            "train log p̂ (IWAE)",
+            "train gap",
+            "held-out ELBO ± SE",
+            "held-out log p̂",
+            "held-out gap",
+            "ms / step",
+            "time vs Gaussian",
+            "guide parameters",
+        ],
         table,
     )
 
@@ -288,8 +321,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             record["test"] = evaluate(vae, guide, test_x, args)
         results["guides"][name] = record
         held_out = f"held-out {record['test']['elbo']:8.2f}" if "test" in record else ""
-        print(f"{name:20s} train ELBO {record['train']['elbo']:8.2f} ± {record['train']['elbo_se']:.2f} "
-              f"{held_out}  {record['ms_per_step']:6.1f} ms/step")
+        print(
+            f"{name:20s} train ELBO {record['train']['elbo']:8.2f} ± {record['train']['elbo_se']:.2f} "
+            f"{held_out}  {record['ms_per_step']:6.1f} ms/step"
+        )
     print(report(results))
     if not args.quick:
         write_json(args.out, results)

@@ -84,12 +84,16 @@ def build_parser(
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch CPU threads (1 is fastest for these small problems on a shared machine)",
     )
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="JSON and PNG output")
     parser.add_argument(
-        "--results-md", type=lambda value: Path(value) if value else None, default=RESULTS_MD,
+        "--results-md",
+        type=lambda value: Path(value) if value else None,
+        default=RESULTS_MD,
         help="Markdown file whose section this script (re)writes; '' to skip",
     )
     parser.add_argument("--quick", action="store_true", help="tiny run for smoke tests")
@@ -254,8 +258,11 @@ class DensityFit:
         return float(loss.detach())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                "done": self.done}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "done": self.done,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -285,8 +292,13 @@ def fit_density(
     the last one (``step`` counts steps done). Returns the training losses.
     """
     fit = DensityFit(
-        module, distribution, steps, lr, final_lr_fraction=final_lr_fraction,
-        max_grad_norm=max_grad_norm, desc=desc,
+        module,
+        distribution,
+        steps,
+        lr,
+        final_lr_fraction=final_lr_fraction,
+        max_grad_norm=max_grad_norm,
+        desc=desc,
     )
     module.train()
     losses: list[float] = []
@@ -355,8 +367,10 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: "
-                         f"{error.msg}): restore it from git or rerun the script that wrote it") from None
+        raise ValueError(
+            f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: "
+            f"{error.msg}): restore it from git or rerun the script that wrote it"
+        ) from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -386,11 +400,16 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             if number == len(lines):
-                warnings.warn(f"{path}: dropped its last line, cut off in the middle of a record "
-                              f"(a write interrupted by a kill): {line[:80]!r}", stacklevel=2)
+                warnings.warn(
+                    f"{path}: dropped its last line, cut off in the middle of a record "
+                    f"(a write interrupted by a kill): {line[:80]!r}",
+                    stacklevel=2,
+                )
                 break
-            raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg}); the file "
-                             "is damaged: repair or delete that line") from None
+            raise ValueError(
+                f"{path}, line {number}: not a JSON record ({error.msg}); the file "
+                "is damaged: repair or delete that line"
+            ) from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}, line {number}: a JSON record must be an object, got {line[:80]!r}")
         records.append(record)

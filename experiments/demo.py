@@ -62,28 +62,42 @@ def table(record: dict[str, Any]) -> str:
             gap = 100 * (final["cost"] - w2) / w2
             cells += [f"{final['cost']:.3f} ({gap:+.1f}%)", f"{final['l2_uvp']:.2f}%", f"{final['kl']:.4f}"]
         rows.append(cells)
-    headers = ["problem", "W2² (closed form)", "CP-Flow cost (gap)", "CP-Flow L2-UVP", "CP-Flow KL",
-               "linear IAF cost (gap)", "linear IAF L2-UVP", "linear IAF KL"]
+    headers = [
+        "problem",
+        "W2² (closed form)",
+        "CP-Flow cost (gap)",
+        "CP-Flow L2-UVP",
+        "CP-Flow KL",
+        "linear IAF cost (gap)",
+        "linear IAF L2-UVP",
+        "linear IAF KL",
+    ]
     return common.markdown_table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     common.setup_torch("cpu", "float64", 1, args.seed)
-    config = ot.OTConfig(dims=(8,), steps=args.steps, n_eval=5000, n_curve=1000, evals=8,
-                         show_progress=args.progress)
+    config = ot.OTConfig(
+        dims=(8,), steps=args.steps, n_eval=5000, n_curve=1000, evals=8, show_progress=args.progress
+    )
     start = time.perf_counter()
     record = ot.run(config)
-    record.update(command=common.format_command("experiments.demo", sys.argv[1:] if argv is None else argv),
-                  seconds=time.perf_counter() - start, environment=common.environment(torch.device("cpu")))
+    record.update(
+        command=common.format_command("experiments.demo", sys.argv[1:] if argv is None else argv),
+        seconds=time.perf_counter() - start,
+        environment=common.environment(torch.device("cpu")),
+    )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     figure = ot.plot_cost_vs_kl(record, args.out_dir / "ot_cost_vs_kl.png")
     common.write_json(args.out_dir / "demo.json", record)
     print(table(record) + "\n")
     for name, entry in record["problems"].items():
         cp, linear = entry["cpflow"]["final"], entry["linear_iaf"]["final"]
-        print(f"{name}: CP-Flow's map is {cp['l2_uvp']:.2f}% (L2-UVP) from the optimal-transport map, "
-              f"the linear IAF's {linear['l2_uvp']:.1f}%, at KL {cp['kl']:.4f} and {linear['kl']:.4f}")
+        print(
+            f"{name}: CP-Flow's map is {cp['l2_uvp']:.2f}% (L2-UVP) from the optimal-transport map, "
+            f"the linear IAF's {linear['l2_uvp']:.1f}%, at KL {cp['kl']:.4f} and {linear['kl']:.4f}"
+        )
     print(f"{record['seconds']:.0f} s; results in {args.out_dir / 'demo.json'}, figure {figure}")
     return record
 

@@ -81,8 +81,9 @@ def unconstrained_draws(guide: Any, draws: dict[str, Tensor]) -> Tensor:
     return latent
 
 
-def fit_maximum_likelihood(guide: Any, train: Tensor, steps: int, lr: float, batch: int,
-                           seed: int, show: bool) -> list[float]:
+def fit_maximum_likelihood(
+    guide: Any, train: Tensor, steps: int, lr: float, batch: int, seed: int, show: bool
+) -> list[float]:
     """``steps`` Adam steps on :math:`-\\mathbb E[\\log q(z)]` over minibatches of ``train``; the losses."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
@@ -107,13 +108,21 @@ def held_out(guide: Any, test: Tensor, log_tau: int) -> dict[str, float]:
     guide.eval()
     log_q = guide.get_posterior().log_prob(test)
     spread = guide.get_posterior().sample((test.shape[0],))[:, log_tau].std() / test[:, log_tau].std()
-    return {"heldout_loglik": float(log_q.mean()),
-            "heldout_loglik_se": float(log_q.std() / math.sqrt(len(log_q))),
-            "log_tau_spread_ratio": float(spread)}
+    return {
+        "heldout_loglik": float(log_q.mean()),
+        "heldout_loglik_se": float(log_q.std() / math.sqrt(len(log_q))),
+        "log_tau_spread_ratio": float(spread),
+    }
 
 
-def run_family(family: str, panel: PanelModel, train: dict[str, Tensor], test: dict[str, Tensor],
-               reference: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def run_family(
+    family: str,
+    panel: PanelModel,
+    train: dict[str, Tensor],
+    test: dict[str, Tensor],
+    reference: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     """The three fits of one guide family, each scored."""
     records: dict[str, Any] = {}
     for fit in ("svi", "mle", "mle+svi"):
@@ -126,17 +135,20 @@ def run_family(family: str, panel: PanelModel, train: dict[str, Tensor], test: d
         guide.train()
         record: dict[str, Any] = {}
         if fit == "mle":
-            losses = fit_maximum_likelihood(guide, train_z, args.mle_steps, args.mle_lr, args.batch,
-                                            args.seed, args.progress)
+            losses = fit_maximum_likelihood(
+                guide, train_z, args.mle_steps, args.mle_lr, args.batch, args.seed, args.progress
+            )
             record["final_nll"] = losses[-1]
         else:
             record |= fit_svi(guide, panel, args, f"{family}: {fit}")
         record |= evaluate(guide, panel, reference, args.eval_samples, args.seed)
         record |= held_out(guide, test_z, args.log_tau_index)
         records[fit] = record
-        print(f"{family:14s} {fit:8s} ELBO {record['elbo']:8.3f} ± {record['elbo_se']:.3f}  "
-              f"IS-ESS {100 * record['is_ess']:5.1f}%  held-out log q {record['heldout_loglik']:8.3f}"
-              f" ± {record['heldout_loglik_se']:.3f}  log tau spread {record['log_tau_spread_ratio']:.2f}")
+        print(
+            f"{family:14s} {fit:8s} ELBO {record['elbo']:8.3f} ± {record['elbo_se']:.3f}  "
+            f"IS-ESS {100 * record['is_ess']:5.1f}%  held-out log q {record['heldout_loglik']:8.3f}"
+            f" ± {record['heldout_loglik_se']:.3f}  log tau spread {record['log_tau_spread_ratio']:.2f}"
+        )
     return records
 
 
@@ -145,11 +157,19 @@ def report(results: dict[str, Any]) -> str:
     rows = []
     for family, fits in results["families"].items():
         for fit, r in fits.items():
-            rows.append([family, fit, f"{r['elbo']:.3f} ± {r['elbo_se']:.3f}", f"{100 * r['is_ess']:.1f}%",
-                         f"{r['heldout_loglik']:.3f} ± {r['heldout_loglik_se']:.3f}",
-                         f"{r['log_tau_spread_ratio']:.2f}"])
-    return markdown_table(["guide", "fit", "ELBO", "IS-ESS", "held-out E_p[log q]", "log τ spread / NUTS"],
-                          rows, "llrrrr")
+            rows.append(
+                [
+                    family,
+                    fit,
+                    f"{r['elbo']:.3f} ± {r['elbo_se']:.3f}",
+                    f"{100 * r['is_ess']:.1f}%",
+                    f"{r['heldout_loglik']:.3f} ± {r['heldout_loglik_se']:.3f}",
+                    f"{r['log_tau_spread_ratio']:.2f}",
+                ]
+            )
+    return markdown_table(
+        ["guide", "fit", "ELBO", "IS-ESS", "held-out E_p[log q]", "log τ spread / NUTS"], rows, "llrrrr"
+    )
 
 
 def section(results: dict[str, Any]) -> str:
@@ -198,8 +218,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train = {k: v[order[:half]] for k, v in draws.items()}
     test = {k: v[order[half:]] for k, v in draws.items()}
     flat = {k: v.reshape(v.shape[0], -1) for k, v in test.items()}
-    reference = {"mean": {k: v.mean(0).tolist() for k, v in flat.items()},
-                 "std": {k: v.std(0).tolist() for k, v in flat.items()}}
+    reference = {
+        "mean": {k: v.mean(0).tolist() for k, v in flat.items()},
+        "std": {k: v.std(0).tolist() for k, v in flat.items()},
+    }
     results: dict[str, Any] = {**run_header("experiments.guide_capacity", argv, args), "families": {}}
     for family in FAMILIES:
         results["families"][family] = run_family(family, panel, train, test, reference, args)

@@ -111,8 +111,7 @@ def nuts_draws(
 ) -> tuple[dict[str, Tensor], MCMC]:
     """One NUTS chain on the model's reference form: its draws per site ``(S, ...)``, and the run."""
     pyro.set_rng_seed(seed)
-    mcmc = MCMC(NUTS(panel.nuts_model), num_samples=samples, warmup_steps=warmup,
-                disable_progbar=not show)
+    mcmc = MCMC(NUTS(panel.nuts_model), num_samples=samples, warmup_steps=warmup, disable_progbar=not show)
     mcmc.run()
     return panel.to_sites({k: v.double() for k, v in mcmc.get_samples().items()}), mcmc
 
@@ -127,7 +126,9 @@ def nuts_reference(panel: PanelModel, samples: int, warmup: int, seed: int, show
     return {
         "mean": {k: v.mean(0).tolist() for k, v in sites.items()},
         "std": {k: v.std(0).tolist() for k, v in sites.items()},
-        "samples": samples, "warmup": warmup, "seed": seed,
+        "samples": samples,
+        "warmup": warmup,
+        "seed": seed,
         "min_ess": min(ess) if ess else None,
         "divergences": int(sum(len(v) for v in mcmc.diagnostics()["divergences"].values())),
         "seconds": time.perf_counter() - start,
@@ -141,8 +142,9 @@ def load_references(names: list[str], args: argparse.Namespace) -> dict[str, Any
         if name in cache and not args.refresh_nuts:
             continue
         print(f"NUTS reference for {name} ({args.nuts_samples} samples after {args.nuts_warmup})")
-        cache[name] = nuts_reference(build(name), args.nuts_samples, args.nuts_warmup, args.seed,
-                                     show=args.progress)
+        cache[name] = nuts_reference(
+            build(name), args.nuts_samples, args.nuts_warmup, args.seed, show=args.progress
+        )
         changed = True
     if changed and not args.quick:
         write_json(NUTS_CACHE, cache)
@@ -175,8 +177,11 @@ def fit_svi(guide: Any, panel: PanelModel, args: argparse.Namespace, label: str)
         bar.update()
     bar.close()
     timed = times[WARMUP_STEPS:] or times
-    return {"ms_per_step": 1e3 * statistics.median(timed), "final_loss": losses[-1],
-            "finite": all(math.isfinite(v) for v in losses)}
+    return {
+        "ms_per_step": 1e3 * statistics.median(timed),
+        "final_loss": losses[-1],
+        "finite": all(math.isfinite(v) for v in losses),
+    }
 
 
 @torch.no_grad()
@@ -202,8 +207,13 @@ def evaluate(
         ref_mean, ref_std = torch.tensor(mean), torch.tensor(reference["std"][name])
         z_errors.append((values.mean(0) - ref_mean).abs() / ref_std)
         log_sd_ratios.append((values.std(0) / ref_std).log().abs())
-    record = {"elbo": elbo, "elbo_se": elbo_se, "is_ess": ess, "log_evidence": log_evidence,
-              "non_finite_weights": int((~finite).sum())}
+    record = {
+        "elbo": elbo,
+        "elbo_se": elbo_se,
+        "is_ess": ess,
+        "log_evidence": log_evidence,
+        "non_finite_weights": int((~finite).sum()),
+    }
     if z_errors:
         record["max_mean_error"] = float(torch.cat(z_errors).max())
         record["mean_abs_log_sd_ratio"] = float(torch.cat(log_sd_ratios).mean())
@@ -225,17 +235,38 @@ def report(results: dict[str, Any]) -> str:
         for guide, row in rows.items():
             within = row["elbo"] >= best - 2 * math.hypot(row["elbo_se"], best_se)
             elbo = f"{row['elbo']:.2f} ± {row['elbo_se']:.2f}"
-            table.append([
-                guide, f"**{elbo}**" if within else elbo, f"{evidence - row['elbo']:.2f}",
-                f"{100 * row['is_ess']:.1f}%", f"{row['max_mean_error']:.2f}",
-                f"{row['mean_abs_log_sd_ratio']:.3f}", f"{row['ms_per_step']:.1f}",
-                f"{row['ms_per_step'] / iaf:.2f}" if iaf else "",
-            ])
+            table.append(
+                [
+                    guide,
+                    f"**{elbo}**" if within else elbo,
+                    f"{evidence - row['elbo']:.2f}",
+                    f"{100 * row['is_ess']:.1f}%",
+                    f"{row['max_mean_error']:.2f}",
+                    f"{row['mean_abs_log_sd_ratio']:.3f}",
+                    f"{row['ms_per_step']:.1f}",
+                    f"{row['ms_per_step'] / iaf:.2f}" if iaf else "",
+                ]
+            )
         ref = results["nuts"][name]
-        lines += [f"**{name}** (NUTS: {ref['samples']} draws, min ESS {ref['min_ess']:.0f}, "
-                  f"{ref['divergences']} divergences)", "",
-                  markdown_table(["guide", "ELBO ± SE", "KL gap", "IS-ESS", "max \\|mean err\\| / sd",
-                                  "mean abs log sd ratio", "ms / step", "time vs IAF"], table), ""]
+        lines += [
+            f"**{name}** (NUTS: {ref['samples']} draws, min ESS {ref['min_ess']:.0f}, "
+            f"{ref['divergences']} divergences)",
+            "",
+            markdown_table(
+                [
+                    "guide",
+                    "ELBO ± SE",
+                    "KL gap",
+                    "IS-ESS",
+                    "max \\|mean err\\| / sd",
+                    "mean abs log sd ratio",
+                    "ms / step",
+                    "time vs IAF",
+                ],
+                table,
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -269,8 +300,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     references = load_references(args.models, args)
     results: dict[str, Any] = {
         **run_header("experiments.guide_panel", argv, args),
-        "nuts": {name: {k: v for k, v in references[name].items() if k not in ("mean", "std")}
-                 for name in args.models},
+        "nuts": {
+            name: {k: v for k, v in references[name].items() if k not in ("mean", "std")}
+            for name in args.models
+        },
         "models": {},
     }
     for name in args.models:
@@ -280,8 +313,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             guide, record = train(guide_name, panel, args)
             record |= evaluate(guide, panel, references[name], args.eval_samples, args.seed)
             results["models"][name][guide_name] = record
-            print(f"{name:14s} {guide_name:28s} ELBO {record['elbo']:9.2f} ± {record['elbo_se']:.2f}  "
-                  f"IS-ESS {100 * record['is_ess']:5.1f}%  {record['ms_per_step']:6.1f} ms/step")
+            print(
+                f"{name:14s} {guide_name:28s} ELBO {record['elbo']:9.2f} ± {record['elbo_se']:.2f}  "
+                f"IS-ESS {100 * record['is_ess']:5.1f}%  {record['ms_per_step']:6.1f} ms/step"
+            )
     print(report(results))
     if not args.quick:
         write_json(args.out, results)

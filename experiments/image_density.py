@@ -110,13 +110,29 @@ TEST_SEED_OFFSET = 7919
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},  # the defaults of the options
     "paper-mnist": {
-        "dataset": "mnist", "size": 28, "blocks": (4, 4, 4), "channels": (96, 128, 160), "depth": 4,
-        "steps": 93750, "batch_size": 64, "lr": 1e-3, "margin": 1e-6, "dtype": "float32",
+        "dataset": "mnist",
+        "size": 28,
+        "blocks": (4, 4, 4),
+        "channels": (96, 128, 160),
+        "depth": 4,
+        "steps": 93750,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "margin": 1e-6,
+        "dtype": "float32",
         "checkpoint_every": 1000,
     },
     "paper-cifar10": {
-        "dataset": "cifar10", "size": 32, "blocks": (4, 4, 4), "channels": (64, 96, 124), "depth": 4,
-        "steps": 78125, "batch_size": 64, "lr": 1e-3, "margin": 0.05, "dtype": "float32",
+        "dataset": "cifar10",
+        "size": 32,
+        "blocks": (4, 4, 4),
+        "channels": (64, 96, 124),
+        "depth": 4,
+        "steps": 78125,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "margin": 0.05,
+        "dtype": "float32",
         "checkpoint_every": 1000,
     },
 }
@@ -153,8 +169,9 @@ def load_cifar10(root: Path | None) -> tuple[Tensor, Tensor]:
 
     expected = "DIR/cifar-10-batches-py/ with data_batch_1 ... data_batch_5 and test_batch"
     if root is None:
-        raise FileNotFoundError(f"CIFAR-10 is not bundled with this repository: pass --data-root DIR "
-                                f"({expected})")
+        raise FileNotFoundError(
+            f"CIFAR-10 is not bundled with this repository: pass --data-root DIR ({expected})"
+        )
     try:
         train, test = CIFAR10(str(root), train=True), CIFAR10(str(root), train=False)
     except RuntimeError as error:
@@ -184,15 +201,23 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 def build_cpflow(shape: tuple[int, int, int], args: argparse.Namespace) -> MultiscaleFlow:
     """Levels of ``[ChannelActNorm, conv_cpflow]`` blocks."""
     levels = []
-    for level_shape, blocks, width in zip(level_shapes(shape, len(args.blocks)), args.blocks, args.channels,
-                                          strict=True):
+    for level_shape, blocks, width in zip(
+        level_shapes(shape, len(args.blocks)), args.blocks, args.channels, strict=True
+    ):
         level = []
         for _ in range(blocks):
             level.append(ChannelActNorm(level_shape))
-            level.append(conv_cpflow(
-                level_shape, (width,) * args.depth, logdet="stochastic", cg_rtol=args.cg_rtol,
-                cg_max_iter=args.cg_max_iter, input_gain=args.input_gain, initial_scale=args.initial_scale,
-            ))
+            level.append(
+                conv_cpflow(
+                    level_shape,
+                    (width,) * args.depth,
+                    logdet="stochastic",
+                    cg_rtol=args.cg_rtol,
+                    cg_max_iter=args.cg_max_iter,
+                    input_gain=args.input_gain,
+                    initial_scale=args.initial_scale,
+                )
+            )
         levels.append(level)
     return MultiscaleFlow(shape, levels)
 
@@ -216,6 +241,7 @@ def build_coupling(shape: tuple[int, int, int], args: argparse.Namespace, hidden
 
 def matched_coupling_width(shape: tuple[int, int, int], args: argparse.Namespace, target: int) -> int:
     """The hidden width whose coupling model has the parameter count closest to ``target``."""
+
     def count(width: int) -> int:
         return count_parameters(build_coupling(shape, args, width))
 
@@ -244,8 +270,14 @@ class Run:
     """One model's training, checkpoints and evaluation in ``run_dir/<name>/``."""
 
     def __init__(
-        self, name: str, flow: MultiscaleFlow, images: Tensor, test: Tensor, args: argparse.Namespace,
-        device: torch.device, dtype: torch.dtype,
+        self,
+        name: str,
+        flow: MultiscaleFlow,
+        images: Tensor,
+        test: Tensor,
+        args: argparse.Namespace,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         self.name, self.flow, self.args = name, flow.to(device), args
         self.images, self.test = images, test
@@ -284,12 +316,20 @@ class Run:
             self.bits(self.images[index], generator)
 
     def save(self) -> None:
-        save_checkpoint(self.checkpoint_path, {
-            "format": CHECKPOINT_FORMAT, "settings": _settings(self.args), "step": self.step,
-            "model": self.flow.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(), "losses": self.losses,
-            "train_seconds": self.train_seconds, "rng": rng_state(),
-        })
+        save_checkpoint(
+            self.checkpoint_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "settings": _settings(self.args),
+                "step": self.step,
+                "model": self.flow.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "losses": self.losses,
+                "train_seconds": self.train_seconds,
+                "rng": rng_state(),
+            },
+        )
 
     def load(self) -> None:
         try:
@@ -300,8 +340,10 @@ class Run:
             raise RuntimeError(f"{self.checkpoint_path}: unknown checkpoint format {state.get('format')!r}")
         changed = sorted(k for k, v in _settings(self.args).items() if state["settings"].get(k) != v)
         if changed:
-            raise RuntimeError(f"{self.checkpoint_path} was written with other settings "
-                               f"({', '.join(changed)}): resume with the original options, or --overwrite")
+            raise RuntimeError(
+                f"{self.checkpoint_path} was written with other settings "
+                f"({', '.join(changed)}): resume with the original options, or --overwrite"
+            )
         self.flow.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -331,10 +373,13 @@ class Run:
             self.losses.append(float(loss.detach()))
             bar.update()
             if self.step % args.log_every == 0 or self.step == args.steps:
-                recent = self.losses[-args.log_every:]
+                recent = self.losses[-args.log_every :]
                 mean, extra = sum(recent) / len(recent), self._cg_note()
-                print(f"{self.name} step {self.step}/{args.steps}: train bits/dim {mean:.4f} "
-                      f"({1e3 * self.train_seconds / self.step:.0f} ms/step{extra})", flush=True)
+                print(
+                    f"{self.name} step {self.step}/{args.steps}: train bits/dim {mean:.4f} "
+                    f"({1e3 * self.train_seconds / self.step:.0f} ms/step{extra})",
+                    flush=True,
+                )
             if self.step % args.checkpoint_every == 0 or self.step == args.steps:
                 self.save()
         bar.close()
@@ -360,7 +405,8 @@ class Run:
         result: dict[str, Any] = {
             "test_bits_per_dim": float(bits.mean()),
             "test_bits_per_dim_se": float(bits.std() / math.sqrt(len(bits))),
-            "test_images": len(bits), "eval_seconds": time.perf_counter() - start,
+            "test_images": len(bits),
+            "eval_seconds": time.perf_counter() - start,
         }
         if blocks and args.exact_images:
             subset = self.test[: args.exact_images]
@@ -370,7 +416,8 @@ class Run:
             exact = torch.cat([self.bits(c, step_generator(args.seed, 0, 1)) for c in subset.split(4)])
             difference = (stochastic - exact).double().cpu()
             result["exact_check"] = {
-                "images": len(subset), "exact_bits_per_dim": float(exact.mean()),
+                "images": len(subset),
+                "exact_bits_per_dim": float(exact.mean()),
                 "stochastic_bits_per_dim": float(stochastic.mean()),
                 "mean_difference": float(difference.mean()),
                 "rms_difference": float(difference.pow(2).mean().sqrt()),
@@ -392,9 +439,26 @@ class Run:
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options a checkpoint must agree with to be resumed."""
-    keys = ("dataset", "size", "blocks", "channels", "depth", "steps", "batch_size", "lr", "warmup", "clip",
-            "margin", "seed", "dtype", "cg_rtol", "cg_max_iter", "input_gain", "initial_scale",
-            "coupling_hidden")
+    keys = (
+        "dataset",
+        "size",
+        "blocks",
+        "channels",
+        "depth",
+        "steps",
+        "batch_size",
+        "lr",
+        "warmup",
+        "clip",
+        "margin",
+        "seed",
+        "dtype",
+        "cg_rtol",
+        "cg_max_iter",
+        "input_gain",
+        "initial_scale",
+        "coupling_hidden",
+    )
     return {key: list(v) if isinstance(v := getattr(args, key), tuple) else v for key in keys}
 
 
@@ -427,17 +491,30 @@ def section(results: dict[str, Any], equal_time: dict[str, Any] | None = None) -
         runs.append(("coupling, equal time", equal_time["models"]["coupling"]))
     for name, row in runs:
         check = row.get("exact_check")
-        rows.append([
-            labels[name],
-            f"{row['test_bits_per_dim']:.3f} ± {row['test_bits_per_dim_se']:.3f}",
-            f"{row['final_train_bits_per_dim']:.3f}", f"{row['parameters']:,}", f"{row['ms_per_step']:.0f}",
-            f"{row['train_seconds'] / 60:.1f}",
-            "—" if check is None
-            else f"{check['exact_bits_per_dim']:.3f} / {check['stochastic_bits_per_dim']:.3f}",
-        ])
+        rows.append(
+            [
+                labels[name],
+                f"{row['test_bits_per_dim']:.3f} ± {row['test_bits_per_dim_se']:.3f}",
+                f"{row['final_train_bits_per_dim']:.3f}",
+                f"{row['parameters']:,}",
+                f"{row['ms_per_step']:.0f}",
+                f"{row['train_seconds'] / 60:.1f}",
+                "—"
+                if check is None
+                else f"{check['exact_bits_per_dim']:.3f} / {check['stochastic_bits_per_dim']:.3f}",
+            ]
+        )
     table = markdown_table(
-        ["model", "test bits/dim ± SE", "train bits/dim (last 100 steps)", "parameters", "ms / step",
-         "train min", "exact / stochastic on a subset"], rows,
+        [
+            "model",
+            "test bits/dim ± SE",
+            "train bits/dim (last 100 steps)",
+            "parameters",
+            "ms / step",
+            "train min",
+            "exact / stochastic on a subset",
+        ],
+        rows,
     )
     first = next(iter(results["models"].values()))
     layout = " → ".join("x".join(map(str, shape)) for shape in first["level_shapes"])
@@ -496,8 +573,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels", type=_tuple, default=(16, 32), help="CP-Flow ICNN channels per level")
     parser.add_argument("--depth", type=positive(int), default=3, help="hidden layers of each ICNN")
     parser.add_argument("--input-gain", type=positive(float), default=4.0)
-    parser.add_argument("--initial-scale", type=positive(float), default=1.0,
-                        help="initial sigma of F (1 trains faster here than the library's 0.1)")
+    parser.add_argument(
+        "--initial-scale",
+        type=positive(float),
+        default=1.0,
+        help="initial sigma of F (1 trains faster here than the library's 0.1)",
+    )
     parser.add_argument("--coupling-hidden", type=int, default=0, help="0: match the CP-Flow's parameters")
     parser.add_argument("--steps", type=positive(int), default=800)
     parser.add_argument("--batch-size", type=positive(int), default=64)
@@ -509,8 +590,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cg-max-iter", type=positive(int), default=50)
     parser.add_argument("--eval-cg-rtol", type=positive(float), default=1e-5)
     parser.add_argument("--test-images", type=int, default=0, help="0: the whole test set")
-    parser.add_argument("--exact-images", type=int, default=100,
-                        help="test images for the exact log-det check")
+    parser.add_argument(
+        "--exact-images", type=int, default=100, help="test images for the exact log-det check"
+    )
     parser.add_argument("--eval-batch", type=positive(int), default=500)
     parser.add_argument("--init-images", type=positive(int), default=500, help="ActNorm initialisation batch")
     parser.add_argument("--samples", type=positive(int), default=64)
@@ -521,10 +603,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=positive(int), default=50)
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="checkpoints and per-model results")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    parser.add_argument("--render-only", action="store_true",
-                        help="no training: rewrite the RESULTS.md section from the JSON files")
-    add_run_options(parser, RESULTS_JSON, "smoke run under a minute: tiny models, 20 steps; writes only into "
-                                          "--run-dir")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="no training: rewrite the RESULTS.md section from the JSON files",
+    )
+    add_run_options(
+        parser, RESULTS_JSON, "smoke run under a minute: tiny models, 20 steps; writes only into --run-dir"
+    )
     defaults = parser.parse_args([])
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():  # a preset replaces defaults, not explicit options
@@ -543,16 +629,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     refuse_overwrite(parser, args)
-    found = sorted(str(p.relative_to(args.run_dir)) for p in args.run_dir.glob("*/*") if p.is_file()) \
-        if args.run_dir.is_dir() else []
+    found = (
+        sorted(str(p.relative_to(args.run_dir)) for p in args.run_dir.glob("*/*") if p.is_file())
+        if args.run_dir.is_dir()
+        else []
+    )
     if found and not (args.resume or args.overwrite):
-        parser.error(f"{args.run_dir} holds a run ({', '.join(found[:4])}): --resume to continue it, "
-                     "--overwrite to start again, or another --run-dir")
+        parser.error(
+            f"{args.run_dir} holds a run ({', '.join(found[:4])}): --resume to continue it, "
+            "--overwrite to start again, or another --run-dir"
+        )
     return args
 
 
-def run_model(name: str, args: argparse.Namespace, images: Tensor, test: Tensor, shape: tuple[int, int, int],
-              device: torch.device, dtype: torch.dtype, hidden: int) -> dict[str, Any]:
+def run_model(
+    name: str,
+    args: argparse.Namespace,
+    images: Tensor,
+    test: Tensor,
+    shape: tuple[int, int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    hidden: int,
+) -> dict[str, Any]:
     """Train (or resume) and evaluate one model; its result is kept in ``run_dir/<name>/result.json``."""
     folder = args.run_dir / name
     result_path = folder / "result.json"
@@ -580,22 +679,28 @@ def run_model(name: str, args: argparse.Namespace, images: Tensor, test: Tensor,
     png = save_grid(samples, target)
     tail = run.losses[-100:]
     result = {
-        "parameters": count_parameters(flow), "level_shapes": [list(s) for s in flow.level_shapes],
-        "steps": run.step, "train_seconds": run.train_seconds,
+        "parameters": count_parameters(flow),
+        "level_shapes": [list(s) for s in flow.level_shapes],
+        "steps": run.step,
+        "train_seconds": run.train_seconds,
         "ms_per_step": 1e3 * run.train_seconds / run.step,
         "final_train_bits_per_dim": sum(tail) / len(tail),
         "train_bits_per_dim_by_tenth": [sum(part) / len(part) for part in _tenths(run.losses)],
-        **evaluation, "samples_png": str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png),
+        **evaluation,
+        "samples_png": str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png),
     }
     write_json(result_path, result)
-    print(f"{name}: test bits/dim {result['test_bits_per_dim']:.4f} ± {result['test_bits_per_dim_se']:.4f} "
-          f"({result['parameters']:,} parameters, {result['ms_per_step']:.0f} ms/step)", flush=True)
+    print(
+        f"{name}: test bits/dim {result['test_bits_per_dim']:.4f} ± {result['test_bits_per_dim_se']:.4f} "
+        f"({result['parameters']:,} parameters, {result['ms_per_step']:.0f} ms/step)",
+        flush=True,
+    )
     return result
 
 
 def _tenths(values: list[float]) -> list[list[float]]:
     size = max(1, len(values) // 10)
-    return [values[i:i + size] for i in range(0, len(values), size)]
+    return [values[i : i + size] for i in range(0, len(values), size)]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

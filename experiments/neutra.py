@@ -94,8 +94,9 @@ class CountedModel:
         self.model()
 
 
-def run_chain(model: Callable[[], None], counter: CountedModel, args: argparse.Namespace
-              ) -> tuple[MCMC, NUTS, dict[str, Any]]:
+def run_chain(
+    model: Callable[[], None], counter: CountedModel, args: argparse.Namespace
+) -> tuple[MCMC, NUTS, dict[str, Any]]:
     """One NUTS chain; the gradient evaluations and seconds of its warm-up and sampling."""
     pyro.set_rng_seed(args.seed)
     kernel = NUTS(model, max_plate_nesting=1, max_tree_depth=args.max_tree_depth)
@@ -104,16 +105,27 @@ def run_chain(model: Callable[[], None], counter: CountedModel, args: argparse.N
     def hook(_kernel: Any, _samples: Any, stage: str, _i: int) -> None:
         marks[stage] = (counter.calls, time.perf_counter())  # the last draw of each stage wins
 
-    mcmc = MCMC(kernel, num_samples=args.samples, warmup_steps=args.warmup, hook_fn=hook,
-                disable_progbar=not args.progress)
+    mcmc = MCMC(
+        kernel,
+        num_samples=args.samples,
+        warmup_steps=args.warmup,
+        hook_fn=hook,
+        disable_progbar=not args.progress,
+    )
     counter.calls = 0
     start = time.perf_counter()
     mcmc.run()
     (warm_calls, warm_end), (end_calls, end) = marks["Warmup"], marks["Sample"]
-    return mcmc, kernel, {
-        "warmup_gradients": warm_calls, "warmup_seconds": warm_end - start,
-        "gradients": end_calls - warm_calls, "seconds": end - warm_end,
-    }
+    return (
+        mcmc,
+        kernel,
+        {
+            "warmup_gradients": warm_calls,
+            "warmup_seconds": warm_end - start,
+            "gradients": end_calls - warm_calls,
+            "seconds": end - warm_end,
+        },
+    )
 
 
 def flatten(sites: dict[str, Tensor]) -> tuple[Tensor, list[str]]:
@@ -167,7 +179,8 @@ def sample(method: str, args: argparse.Namespace, reference: dict[str, Any]) -> 
     ess = effective_sample_size(draws[None], chain_dim=0, sample_dim=1)
     min_ess, median_ess = float(ess.min()), float(ess.median())
     record |= cost | {
-        "min_ess": min_ess, "median_ess": median_ess,
+        "min_ess": min_ess,
+        "median_ess": median_ess,
         "min_ess_coordinate": names[int(ess.argmin())],
         "ess_per_1000_gradients": 1e3 * min_ess / cost["gradients"],
         "median_ess_per_1000_gradients": 1e3 * median_ess / cost["gradients"],
@@ -188,18 +201,39 @@ def report(results: dict[str, Any]) -> str:
     """The Markdown table of a run."""
     rows = []
     for method, row in results["methods"].items():
-        rows.append([
-            method, f"{row['ess_per_1000_gradients']:.1f}", f"{row['ess_per_second']:.1f}",
-            f"{row['min_ess']:.0f} ({row['min_ess_coordinate']})", f"{row['median_ess']:.0f}",
-            f"{row['gradients_per_draw']:.1f}", f"{row['step_size']:.3f}", f"{row['ms_per_gradient']:.2f}",
-            str(row["divergences"]), f"{row['max_mean_error']:.2f} ({row['max_mean_error_in_se']:.1f} SE)",
-            f"{row['mean_abs_log_sd_ratio']:.3f}",
-            f"{row['training']['ms_per_step']:.1f}" if "training" in row else "",
-        ])
+        rows.append(
+            [
+                method,
+                f"{row['ess_per_1000_gradients']:.1f}",
+                f"{row['ess_per_second']:.1f}",
+                f"{row['min_ess']:.0f} ({row['min_ess_coordinate']})",
+                f"{row['median_ess']:.0f}",
+                f"{row['gradients_per_draw']:.1f}",
+                f"{row['step_size']:.3f}",
+                f"{row['ms_per_gradient']:.2f}",
+                str(row["divergences"]),
+                f"{row['max_mean_error']:.2f} ({row['max_mean_error_in_se']:.1f} SE)",
+                f"{row['mean_abs_log_sd_ratio']:.3f}",
+                f"{row['training']['ms_per_step']:.1f}" if "training" in row else "",
+            ]
+        )
     return markdown_table(
-        ["sampler", "min ESS / 1000 grads", "min ESS / s", "min ESS", "median ESS", "grads / draw",
-         "step size", "ms / grad", "divergences", r"max \|mean err\| / sd", "mean abs log sd ratio",
-         "guide ms / SVI step"], rows)
+        [
+            "sampler",
+            "min ESS / 1000 grads",
+            "min ESS / s",
+            "min ESS",
+            "median ESS",
+            "grads / draw",
+            "step size",
+            "ms / grad",
+            "divergences",
+            r"max \|mean err\| / sd",
+            "mean abs log sd ratio",
+            "guide ms / SVI step",
+        ],
+        rows,
+    )
 
 
 def section(results: dict[str, Any]) -> str:
@@ -225,15 +259,20 @@ def reading(results: dict[str, Any]) -> str:
     """Whether the target (CP-Flow NeuTra's ESS per gradient at least the IAF's) is met, and
     each sampler's slowest coordinate and step size."""
     rows = results["methods"]
-    cp, iaf, plain = (rows[m]["ess_per_1000_gradients"] for m in
-                      ("NeuTra + AutoCPFlow", "NeuTra + AutoIAFNormal", "NUTS"))
+    cp, iaf, plain = (
+        rows[m]["ess_per_1000_gradients"] for m in ("NeuTra + AutoCPFlow", "NeuTra + AutoIAFNormal", "NUTS")
+    )
     verdict = "meets" if cp >= iaf else "misses"
     worst = "; ".join(
         f"{m}: min ESS on {rows[m]['min_ess_coordinate']} ({rows[m]['min_ess']:.0f}, median "
-        f"{rows[m]['median_ess']:.0f}), step size {rows[m]['step_size']:.3f}" for m in rows)
-    return (f"CP-Flow NeuTra {verdict} the target of at least the IAF's effective samples per "
-            f"gradient: {cp:.1f} against {iaf:.1f} per 1000 gradients (plain NUTS {plain:.1f}). "
-            f"The slowest coordinate and the adapted step size of each sampler: {worst}.")
+        f"{rows[m]['median_ess']:.0f}), step size {rows[m]['step_size']:.3f}"
+        for m in rows
+    )
+    return (
+        f"CP-Flow NeuTra {verdict} the target of at least the IAF's effective samples per "
+        f"gradient: {cp:.1f} against {iaf:.1f} per 1000 gradients (plain NUTS {plain:.1f}). "
+        f"The slowest coordinate and the adapted step size of each sampler: {worst}."
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -272,10 +311,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method in args.methods:
         record = sample(method, args, reference)
         results["methods"][method] = record
-        print(f"{method:24s} min ESS {record['min_ess']:7.1f}"
-              f"  per 1000 grads {record['ess_per_1000_gradients']:6.2f}"
-              f"  per s {record['ess_per_second']:6.2f}  {record['ms_per_gradient']:.2f} ms/grad"
-              f"  {record['divergences']} divergent")
+        print(
+            f"{method:24s} min ESS {record['min_ess']:7.1f}"
+            f"  per 1000 grads {record['ess_per_1000_gradients']:6.2f}"
+            f"  per s {record['ess_per_second']:6.2f}  {record['ms_per_gradient']:.2f} ms/grad"
+            f"  {record['divergences']} divergent"
+        )
     results["seconds"] = time.perf_counter() - start
     if set(METHODS) <= set(args.methods):
         results["reading"] = reading(results)

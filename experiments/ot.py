@@ -305,7 +305,13 @@ def run_problem(problem: GaussianProblem, index: int, config: OTConfig) -> dict[
         return map_metrics(flow, cp_dist.log_prob, problem, x, lp)
 
     entry["cpflow"] = _fit(
-        "CP-Flow", flow, cp_dist, problem, config, config.lr, train_seed,
+        "CP-Flow",
+        flow,
+        cp_dist,
+        problem,
+        config,
+        config.lr,
+        train_seed,
         lambda: cp_metrics(curve_set, data_log_prob[: config.n_curve]),
     )
     entry["cpflow"]["final"] = cp_metrics(held_out, data_log_prob)
@@ -314,7 +320,13 @@ def run_problem(problem: GaussianProblem, index: int, config: OTConfig) -> dict[
     linear = LinearIAF(d).to(device, dtype)
     lin_dist = dist.TransformedDistribution(base, [linear.inv])
     entry["linear_iaf"] = _fit(
-        "linear IAF", linear, lin_dist, problem, config, config.linear_lr, train_seed,
+        "linear IAF",
+        linear,
+        lin_dist,
+        problem,
+        config,
+        config.linear_lr,
+        train_seed,
         lambda: linear.closed_form(problem),
     )
     entry["linear_iaf"]["final"] = linear.closed_form(problem)
@@ -371,7 +383,7 @@ def plot_cost_vs_kl(record: dict[str, Any], path: Path) -> Path:
         )
         ax.text(0.03, 0.04, summary, transform=ax.transAxes, fontsize=7, va="bottom")
         ax.legend(fontsize=7, loc="upper right")
-    for ax in list(axes.flat)[len(problems):]:
+    for ax in list(axes.flat)[len(problems) :]:
         ax.axis("off")
     fig.suptitle(
         "Transport cost vs KL during maximum-likelihood training (both start near the identity; star: end)",
@@ -403,18 +415,35 @@ def markdown_section(record: dict[str, Any], markdown_path: Path = common.RESULT
     for name, entry in record["problems"].items():
         w2 = entry["w2_squared"]
         cp, lin = entry["cpflow"]["final"], entry["linear_iaf"]["final"]
-        rows.append([
-            name, f"{w2:.4f}",
-            f"{cp['cost']:.4f}", f"{100 * (cp['cost'] - w2) / w2:+.2f}%",
-            f"{100 * cp['paired_excess_cost'] / w2:+.3f}%", f"{cp['l2_uvp']:.3f}", f"{cp['kl']:.1e}",
-            f"{lin['cost']:.4f}", f"{100 * (lin['cost'] - w2) / w2:+.2f}%", f"{lin['l2_uvp']:.2f}",
-            f"{lin['kl']:.1e}",
-            f"{entry['cpflow']['seconds']:.0f} s",
-        ])
+        rows.append(
+            [
+                name,
+                f"{w2:.4f}",
+                f"{cp['cost']:.4f}",
+                f"{100 * (cp['cost'] - w2) / w2:+.2f}%",
+                f"{100 * cp['paired_excess_cost'] / w2:+.3f}%",
+                f"{cp['l2_uvp']:.3f}",
+                f"{cp['kl']:.1e}",
+                f"{lin['cost']:.4f}",
+                f"{100 * (lin['cost'] - w2) / w2:+.2f}%",
+                f"{lin['l2_uvp']:.2f}",
+                f"{lin['kl']:.1e}",
+                f"{entry['cpflow']['seconds']:.0f} s",
+            ]
+        )
     headers = [
-        "problem", "W2^2",
-        "CP-Flow cost", "gap", "paired gap", "L2-UVP %", "KL",
-        "linear IAF cost", "gap", "L2-UVP %", "KL", "CP-Flow time",
+        "problem",
+        "W2^2",
+        "CP-Flow cost",
+        "gap",
+        "paired gap",
+        "L2-UVP %",
+        "KL",
+        "linear IAF cost",
+        "gap",
+        "L2-UVP %",
+        "KL",
+        "CP-Flow time",
     ]
     lines.append(common.markdown_table(headers, rows))
     lines += ["", f"![cost vs KL]({common.link(record['figure'], markdown_path)})", ""]
@@ -433,13 +462,18 @@ def config_from_args(argv: Sequence[str]) -> tuple[OTConfig, Any]:
     """Parse the command line into an :class:`OTConfig` (and the raw namespace)."""
     parser = common.build_parser(
         "python -m experiments.ot",
-        __doc__.split("\n\n")[0], steps=OTConfig.steps, batch_size=OTConfig.batch_size, lr=OTConfig.lr
+        __doc__.split("\n\n")[0],
+        steps=OTConfig.steps,
+        batch_size=OTConfig.batch_size,
+        lr=OTConfig.lr,
     )
     parser.add_argument("--dims", type=int, nargs="*", default=list(OTConfig.dims), help="random problems")
     parser.add_argument("--no-paper-case", action="store_true", help="skip the paper's d=2 problem")
     parser.add_argument("--hidden", type=int, default=OTConfig.hidden, help="ICNN width (two layers)")
     parser.add_argument(
-        "--linear-lr", type=float, default=OTConfig.linear_lr,
+        "--linear-lr",
+        type=float,
+        default=OTConfig.linear_lr,
         help="peak learning rate of the linear IAF (it converges slowly at --lr)",
     )
     parser.add_argument("--n-eval", type=int, default=OTConfig.n_eval, help="held-out sample size")
@@ -451,11 +485,20 @@ def config_from_args(argv: Sequence[str]) -> tuple[OTConfig, Any]:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     config = OTConfig(
-        dims=tuple(args.dims), paper_case=not args.no_paper_case, steps=args.steps,
+        dims=tuple(args.dims),
+        paper_case=not args.no_paper_case,
+        steps=args.steps,
         batch_size=args.batch_size,
-        lr=args.lr, linear_lr=args.linear_lr, hidden=args.hidden, seed=args.seed, n_eval=args.n_eval,
+        lr=args.lr,
+        linear_lr=args.linear_lr,
+        hidden=args.hidden,
+        seed=args.seed,
+        n_eval=args.n_eval,
         n_curve=args.n_curve,
-        evals=args.evals, device=args.device, dtype=args.dtype, show_progress=not args.no_progress,
+        evals=args.evals,
+        device=args.device,
+        dtype=args.dtype,
+        show_progress=not args.no_progress,
     )
     return config, args
 

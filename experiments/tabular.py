@@ -149,24 +149,44 @@ def run_one(dataset: str, model: str, data: TensorSplits, args: argparse.Namespa
     """Train one model on one set (or take its finished checkpoint); its record."""
     seed = model_seed(args.seed, dataset, model)
     module, shape = build(model, data.train.shape[1], args, seed)
-    settings = TrainSettings(batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
-                             eval_every=args.eval_every, patience=args.patience)
+    settings = TrainSettings(
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_steps=args.max_steps,
+        eval_every=args.eval_every,
+        patience=args.patience,
+    )
     identity = {"dataset": dataset, "model": model, **shape, "dtype": args.dtype}
-    result = fit(module, density(module, data.train.shape[1]), data, settings, seed,
-                 checkpoint_path(args.run_dir, dataset, model), resume=args.resume, identity=identity,
-                 desc=f"{dataset} | {model}", show_progress=args.progress)
+    result = fit(
+        module,
+        density(module, data.train.shape[1]),
+        data,
+        settings,
+        seed,
+        checkpoint_path(args.run_dir, dataset, model),
+        resume=args.resume,
+        identity=identity,
+        desc=f"{dataset} | {model}",
+        show_progress=args.progress,
+    )
     return {**shape, **result}
 
 
 def claim_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse checkpoints of the selected runs unless ``--resume`` or ``--overwrite``
     (which deletes them)."""
-    found = [path for d in args.datasets for m in args.models
-             if (path := checkpoint_path(args.run_dir, d, m)).exists()]
+    found = [
+        path
+        for d in args.datasets
+        for m in args.models
+        if (path := checkpoint_path(args.run_dir, d, m)).exists()
+    ]
     if found and not (args.resume or args.overwrite):
-        parser.error(f"{args.run_dir} holds checkpoints of these runs ({', '.join(p.name for p in found)}): "
-                     "pass --resume to continue them, --overwrite to delete them and start again, "
-                     "or another --run-dir")
+        parser.error(
+            f"{args.run_dir} holds checkpoints of these runs ({', '.join(p.name for p in found)}): "
+            "pass --resume to continue them, --overwrite to delete them and start again, "
+            "or another --run-dir"
+        )
     if args.overwrite:
         for path in found:
             path.unlink()
@@ -191,9 +211,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         }
         for model in args.models:
             entry["models"][model] = row = run_one(dataset, model, data, args)
-            print(f"{dataset:14s} {model:8s} test {row['test_loglik']:9.3f} ± {row['test_loglik_2se']:.3f} "
-                  f"({row['parameters']} parameters, best step {row['best_step']} of {row['steps']}, "
-                  f"{row['train_seconds']:.0f} s)", flush=True)
+            print(
+                f"{dataset:14s} {model:8s} test {row['test_loglik']:9.3f} ± {row['test_loglik_2se']:.3f} "
+                f"({row['parameters']} parameters, best step {row['best_step']} of {row['steps']}, "
+                f"{row['train_seconds']:.0f} s)",
+                flush=True,
+            )
         record["datasets"][dataset] = entry
     record["seconds"] = time.perf_counter() - start
     return record
@@ -220,40 +243,62 @@ def report(record: dict[str, Any]) -> str:
         rows = entry["models"]
         best = max(rows[m]["test_loglik"] for m in models)
         gaussian = entry["gaussian"]
-        scores.append([f"{name} (d = {entry['dim']}, test {entry['sizes']['test']})",
-                       *[_cell(rows[m], best) for m in models],
-                       f"{gaussian['test_loglik']:.2f} ± {gaussian['test_loglik_2se']:.2f}"])
+        scores.append(
+            [
+                f"{name} (d = {entry['dim']}, test {entry['sizes']['test']})",
+                *[_cell(rows[m], best) for m in models],
+                f"{gaussian['test_loglik']:.2f} ± {gaussian['test_loglik_2se']:.2f}",
+            ]
+        )
         if "CP-Flow" in rows:
             others = [m for m in models if m != "CP-Flow"]
-            differences = [paired_difference(rows["CP-Flow"]["test_logliks"], rows[m]["test_logliks"])
-                           for m in others]
+            differences = [
+                paired_difference(rows["CP-Flow"]["test_logliks"], rows[m]["test_logliks"]) for m in others
+            ]
             pairs.append([name, *[f"{mean:+.2f} ± {two_se:.2f}" for mean, two_se in differences]])
         for m in models:
             row = rows[m]
-            shape = (f"{row['blocks']} blocks" if "blocks" in row else f"{row['layers']} layers") + \
-                f", width {row['hidden']}"
-            costs.append([name, m, shape, f"{row['parameters']:,}", f"{row['best_step']} / {row['steps']}",
-                          f"{row['train_seconds']:.0f}", f"{row['ms_per_step']:.1f}"])
+            shape = (
+                f"{row['blocks']} blocks" if "blocks" in row else f"{row['layers']} layers"
+            ) + f", width {row['hidden']}"
+            costs.append(
+                [
+                    name,
+                    m,
+                    shape,
+                    f"{row['parameters']:,}",
+                    f"{row['best_step']} / {row['steps']}",
+                    f"{row['train_seconds']:.0f}",
+                    f"{row['ms_per_step']:.1f}",
+                ]
+            )
     first = markdown_table(["data set", *models, "Gaussian"], scores)
-    second = markdown_table(["data set", "model", "shape", "parameters", "best step / steps",
-                             "training s", "ms / step"], costs)
+    second = markdown_table(
+        ["data set", "model", "shape", "parameters", "best step / steps", "training s", "ms / step"], costs
+    )
     tables = [first]
     if pairs:
         others = [m for m in models if m != "CP-Flow"]
-        tables.append("CP-Flow minus each baseline, paired over the same test points (mean ± two standard "
-                      "errors; positive: CP-Flow better):\n\n"
-                      + markdown_table(["data set", *[f"CP-Flow − {m}" for m in others]], pairs))
+        tables.append(
+            "CP-Flow minus each baseline, paired over the same test points (mean ± two standard "
+            "errors; positive: CP-Flow better):\n\n"
+            + markdown_table(["data set", *[f"CP-Flow − {m}" for m in others]], pairs)
+        )
     return "\n\n".join([*tables, second])
 
 
 def _data_description(record: dict[str, Any]) -> str:
     if all(name in BUNDLED_DATASETS for name in record["datasets"]):
-        return ("Data: scikit-learn's bundled sets (`experiments/tabular_bundled.py`), shuffled, 20% test "
-                "and 20% of the rest validation; breast cancer without the six features whose minimum "
-                "repeats (MAF's rule), wine and digits dequantised (uniform noise of each column's grid "
-                "width, fresh for every training batch).")
-    return ("Data: the preprocessed sets of Papamakarios et al. (2017) as `experiments/tabular_data.py` "
-            "describes, with the bundled ones as `experiments/tabular_bundled.py` does.")
+        return (
+            "Data: scikit-learn's bundled sets (`experiments/tabular_bundled.py`), shuffled, 20% test "
+            "and 20% of the rest validation; breast cancer without the six features whose minimum "
+            "repeats (MAF's rule), wine and digits dequantised (uniform noise of each column's grid "
+            "width, fresh for every training batch)."
+        )
+    return (
+        "Data: the preprocessed sets of Papamakarios et al. (2017) as `experiments/tabular_data.py` "
+        "describes, with the bundled ones as `experiments/tabular_bundled.py` does."
+    )
 
 
 def section(record: dict[str, Any]) -> str:
@@ -267,17 +312,23 @@ def section(record: dict[str, Any]) -> str:
         f"Adam, lr {s['lr']:g}, batches of {s['batch_size']}, validation every {s['eval_every']} "
         f"steps, early stopping after {s['patience']} evaluations without improvement, at most "
         f"{s['max_steps']} steps. CP-Flow: `cpflow_stack` of {s['blocks']} blocks, ICNN widths "
-        f"({s['hidden']}, {s['hidden']}), `logdet=\"auto\"` (stochastic while training at these "
+        f'({s["hidden"]}, {s["hidden"]}), `logdet="auto"` (stochastic while training at these '
         "batch sizes and dimensions, exact in evaluation); MAF (`affine_autoregressive`) and NSF "
         "(`spline_coupling`, 4 bins) with the width that matches the CP-Flow's parameter count. "
         f"{_data_description(record)} The Gaussian is the maximum-likelihood fit of the training "
         "distribution."
     )
-    capped = [f"{name} {model}" for name, entry in record["datasets"].items()
-              for model, row in entry["models"].items() if row["stop_reason"] == "max_steps"]
-    notes = ("One seed; the test sets are small (the two standard errors say how small). "
-             + (f"Stopped by the step limit, not by early stopping: {', '.join(capped)}. " if capped else "")
-             + "No model was tuned beyond these shared settings.")
+    capped = [
+        f"{name} {model}"
+        for name, entry in record["datasets"].items()
+        for model, row in entry["models"].items()
+        if row["stop_reason"] == "max_steps"
+    ]
+    notes = (
+        "One seed; the test sets are small (the two standard errors say how small). "
+        + (f"Stopped by the step limit, not by early stopping: {', '.join(capped)}. " if capped else "")
+        + "No model was tuned beyond these shared settings."
+    )
     return intro + "\n\n" + report(record) + "\n\n" + notes
 
 
@@ -288,12 +339,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     parser = argparse.ArgumentParser(
         prog="python -m experiments.tabular", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--datasets", nargs="+", choices=[*BUNDLED_DATASETS, *MAF_DATASETS],
-                        default=list(DEFAULT_DATASETS))
+    parser.add_argument(
+        "--datasets", nargs="+", choices=[*BUNDLED_DATASETS, *MAF_DATASETS], default=list(DEFAULT_DATASETS)
+    )
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     parser.add_argument("--maf-root", type=Path, help=f"folder of the preprocessed MAF files ({LAYOUT})")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow unpickling GAS's pickle (pickles run code: trusted files only)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow unpickling GAS's pickle (pickles run code: trusted files only)",
+    )
     parser.add_argument("--blocks", type=positive(int), default=4, help="CP-Flow blocks")
     parser.add_argument("--hidden", type=positive(int), default=64, help="CP-Flow ICNN width")
     parser.add_argument("--maf-layers", type=positive(int), default=5, help="most MAF layers")
@@ -304,12 +359,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     parser.add_argument("--eval-every", type=positive(int), default=50)
     parser.add_argument("--patience", type=positive(int), default=10, help="evaluations without improvement")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    parser.add_argument("--run-dir", type=Path,
-                        help=f"checkpoints (default {RUN_DIR}; --quick: a temporary one)")
+    parser.add_argument(
+        "--run-dir", type=Path, help=f"checkpoints (default {RUN_DIR}; --quick: a temporary one)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the checkpointed runs in --run-dir")
-    parser.add_argument("--render-only", action="store_true",
-                        help="no training: print the report of the JSON in --out (and, for the default "
-                        "--out, rewrite the RESULTS.md section)")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="no training: print the report of the JSON in --out (and, for the default "
+        "--out, rewrite the RESULTS.md section)",
+    )
     add_run_options(parser, RESULTS_JSON, "smoke run: 30 steps per model; writes no results")
     args = parser.parse_args(argv)
     if args.quick:

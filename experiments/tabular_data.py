@@ -171,8 +171,7 @@ def _optional_import(module: str, purpose: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise MissingDependencyError(
-            f"{purpose} needs the optional package {module}, which is not installed: "
-            f"pip install {module}"
+            f"{purpose} needs the optional package {module}, which is not installed: pip install {module}"
         ) from None
 
 
@@ -201,8 +200,10 @@ class TabularSplits:
     def __post_init__(self) -> None:
         dims = {part.shape[1] for part in (self.train, self.validation, self.test)}
         if len(dims) != 1 or any(part.ndim != 2 for part in (self.train, self.validation, self.test)):
-            raise ValueError(f"{self.name}: the splits must be 2-D with one number of columns, got "
-                             f"{self.train.shape}, {self.validation.shape}, {self.test.shape}")
+            raise ValueError(
+                f"{self.name}: the splits must be 2-D with one number of columns, got "
+                f"{self.train.shape}, {self.validation.shape}, {self.test.shape}"
+            )
 
     @property
     def dim(self) -> int:
@@ -343,8 +344,14 @@ def load_power(root: str | Path) -> TabularSplits:
     train, validation, test = _maf_split(data)
     parts, stats = standardise([train, validation, test], np.vstack([train, validation]), ddof=0)
     notes = {
-        "columns": ["global active power", "voltage", "sub-metering 1", "sub-metering 2",
-                    "sub-metering 3", "time"],
+        "columns": [
+            "global active power",
+            "voltage",
+            "sub-metering 1",
+            "sub-metering 2",
+            "sub-metering 3",
+            "time",
+        ],
         "dropped": ["global reactive power", "global intensity"],
         "noise": "U(0, 0.001), U(0, 0.01), U(0, 1) x 3, none (time)",
         "standardised_by": "training and validation rows (ddof=0)",
@@ -396,8 +403,10 @@ def load_hepmass(root: str | Path) -> TabularSplits:
     train = train[train[:, 0] == 1, 1:]
     test = test[test[:, 0] == 1, 1:]
     if test.shape[1] < train.shape[1]:
-        raise ValueError(f"{test_path} has {test.shape[1]} feature columns, fewer than the "
-                         f"{train.shape[1]} of {train_path}")
+        raise ValueError(
+            f"{test_path} has {test.shape[1]} feature columns, fewer than the "
+            f"{train.shape[1]} of {train_path}"
+        )
     cut = test.shape[1] - train.shape[1]
     test = test[:, : train.shape[1]]
     (train, test), stats = standardise([train, test], train, ddof=1)

@@ -39,7 +39,13 @@ from experiments.common import count_parameters, standard_normal
 from pyro_cpflow import ActNorm, cpflow_stack
 
 __all__ = [
-    "BASELINES", "MODEL_NAMES", "build_cpflow", "build_maf", "build_nsf", "density", "matched_baseline",
+    "BASELINES",
+    "MODEL_NAMES",
+    "build_cpflow",
+    "build_maf",
+    "build_nsf",
+    "density",
+    "matched_baseline",
     "matched_width",
 ]
 
@@ -64,8 +70,9 @@ def build_nsf(dim: int, layers: int, hidden: int) -> nn.Module:
     for i in range(layers):
         if i:
             parts.append(T.Permute(torch.randperm(dim)))
-        parts.append(T.spline_coupling(dim, hidden_dims=[hidden, hidden], count_bins=SPLINE_BINS,
-                                       bound=SPLINE_BOUND))
+        parts.append(
+            T.spline_coupling(dim, hidden_dims=[hidden, hidden], count_bins=SPLINE_BINS, bound=SPLINE_BOUND)
+        )
     return T.ComposeTransformModule(parts)
 
 
@@ -78,8 +85,14 @@ SMALLEST_WIDTH: dict[str, Callable[[int], int]] = {"MAF": lambda dim: max(4, dim
 MODEL_NAMES = ("CP-Flow", *BASELINES)
 
 
-def matched_width(build: Callable[[int, int, int], nn.Module], dim: int, layers: int, target: int,
-                  smallest: int = 4, largest: int = 4096) -> int:
+def matched_width(
+    build: Callable[[int, int, int], nn.Module],
+    dim: int,
+    layers: int,
+    target: int,
+    smallest: int = 4,
+    largest: int = 4096,
+) -> int:
     """The hidden width of ``build(dim, layers, width)`` whose parameter count is closest to
     ``target`` (the count grows with the width, so a bisection finds it).
 
@@ -87,6 +100,7 @@ def matched_width(build: Callable[[int, int, int], nn.Module], dim: int, layers:
     >>> count_parameters(build_maf(5, 2, width)) - 2000 in range(-300, 300)
     True
     """
+
     def size(width: int) -> int:
         return count_parameters(build(dim, layers, width))
 
@@ -109,8 +123,9 @@ def matched_baseline(name: str, dim: int, max_layers: int, target: int) -> tuple
     (3, 74)
     """
     build, floor = BASELINES[name], SMALLEST_WIDTH[name](dim)
-    layers = next((n for n in range(max_layers, 0, -1)
-                   if count_parameters(build(dim, n, floor)) <= target), 1)
+    layers = next(
+        (n for n in range(max_layers, 0, -1) if count_parameters(build(dim, n, floor)) <= target), 1
+    )
     return layers, matched_width(build, dim, layers, target, smallest=floor)
 
 

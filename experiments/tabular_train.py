@@ -118,9 +118,13 @@ class _Run:
             "generator": self.generator.get_state(),
             "rng": rng_state(),
             "counters": {
-                "step": self.step, "best_step": self.best_step, "best_value": self.best_value,
-                "bad_evaluations": self.bad_evaluations, "train_seconds": self.train_seconds,
-                "step_seconds": self.step_seconds, "stop_reason": self.stop_reason,
+                "step": self.step,
+                "best_step": self.best_step,
+                "best_value": self.best_value,
+                "bad_evaluations": self.bad_evaluations,
+                "train_seconds": self.train_seconds,
+                "step_seconds": self.step_seconds,
+                "stop_reason": self.stop_reason,
             },
             "best_state": self.best_state,
             "history": self.history,
@@ -132,10 +136,15 @@ class _Run:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise RuntimeError(f"{path}: unknown checkpoint format {state.get('format')!r}")
         if state["identity"] != self.identity:
-            changed = sorted(key for key in {*state["identity"], *self.identity}
-                             if state["identity"].get(key) != self.identity.get(key))
-            raise RuntimeError(f"{path} was written with other settings ({', '.join(changed)}): "
-                               "resume with the original options, or pass --overwrite to start again")
+            changed = sorted(
+                key
+                for key in {*state["identity"], *self.identity}
+                if state["identity"].get(key) != self.identity.get(key)
+            )
+            raise RuntimeError(
+                f"{path} was written with other settings ({', '.join(changed)}): "
+                "resume with the original options, or pass --overwrite to start again"
+            )
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
@@ -246,8 +255,10 @@ def _result(run: _Run, distribution: dist.Distribution, data: TensorSplits) -> d
             scores[f"{split}_loglik"], scores[f"{split}_loglik_2se"] = mean_and_two_se(values)
         scores["test_logliks"] = values.tolist()
     else:
-        scores = {key: math.nan for key in ("validation_loglik", "validation_loglik_2se",
-                                            "test_loglik", "test_loglik_2se")}
+        scores = {
+            key: math.nan
+            for key in ("validation_loglik", "validation_loglik_2se", "test_loglik", "test_loglik_2se")
+        }
         scores["test_logliks"] = []
     return {
         **scores,

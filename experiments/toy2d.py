@@ -52,7 +52,13 @@ from pyro_cpflow import ActNorm, cpflow, cpflow_stack
 from pyro_cpflow.nn import DEFAULT_INPUT_GAIN
 
 __all__ = [
-    "MODELS", "ToyConfig", "build_model", "cpflow_model", "held_out_loglik", "markdown_section", "plot_grid",
+    "MODELS",
+    "ToyConfig",
+    "build_model",
+    "cpflow_model",
+    "held_out_loglik",
+    "markdown_section",
+    "plot_grid",
     "run",
 ]
 
@@ -60,6 +66,7 @@ TITLE = "Toy densities"
 
 
 # -------------------------------------------------------------------------- models
+
 
 def _reverse(dim: int) -> T.Permute:
     return T.Permute(torch.arange(dim - 1, -1, -1))
@@ -258,8 +265,13 @@ def run(config: ToyConfig) -> ToyResult:
             )
             start = time.perf_counter()
             losses = common.fit_density(
-                module, distribution, sample_batch, config.steps, config.lr,
-                desc=f"{data_name} | {model_name}", show_progress=config.show_progress,
+                module,
+                distribution,
+                sample_batch,
+                config.steps,
+                config.lr,
+                desc=f"{data_name} | {model_name}",
+                show_progress=config.show_progress,
             )
             seconds = time.perf_counter() - start
             loglik, stderr = held_out_loglik(distribution, test)
@@ -376,24 +388,37 @@ def config_from_args(argv: Sequence[str]) -> tuple[ToyConfig, Any]:
     """Parse the command line into a :class:`ToyConfig` (and the raw namespace)."""
     parser = common.build_parser(
         "python -m experiments.toy2d",
-        __doc__.split("\n\n")[0], steps=ToyConfig.steps, batch_size=ToyConfig.batch_size, lr=ToyConfig.lr
+        __doc__.split("\n\n")[0],
+        steps=ToyConfig.steps,
+        batch_size=ToyConfig.batch_size,
+        lr=ToyConfig.lr,
     )
     parser.add_argument("--datasets", nargs="+", choices=list(TOY_DATASETS), default=list(TOY_DATASETS))
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--n-test", type=int, default=ToyConfig.n_test, help="held-out samples per data set")
     parser.add_argument("--grid-size", type=int, default=ToyConfig.grid_size, help="heat-map resolution")
     parser.add_argument(
-        "--cpflow-input-gain", type=float, default=ToyConfig.cpflow_input_gain,
+        "--cpflow-input-gain",
+        type=float,
+        default=ToyConfig.cpflow_input_gain,
         help="input_gain of the CP-Flow networks (1 = plain PyTorch initialisation)",
     )
     if "--quick" in argv:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     config = ToyConfig(
-        datasets=tuple(args.datasets), models=tuple(args.models), steps=args.steps,
+        datasets=tuple(args.datasets),
+        models=tuple(args.models),
+        steps=args.steps,
         batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, n_test=args.n_test, grid_size=args.grid_size, device=args.device,
-        dtype=args.dtype, show_progress=not args.no_progress, cpflow_input_gain=args.cpflow_input_gain,
+        lr=args.lr,
+        seed=args.seed,
+        n_test=args.n_test,
+        grid_size=args.grid_size,
+        device=args.device,
+        dtype=args.dtype,
+        show_progress=not args.no_progress,
+        cpflow_input_gain=args.cpflow_input_gain,
     )
     return config, args
 

@@ -85,6 +85,7 @@ CHECKPOINT_FORMAT = 1
 
 # -------------------------------------------------------------------------- models
 
+
 @dataclasses.dataclass(frozen=True)
 class CPFlowVariant:
     """A CP-Flow configuration: :func:`toy2d.cpflow_model` arguments, input gain and learning rate."""
@@ -164,8 +165,12 @@ BASELINE_VARIANTS: dict[str, tuple[str, float]] = {
 MODELS: dict[str, Callable[[int, float], nn.Module]] = {
     **{
         name: functools.partial(
-            toy2d.cpflow_model, blocks=v.blocks, hidden_dims=v.hidden_dims, activation=v.activation,
-            alpha=v.alpha, initial_scale=v.initial_scale,
+            toy2d.cpflow_model,
+            blocks=v.blocks,
+            hidden_dims=v.hidden_dims,
+            activation=v.activation,
+            alpha=v.alpha,
+            initial_scale=v.initial_scale,
         )
         for name, v in CPFLOW_VARIANTS.items()
     },
@@ -175,7 +180,9 @@ MODELS: dict[str, Callable[[int, float], nn.Module]] = {
 """Model name -> factory ``(dim, cpflow_input_gain)`` of a module mapping data to the base."""
 
 DEFAULT_MODELS = (
-    "CP-Flow (2 blocks of 56x3, gain 16, lr 0.08)", "MAF (affine AR)", "NAF (lr 0.02)",
+    "CP-Flow (2 blocks of 56x3, gain 16, lr 0.08)",
+    "MAF (affine AR)",
+    "NAF (lr 0.02)",
     "NSF (spline coupling)",
 )
 """The full run: each baseline at the learning rate of its sweep that was best on average over
@@ -193,8 +200,11 @@ def model_spec(name: str) -> str:
     if name in CPFLOW_VARIANTS:
         variant = CPFLOW_VARIANTS[name]
         # the dataclass's repr, without the later fields at their defaults (the first runs' fields)
-        fields = [f"{f.name}={getattr(variant, f.name)!r}" for f in dataclasses.fields(variant)
-                  if f.name not in _LATER_FIELDS or getattr(variant, f.name) != f.default]
+        fields = [
+            f"{f.name}={getattr(variant, f.name)!r}"
+            for f in dataclasses.fields(variant)
+            if f.name not in _LATER_FIELDS or getattr(variant, f.name) != f.default
+        ]
         return f"toy2d.cpflow_model: CPFlowVariant({', '.join(fields)})"
     return f"toy2d.MODELS[{BASELINE_VARIANTS.get(name, (name,))[0]!r}]"
 
@@ -251,9 +261,18 @@ def unit_path(run_dir: Path, data_name: str, model_name: str, seed: int) -> Path
 def fingerprint(data_name: str, model_name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """The settings a checkpoint must have been written with to be resumed."""
     return {
-        "format": CHECKPOINT_FORMAT, "data": data_name, "model": model_name, "spec": model_spec(model_name),
-        "seed": seed, "steps": args.steps, "lr": model_lr(model_name, args), "batch_size": args.batch_size,
-        "eval_every": args.eval_every, "n_test": args.n_test, "grid_size": args.grid_size, "dtype": "float64",
+        "format": CHECKPOINT_FORMAT,
+        "data": data_name,
+        "model": model_name,
+        "spec": model_spec(model_name),
+        "seed": seed,
+        "steps": args.steps,
+        "lr": model_lr(model_name, args),
+        "batch_size": args.batch_size,
+        "eval_every": args.eval_every,
+        "n_test": args.n_test,
+        "grid_size": args.grid_size,
+        "dtype": "float64",
     }
 
 
@@ -319,11 +338,21 @@ def train_unit(
             bar.update(fit.done)
 
     def checkpoint(finished: bool, result: dict[str, Any] | None = None, grid: Tensor | None = None) -> None:
-        save_checkpoint(path, {
-            "fingerprint": expected, "finished": finished, "result": result, "grid": grid,
-            "module": module.state_dict(), "fit": fit.state_dict(), "clocks": clocks, "curve": curve,
-            "losses": losses, "rng": rng_state(),
-        })
+        save_checkpoint(
+            path,
+            {
+                "fingerprint": expected,
+                "finished": finished,
+                "result": result,
+                "grid": grid,
+                "module": module.state_dict(),
+                "fit": fit.state_dict(),
+                "clocks": clocks,
+                "curve": curve,
+                "losses": losses,
+                "rng": rng_state(),
+            },
+        )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     module.train()
@@ -340,8 +369,14 @@ def train_unit(
             start_cpu = time.thread_time()
             loglik, stderr = _evaluate(module, distribution, test)
             clocks["eval_cpu_seconds"] += time.thread_time() - start_cpu
-            curve.append({"step": fit.done, "seconds": clocks["seconds"],
-                          "cpu_seconds": clocks["cpu_seconds"], "test_loglik": loglik})
+            curve.append(
+                {
+                    "step": fit.done,
+                    "seconds": clocks["seconds"],
+                    "cpu_seconds": clocks["cpu_seconds"],
+                    "test_loglik": loglik,
+                }
+            )
             if fit.done < args.steps:
                 checkpoint(finished=False)
             if stop_after is not None and fit.done >= stop_after:
@@ -410,17 +445,19 @@ def summarise(record: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for data_name, entry in record["datasets"].items():
         models = entry["models"]
-        seconds = {m: mean_and_stderr([r["train_cpu_seconds"] for r in e["seeds"].values()])[0]
-                   for m, e in models.items()}
+        seconds = {
+            m: mean_and_stderr([r["train_cpu_seconds"] for r in e["seeds"].values()])[0]
+            for m, e in models.items()
+        }
         equal_time = min(seconds.values())
         rows: dict[str, Any] = {}
         for model_name, model_entry in models.items():
             runs = list(model_entry["seeds"].values())
             final = mean_and_stderr([r["test_loglik"] for r in runs])
             at_time = mean_and_stderr([_interpolate(r["curve"], equal_time) for r in runs])
-            gain = mean_and_stderr([
-                r["test_loglik"] - _value_at_step(r["curve"], (3 * steps) // 4) for r in runs
-            ])
+            gain = mean_and_stderr(
+                [r["test_loglik"] - _value_at_step(r["curve"], (3 * steps) // 4) for r in runs]
+            )
             rows[model_name] = {
                 "equal_steps": {"mean": final[0], "stderr": final[1]},
                 "equal_time": {"mean": at_time[0], "stderr": at_time[1]},
@@ -476,8 +513,10 @@ def cost_table(record: dict[str, Any]) -> str:
         ["ms / step (CPU)", *[f"{average(m, 'cpu_ms_per_step'):.1f}" for m in models]],
         ["training time per run (CPU s)", *[f"{average(m, 'train_cpu_seconds'):.0f}" for m in models]],
         ["training time per run (wall s)", *[f"{average(m, 'train_seconds'):.0f}" for m in models]],
-        ["gain over the last quarter of the steps (nats, mean over sets)",
-         *[f"{average(m, 'last_quarter_gain'):+.4f}" for m in models]],
+        [
+            "gain over the last quarter of the steps (nats, mean over sets)",
+            *[f"{average(m, 'last_quarter_gain'):+.4f}" for m in models],
+        ],
     ]
     return common.markdown_table(["", *models], rows)
 
@@ -501,8 +540,10 @@ def gap_lines(record: dict[str, Any]) -> list[str]:
         line = f"* {data_name}: {cp} trails {best} by {gap:.3f} nats"
         if math.isfinite(combined):  # standard errors need two seeds or more
             verdict = "within" if gap <= se else "outside"
-            line += (f" ({verdict} the best model's standard error {se:.3f}; "
-                     f"{gap / combined:.1f} combined standard errors)")
+            line += (
+                f" ({verdict} the best model's standard error {se:.3f}; "
+                f"{gap / combined:.1f} combined standard errors)"
+            )
         lines.append(line + ".")
     return lines
 
@@ -514,11 +555,20 @@ def model_rows_table(record: dict[str, Any]) -> str:
     best = {d: max(e["models"][m]["equal_steps"]["mean"] for m in models) for d, e in summary.items()}
     rows = []
     for m in models:
-        cells = [_cell(e["models"][m]["equal_steps"], e["models"][m]["equal_steps"]["mean"] == best[d])
-                 for d, e in summary.items()]
+        cells = [
+            _cell(e["models"][m]["equal_steps"], e["models"][m]["equal_steps"]["mean"] == best[d])
+            for d, e in summary.items()
+        ]
         cpu = sum(e["models"][m]["cpu_ms_per_step"] for e in summary.values()) / len(summary)
-        rows.append([m, f"{record['models'][m]['lr']:g}", str(record["models"][m]["parameters"]),
-                     f"{cpu:.1f}", *cells])
+        rows.append(
+            [
+                m,
+                f"{record['models'][m]['lr']:g}",
+                str(record["models"][m]["parameters"]),
+                f"{cpu:.1f}",
+                *cells,
+            ]
+        )
     return common.markdown_table(["model", "lr", "parameters", "CPU ms / step", *summary], rows)
 
 
@@ -554,17 +604,19 @@ def ablation_section(record: dict[str, Any]) -> str:
     ]
     if Path(record["settings"]["out"]).name != Path(ABLATION["out"]).name:
         return "\n".join(lines)
-    return "\n".join([
-        *lines,
-        "",
-        "The CP-Flow variants change one thing at a time from `toy2d.py`'s one-block model (112x2, "
-        "input gain 4, the library's default, lr 0.01): the widths and depth at about 7k parameters, "
-        "three blocks with ActNorm between them, the activation (softplus instead of the Gaussian "
-        "softplus), the input gain, the peak learning rate; then the gain and the rate together. The "
-        "baselines run at five peak learning rates. The full run takes, per model, the configuration "
-        "with the best mean over the two sets. Its held-out sets are these (the choice saw them, for "
-        "every model alike); the full run adds two more seeds and the four other sets.",
-    ])
+    return "\n".join(
+        [
+            *lines,
+            "",
+            "The CP-Flow variants change one thing at a time from `toy2d.py`'s one-block model (112x2, "
+            "input gain 4, the library's default, lr 0.01): the widths and depth at about 7k parameters, "
+            "three blocks with ActNorm between them, the activation (softplus instead of the Gaussian "
+            "softplus), the input gain, the peak learning rate; then the gain and the rate together. The "
+            "baselines run at five peak learning rates. The full run takes, per model, the configuration "
+            "with the best mean over the two sets. Its held-out sets are these (the choice saw them, for "
+            "every model alike); the full run adds two more seeds and the four other sets.",
+        ]
+    )
 
 
 def longer_run_lines(record: dict[str, Any], longer: dict[str, Any] | None) -> list[str]:
@@ -585,8 +637,9 @@ def longer_run_lines(record: dict[str, Any], longer: dict[str, Any] | None) -> l
         long = {m: entry["models"][m]["seeds"][seed]["test_loglik"] for m in models}
         cells = [f"{long[m]:.3f} ({long[m] - short[m]:+.3f})" for m in models]
         if cpflow is not None and len(models) > 1:
-            margins = [values[cpflow] - max(v for m, v in values.items() if m != cpflow)
-                       for values in (short, long)]
+            margins = [
+                values[cpflow] - max(v for m, v in values.items() if m != cpflow) for values in (short, long)
+            ]
             cells.append(f"{margins[0]:+.3f} → {margins[1]:+.3f}")
         rows.append([data_name, *cells])
     steps = f"{record['settings']['steps']} → {longer['settings']['steps']} steps"
@@ -687,7 +740,7 @@ def markdown_section(
         results_table(record, "equal_steps"),
         "",
         "At equal time: each curve read at the training CPU time of the fastest model's whole run "
-        "(mean over seeds, column \"time\"); the slower models are then mid-schedule, their "
+        '(mean over seeds, column "time"); the slower models are then mid-schedule, their '
         "learning rate not yet decayed:",
         "",
         results_table(record, "equal_time"),
@@ -750,9 +803,14 @@ def plot_curves(record: dict[str, Any], path: Path) -> Path:
             top = max(top, max(mean))
             for ax, x in ((by_steps, steps), (by_time, seconds)):
                 ax.plot(x, mean, color=colours[c % len(colours)], label=model_name, lw=1.3)
-                ax.fill_between(x, [m - s for m, s in zip(mean, se, strict=True)],
-                                [m + s for m, s in zip(mean, se, strict=True)],
-                                color=colours[c % len(colours)], alpha=0.25, lw=0)
+                ax.fill_between(
+                    x,
+                    [m - s for m, s in zip(mean, se, strict=True)],
+                    [m + s for m, s in zip(mean, se, strict=True)],
+                    color=colours[c % len(colours)],
+                    alpha=0.25,
+                    lw=0,
+                )
         gaussian = entry["gaussian_fit_loglik"]
         for ax, label in ((by_steps, "steps"), (by_time, "training time (CPU s, one thread)")):
             ax.axhline(gaussian, color="grey", ls="--", lw=0.8)
@@ -761,7 +819,7 @@ def plot_curves(record: dict[str, Any], path: Path) -> Path:
             ax.set_title(data_name, fontsize=10)
             ax.grid(alpha=0.3)
         by_steps.set_ylabel("held-out log-likelihood")
-    for ax in list(axes.flat)[2 * len(datasets):]:
+    for ax in list(axes.flat)[2 * len(datasets) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower right")
     return common.save_figure(fig, path)
@@ -788,14 +846,27 @@ def plot_densities(record: dict[str, Any], run_dir: Path, path: Path, limit: flo
 
 # ---------------------------------------------------------------------- command line
 
-QUICK = dict(datasets=["8gaussians", "moons"], models=["CP-Flow (112x2, gain 4)", "MAF (affine AR)"],
-             seeds=2, steps=24, eval_every=8, n_test=512, grid_size=16)
+QUICK = dict(
+    datasets=["8gaussians", "moons"],
+    models=["CP-Flow (112x2, gain 4)", "MAF (affine AR)"],
+    seeds=2,
+    steps=24,
+    eval_every=8,
+    n_test=512,
+    grid_size=16,
+)
 """Defaults of ``--quick``: a run of seconds for smoke tests."""
 
 ABLATION_TITLE = f"{TITLE}: ablations"
-ABLATION = dict(datasets=["8gaussians", "rings"], models=list(ABLATION_MODELS), seeds=1, steps=1500,
-                out=common.RESULTS_DIR / "toy2d_convergence_ablation.json", section=ABLATION_TITLE,
-                run_dir=common.EXPERIMENTS_DIR / "runs" / "toy2d_convergence")
+ABLATION = dict(
+    datasets=["8gaussians", "rings"],
+    models=list(ABLATION_MODELS),
+    seeds=1,
+    steps=1500,
+    out=common.RESULTS_DIR / "toy2d_convergence_ablation.json",
+    section=ABLATION_TITLE,
+    run_dir=common.EXPERIMENTS_DIR / "runs" / "toy2d_convergence",
+)
 """Defaults of ``--ablation``: every CP-Flow variant and the baselines at three learning rates,
 on the two sets where CP-Flow trailed most, one seed. The checkpoints go to the full run's
 folder: the units both runs have (same settings, checked by the fingerprint) are trained once."""
@@ -804,38 +875,71 @@ folder: the units both runs have (same settings, checked by the fingerprint) are
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.toy2d_convergence",
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--datasets", nargs="+", choices=list(TOY_DATASETS), default=list(TOY_DATASETS))
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(DEFAULT_MODELS),
-                        metavar="MODEL", help="names of MODELS: " + "; ".join(MODELS))
-    parser.add_argument("--seeds", type=common.positive(int), default=3,
-                        help="number of seeds, from --seed on")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=list(DEFAULT_MODELS),
+        metavar="MODEL",
+        help="names of MODELS: " + "; ".join(MODELS),
+    )
+    parser.add_argument(
+        "--seeds", type=common.positive(int), default=3, help="number of seeds, from --seed on"
+    )
     parser.add_argument("--steps", type=common.positive(int), default=1500, help="optimiser steps per model")
     parser.add_argument("--batch-size", type=common.positive(int), default=256)
-    parser.add_argument("--lr", type=common.positive(float), default=None,
-                        help="peak Adam learning rate of every model (cosine decay to 1%%); default: each "
-                        "model's own (CPFLOW_VARIANTS, BASELINE_LR)")
-    parser.add_argument("--eval-every", type=common.positive(int), default=100,
-                        help="steps between held-out evaluations (and checkpoints)")
+    parser.add_argument(
+        "--lr",
+        type=common.positive(float),
+        default=None,
+        help="peak Adam learning rate of every model (cosine decay to 1%%); default: each "
+        "model's own (CPFLOW_VARIANTS, BASELINE_LR)",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=common.positive(int),
+        default=100,
+        help="steps between held-out evaluations (and checkpoints)",
+    )
     parser.add_argument("--n-test", type=common.positive(int), default=10000, help="held-out points")
     parser.add_argument("--grid-size", type=common.positive(int), default=100, help="density heat-map size")
-    parser.add_argument("--run-dir", type=Path, default=None,
-                        help="checkpoints (default experiments/runs/<stem of --out>/; --quick: a "
-                        "temporary folder)")
-    parser.add_argument("--results-md", type=lambda value: Path(value) if value else None,
-                        default=common.RESULTS_MD,
-                        help="Markdown file whose --section a full run rewrites ('' to skip)")
-    parser.add_argument("--section", default=TITLE,
-                        help=f"title of that section ({TITLE!r} only for the default --out)")
-    parser.add_argument("--ablation", action="store_true",
-                        help="the ablations' defaults: 8gaussians and rings, every CP-Flow variant and "
-                        "the baselines at three learning rates, 1 seed, 1500 steps, "
-                        "results/toy2d_convergence_ablation.json")
-    parser.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
-                        help="draw the curves and the density grid next to --out")
-    parser.add_argument("--render-only", action="store_true",
-                        help="no training: redraw the figures and the section from --out (and --run-dir)")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="checkpoints (default experiments/runs/<stem of --out>/; --quick: a temporary folder)",
+    )
+    parser.add_argument(
+        "--results-md",
+        type=lambda value: Path(value) if value else None,
+        default=common.RESULTS_MD,
+        help="Markdown file whose --section a full run rewrites ('' to skip)",
+    )
+    parser.add_argument(
+        "--section", default=TITLE, help=f"title of that section ({TITLE!r} only for the default --out)"
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="the ablations' defaults: 8gaussians and rings, every CP-Flow variant and "
+        "the baselines at three learning rates, 1 seed, 1500 steps, "
+        "results/toy2d_convergence_ablation.json",
+    )
+    parser.add_argument(
+        "--figures",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draw the curves and the density grid next to --out",
+    )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="no training: redraw the figures and the section from --out (and --run-dir)",
+    )
     common.add_run_options(parser, RESULTS_JSON, "a run of seconds (2 sets, 2 models, 2 seeds, 24 steps)")
     return parser
 
@@ -882,8 +986,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             record = common.read_json(out)
         else:
             common.refuse_overwrite(parser, args)
-            units = [(d, m, s) for s in range(args.seed, args.seed + args.seeds)
-                     for d in args.datasets for m in args.models]
+            units = [
+                (d, m, s)
+                for s in range(args.seed, args.seed + args.seeds)
+                for d in args.datasets
+                for m in args.models
+            ]
             if args.overwrite:
                 for d, m, s in units:
                     unit_path(run_dir, d, m, s).unlink(missing_ok=True)
@@ -905,23 +1013,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return record
 
 
-def run(args: argparse.Namespace, argv: Sequence[str], units: list[tuple[str, str, int]],
-        run_dir: Path) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, argv: Sequence[str], units: list[tuple[str, str, int]], run_dir: Path
+) -> dict[str, Any]:
     """Train (or resume) every unit; the JSON record with its summary."""
     header = common.run_header("experiments.toy2d_convergence", argv, args)
     settings = header["settings"] | {"seed_list": list(range(args.seed, args.seed + args.seeds))}
-    record: dict[str, Any] = {**header, "settings": settings, "run_dir": common.relative_to_repo(run_dir),
-                              "models": {}, "datasets": {}}
+    record: dict[str, Any] = {
+        **header,
+        "settings": settings,
+        "run_dir": common.relative_to_repo(run_dir),
+        "models": {},
+        "datasets": {},
+    }
     tests = {d: held_out_set(d, args.n_test, torch.float64) for d in args.datasets}
     for d in args.datasets:
         reference = toy2d.gaussian_fit(sample_toy(d, 100_000, seed=2_000 + _data_index(d)))
-        record["datasets"][d] = {"gaussian_fit_loglik": float(reference.log_prob(tests[d]).mean()),
-                                 "models": {m: {"seeds": {}} for m in args.models}}
+        record["datasets"][d] = {
+            "gaussian_fit_loglik": float(reference.log_prob(tests[d]).mean()),
+            "models": {m: {"seeds": {}} for m in args.models},
+        }
     for m in args.models:
-        record["models"][m] = {"parameters": common.count_parameters(build(m, 0)[0]), "spec": model_spec(m),
-                               "lr": model_lr(m, args)}
-    with common.stopwatch() as clock, common.progress(len(units) * args.steps, "toy2d convergence",
-                                                      args.progress, leave=True) as bar:
+        record["models"][m] = {
+            "parameters": common.count_parameters(build(m, 0)[0]),
+            "spec": model_spec(m),
+            "lr": model_lr(m, args),
+        }
+    with (
+        common.stopwatch() as clock,
+        common.progress(len(units) * args.steps, "toy2d convergence", args.progress, leave=True) as bar,
+    ):
         for d, m, s in units:
             result = train_unit(d, m, s, args, tests[d], unit_path(run_dir, d, m, s), bar)
             record["datasets"][d]["models"][m]["seeds"][str(s)] = result

@@ -73,8 +73,10 @@ class AffineLayer:
 
     def linear(self, z: Tensor | None, x: Tensor, offset: Tensor | None = None) -> Tensor:
         """The linear part :math:`A(z, x)`, plus ``offset`` if given, ``(N, h)``."""
-        if len(self.input_weights) == 1 and self.input_gates[0] is None and (
-            offset is None or offset.dim() == 1
+        if (
+            len(self.input_weights) == 1
+            and self.input_gates[0] is None
+            and (offset is None or offset.dim() == 1)
         ):
             u = F.linear(x, self.input_weights[0], offset)  # one fused product
         else:

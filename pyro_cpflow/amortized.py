@@ -158,7 +158,7 @@ class AutoAmortizedNormal(AutoGuide):
         for name in self._local_sites(frame):
             site = self.prototype_trace.nodes[name]
             unconstrained = biject_to(site["fn"].support).inv(site["value"].detach())
-            shape = unconstrained.shape[len(self._batch_shape):]
+            shape = unconstrained.shape[len(self._batch_shape) :]
             self._slices[name] = (start, start + shape.numel(), shape)
             start += shape.numel()
             init.append(unconstrained.reshape(frame.size, -1).mean(0))
@@ -243,8 +243,9 @@ class AutoAmortizedNormal(AutoGuide):
     def _transforms(self, context: Tensor) -> list:
         loc, raw_scale = self.head(context).split(self.latent_dim, dim=-1)
         # the affine map caches its input so that scoring a sample never inverts a flow
-        return [dist.transforms.AffineTransform(
-            loc, nn.functional.softplus(raw_scale), event_dim=1, cache_size=1)]
+        return [
+            dist.transforms.AffineTransform(loc, nn.functional.softplus(raw_scale), event_dim=1, cache_size=1)
+        ]
 
     def _distribution(self, context: Tensor) -> dist.TorchDistribution:
         zeros = context.new_zeros(context.shape[:-1] + (self.latent_dim,))
@@ -381,8 +382,16 @@ class AutoAmortizedCPFlow(AutoAmortizedNormal):
         self._hidden_dims = tuple(hidden_dims)
         self._num_blocks = num_blocks
         self._flow_options = flow_options
-        super().__init__(model, plate=plate, encoder=encoder, data=data, sites=sites,
-                         init_loc_fn=init_loc_fn, init_scale=init_scale, create_plates=create_plates)
+        super().__init__(
+            model,
+            plate=plate,
+            encoder=encoder,
+            data=data,
+            sites=sites,
+            init_loc_fn=init_loc_fn,
+            init_scale=init_scale,
+            create_plates=create_plates,
+        )
 
     def _setup_flow(self, context: Tensor) -> None:
         options = {"hidden_dims": self._hidden_dims, **self._flow_options}

@@ -60,7 +60,6 @@ def _symmetric_root(matrix: Tensor) -> Tensor:
     return (vectors * eigenvalues.clamp_min(0).sqrt()) @ vectors.mT
 
 
-
 class AutoCPFlow(AutoContinuous):
     r"""An autoguide whose posterior is a diagonal affine map of a CP-Flow of a standard normal.
 

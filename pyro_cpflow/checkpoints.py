@@ -190,9 +190,7 @@ def _verified_payload(path: Path, data: bytes) -> bytes:
         )
     payload = data[len(line) + 1 :]
     if len(payload) < size:
-        raise CheckpointError(
-            f"{path} is truncated: {len(payload)} of its {size} bytes are there; {_REMEDY}"
-        )
+        raise CheckpointError(f"{path} is truncated: {len(payload)} of its {size} bytes are there; {_REMEDY}")
     if len(payload) > size or hashlib.sha256(payload).hexdigest() != digest:
         raise CheckpointError(
             f"{path} is damaged: its contents do not match the SHA-256 recorded when it was "
@@ -236,10 +234,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the generators from a :func:`rng_state` record."""
     numpy = state["numpy"]
     random.setstate(state["python"])
-    np.random.set_state((
-        numpy["bit_generator"], np.array(numpy["key"], dtype=np.uint32), numpy["position"],
-        numpy["has_gauss"], numpy["cached_gaussian"],
-    ))
+    np.random.set_state(
+        (
+            numpy["bit_generator"],
+            np.array(numpy["key"], dtype=np.uint32),
+            numpy["position"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None:
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -104,11 +104,13 @@ class ConvAffineLayer:
 
     def linear(self, z: Tensor | None, x: Tensor, offset: Tensor | None = None) -> Tensor:
         """The linear part :math:`A(z, x)` plus ``offset`` (per channel) if given, ``(N, h H W)``."""
-        u = F.conv2d(self._images(x, self.input_weight.shape[1]), self.input_weight, offset,
-                     padding=self._padding)
+        u = F.conv2d(
+            self._images(x, self.input_weight.shape[1]), self.input_weight, offset, padding=self._padding
+        )
         if z is not None and self.convex_weight is not None:
-            convex = F.conv2d(self._images(z, self.convex_weight.shape[1]), self.convex_weight,
-                              padding=self._padding)
+            convex = F.conv2d(
+                self._images(z, self.convex_weight.shape[1]), self.convex_weight, padding=self._padding
+            )
             # u is a fresh result whose value no backward pass needs: add in place
             u[:, : convex.shape[1]] += convex
         return u.reshape(x.shape[0], -1)
@@ -155,8 +157,9 @@ class ConvAffineLayer:
         def cut(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach()
 
-        return ConvAffineLayer(self.input_weight.detach(), cut(self.offset), cut(self.convex_weight),
-                               self.spatial)
+        return ConvAffineLayer(
+            self.input_weight.detach(), cut(self.offset), cut(self.convex_weight), self.spatial
+        )
 
 
 class ConvICNN(PackedParameters):
@@ -248,8 +251,9 @@ class ConvICNN(PackedParameters):
         hidden = [ConvAffineLayer(p["first.weight"], p["first.bias"], None, spatial)]
         for k, width_in in enumerate(self.hidden_channels[:-1]):
             convex = positive_weight(p[f"convex_paths.{k}.raw_weight"], width_in * fan)
-            hidden.append(ConvAffineLayer(p[f"input_paths.{k}.weight"], p[f"input_paths.{k}.bias"], convex,
-                                          spatial))
+            hidden.append(
+                ConvAffineLayer(p[f"input_paths.{k}.weight"], p[f"input_paths.{k}.bias"], convex, spatial)
+            )
         # p_c on every position of channel c: the sum over channels and positions
         per_channel = positive_weight(p["output_convex.raw_weight"], self.hidden_channels[-1])
         readout = per_channel.repeat_interleave(math.prod(spatial))[None]

@@ -372,7 +372,10 @@ class AutogradTrace:
     def hvp(self, v: Tensor) -> Tensor:
         with torch.enable_grad():
             (product,) = torch.autograd.grad(
-                self._gradient, self._leaf_and_value[0], v, retain_graph=True,
+                self._gradient,
+                self._leaf_and_value[0],
+                v,
+                retain_graph=True,
                 create_graph=self._differentiable,
             )
         return product
@@ -382,8 +385,12 @@ class AutogradTrace:
         units = torch.eye(d, dtype=self.x.dtype, device=self.x.device)[:, None, :].expand(d, n, d)
         with torch.enable_grad():
             (columns,) = torch.autograd.grad(
-                self._gradient, self._leaf_and_value[0], units, retain_graph=True,
-                create_graph=self._differentiable, is_grads_batched=True,
+                self._gradient,
+                self._leaf_and_value[0],
+                units,
+                retain_graph=True,
+                create_graph=self._differentiable,
+                is_grads_batched=True,
             )
         return columns.permute(1, 2, 0)
 

@@ -53,9 +53,7 @@ def cpflow(
     >>> flow.inv(flow(torch.randn(4, 3))).shape
     torch.Size([4, 3])
     """
-    network = ICNN(
-        input_dim, hidden_dims, augmented=augmented, activation=activation, input_gain=input_gain
-    )
+    network = ICNN(input_dim, hidden_dims, augmented=augmented, activation=activation, input_gain=input_gain)
     potential = ConvexPotential(network, **_split_options(input_dim, alpha, quadratic_rank, options))
     return CPFlow(potential, **options)
 
@@ -84,7 +82,11 @@ def conditional_cpflow(
     torch.Size([4, 3])
     """
     network = PICNN(
-        input_dim, context_dim, hidden_dims, augmented=augmented, activation=activation,
+        input_dim,
+        context_dim,
+        hidden_dims,
+        augmented=augmented,
+        activation=activation,
         input_gain=input_gain,
     )
     context_terms = (

@@ -334,9 +334,7 @@ QUADRATURE_CHUNK_ENTRIES = 2**13
 """Dense entries of the Lanczos matrices expanded at once: bounds the quadrature's memory."""
 
 
-def lanczos_quadrature(
-    lanczos: LanczosMatrices, function: Callable[[Tensor], Tensor] = torch.log
-) -> Tensor:
+def lanczos_quadrature(lanczos: LanczosMatrices, function: Callable[[Tensor], Tensor] = torch.log) -> Tensor:
     r"""Gauss quadrature :math:`|u|^2 e_1^\top f(T) e_1 \approx u^\top f(A) u`, shape ``(N,)``.
 
     :math:`T` is the Lanczos matrix of :math:`A` started from :math:`u`; with

@@ -128,9 +128,7 @@ def get_activation(name: str) -> Activation:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
-        ) from None
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
 def positive_weight(raw: Tensor, fan_in: int) -> Tensor:
@@ -267,10 +265,14 @@ class ICNN(PackedParameters):
         p = self.unpacked()
         hidden = [AffineLayer((p["first.weight"],), (None,), p["first.bias"])]
         for k, width_in in enumerate(self.hidden_dims[:-1]):
-            hidden.append(AffineLayer(
-                (p[f"input_paths.{k}.weight"],), (None,), p[f"input_paths.{k}.bias"],
-                positive_weight(p[f"convex_paths.{k}.raw_weight"], width_in),
-            ))
+            hidden.append(
+                AffineLayer(
+                    (p[f"input_paths.{k}.weight"],),
+                    (None,),
+                    p[f"input_paths.{k}.bias"],
+                    positive_weight(p[f"convex_paths.{k}.raw_weight"], width_in),
+                )
+            )
         output_convex = positive_weight(p["output_convex.raw_weight"], self.hidden_dims[-1])
         output = AffineLayer((p["output_input.weight"],), (None,), None, output_convex)
         return hidden, output
@@ -351,9 +353,7 @@ class PICNN(PackedParameters):
                 _PICNNLayer(input_dim, context_widths[k], width_in, convex_width, offset=hidden)
             )
             if hidden and augmented and width_in is not None:
-                draft.augment_layers.append(
-                    _PICNNLayer(input_dim, context_widths[k], None, width // 2)
-                )
+                draft.augment_layers.append(_PICNNLayer(input_dim, context_widths[k], None, width // 2))
         for layer in [*draft.layers[:-1], *draft.augment_layers]:
             _scale_init([layer.input_weight, layer.context_offset], input_gain)
         self._layers = [layer.spec(f"layers.{k}.") for k, layer in enumerate(draft.layers)]

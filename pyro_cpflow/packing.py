@@ -100,6 +100,6 @@ class PackedParameters(nn.Module):
             for key in state_dict:
                 if not key.startswith(prefix):
                     continue
-                rest = key[len(prefix):]
+                rest = key[len(prefix) :]
                 if rest not in views and rest.split(".", 1)[0] not in self._modules:
                     unexpected_keys.append(key)

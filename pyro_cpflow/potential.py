@@ -71,8 +71,14 @@ class ContextQuadratic(PackedParameters):
         head = nn.Linear(hidden_dim, input_dim * rank + input_dim)
         nn.init.normal_(head.weight, std=initial_std / math.sqrt(hidden_dim))
         nn.init.normal_(head.bias, std=initial_std)
-        self.pack({"body.0.weight": body.weight, "body.0.bias": body.bias,
-                   "head.weight": head.weight, "head.bias": head.bias})
+        self.pack(
+            {
+                "body.0.weight": body.weight,
+                "body.0.bias": body.bias,
+                "head.weight": head.weight,
+                "head.bias": head.bias,
+            }
+        )
 
     def terms(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """:math:`L(c)` ``(N, d, r)`` and :math:`b(c)` ``(N, d)`` for context rows ``(N, c)``."""
@@ -168,8 +174,9 @@ class LowRankQuadraticFactor:
     def __init__(self, coefficient: Tensor, factor: Tensor, source: QuadraticTerms | None = None) -> None:
         self.coefficient, self.factor, self.source = coefficient, factor, source
         rank = factor.shape[1]
-        small = torch.addmm(coefficient * torch.eye(rank, dtype=factor.dtype, device=factor.device),
-                            factor.T, factor)
+        small = torch.addmm(
+            coefficient * torch.eye(rank, dtype=factor.dtype, device=factor.device), factor.T, factor
+        )
         # one factorisation of M serves the solves and the log-det (whose gradient is M^-1)
         cholesky, _ = torch.linalg.cholesky_ex(small.detach())
         self._small_inverse = torch.cholesky_inverse(cholesky)
@@ -195,7 +202,8 @@ class LowRankQuadraticFactor:
         ratio = eigenvalues.clamp_min(0.0) / coefficient  # lambda / c
         # k / lambda = (1 - (1 + t)^(-1/2)) / (t c), written without cancellation; 1 / (2c) at t = 0
         shrink = torch.where(
-            ratio > 0, -torch.expm1(-0.5 * torch.log1p(ratio)) / (ratio * coefficient).clamp_min(1e-300),
+            ratio > 0,
+            -torch.expm1(-0.5 * torch.log1p(ratio)) / (ratio * coefficient).clamp_min(1e-300),
             0.5 / coefficient,
         )
         return (vectors * shrink) @ vectors.T
@@ -277,12 +285,14 @@ class ConvexPotential(PackedParameters):
         self.alpha = float(alpha)
         start_beta = max(1.0 - alpha - (initial_factor_std**2 if rank else 0.0), 1e-3)
         factor = torch.randn(input_dim, rank) * (initial_factor_std / math.sqrt(max(rank, 1)))
-        self.pack({
-            "raw_scale": torch.tensor(inverse_softplus(initial_scale)),
-            "raw_beta": torch.tensor(inverse_softplus(start_beta)),
-            "factor": factor,
-            "shift": torch.zeros(input_dim),
-        })
+        self.pack(
+            {
+                "raw_scale": torch.tensor(inverse_softplus(initial_scale)),
+                "raw_beta": torch.tensor(inverse_softplus(start_beta)),
+                "factor": factor,
+                "shift": torch.zeros(input_dim),
+            }
+        )
         self.context_terms = context_terms
 
     @property

@@ -55,8 +55,12 @@ from torch.distributions import Transform, constraints
 __all__ = ["LogitTransform", "bits_per_dim", "dequantize"]
 
 
-def dequantize(levels: Tensor, num_levels: int = 256, generator: torch.Generator | None = None,
-               dtype: torch.dtype | None = None) -> Tensor:
+def dequantize(
+    levels: Tensor,
+    num_levels: int = 256,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     r""":math:`u = (k + \varepsilon) / K` with :math:`\varepsilon \sim U[0, 1)` per entry, for
     integer levels ``k`` in :math:`[0, K)`.
 

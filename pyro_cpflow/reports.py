@@ -72,8 +72,15 @@ class InverseReport:
 
     @classmethod
     def judged(
-        cls, method: str, iterations: Tensor, hessian_products: int, residual: Tensor, noise: Tensor,
-        tol: float, scale: Tensor, in_float64: bool = False,
+        cls,
+        method: str,
+        iterations: Tensor,
+        hessian_products: int,
+        residual: Tensor,
+        noise: Tensor,
+        tol: float,
+        scale: Tensor,
+        in_float64: bool = False,
     ) -> InverseReport:
         """The report of a solve whose final residuals and rounding noise are given;
         ``in_float64``: the residuals were computed in float64 for a lower-precision flow,

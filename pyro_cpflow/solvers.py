@@ -124,8 +124,14 @@ class InverseSolver:
         raise NotImplementedError
 
     def _report(
-        self, evaluate: Evaluate, y: Tensor, x: Tensor, context: Tensor | None, iterations: Tensor,
-        products: int, judge: Evaluate | None,
+        self,
+        evaluate: Evaluate,
+        y: Tensor,
+        x: Tensor,
+        context: Tensor | None,
+        iterations: Tensor,
+        products: int,
+        judge: Evaluate | None,
     ) -> InverseReport:
         """The report at the final ``x``, from a fresh evaluation there."""
         with torch.no_grad():
@@ -134,8 +140,15 @@ class InverseSolver:
         return self._judge(y, x, context, at.value, noise.abs().amax(-1), iterations, products, judge)
 
     def _judge(
-        self, y: Tensor, x: Tensor, context: Tensor | None, value: Tensor, noise: Tensor,
-        iterations: Tensor, products: int, judge: Evaluate | None,
+        self,
+        y: Tensor,
+        x: Tensor,
+        context: Tensor | None,
+        value: Tensor,
+        noise: Tensor,
+        iterations: Tensor,
+        products: int,
+        judge: Evaluate | None,
     ) -> InverseReport:
         """The report from :math:`\\nabla F` at the final ``x`` (``value``) and the size of its
         rounding noise per sample; with ``judge`` the residuals are computed in float64."""
@@ -167,7 +180,10 @@ def gradient_linearization(
 
 
 def _stopping_noise(
-    evaluate: Evaluate, trace: PotentialTrace | AutogradTrace, x: Tensor, context: Tensor | None,
+    evaluate: Evaluate,
+    trace: PotentialTrace | AutogradTrace,
+    x: Tensor,
+    context: Tensor | None,
     stopping: Tensor,
 ) -> Tensor:
     """:func:`~pyro_cpflow.reports.rounding_noise` (its size per sample) of the ``stopping``
@@ -206,7 +222,12 @@ class NewtonCG(InverseSolver):
             return self._solve(evaluate, y, x.clone(), context, preconditioner, judge)
 
     def _solve(
-        self, evaluate: Evaluate, y: Tensor, x: Tensor, context: Tensor | None, preconditioner: MatVec | None,
+        self,
+        evaluate: Evaluate,
+        y: Tensor,
+        x: Tensor,
+        context: Tensor | None,
+        preconditioner: MatVec | None,
         judge: Evaluate | None,
     ) -> tuple[Tensor, InverseReport]:
         n, d = y.shape
@@ -238,8 +259,11 @@ class NewtonCG(InverseSolver):
                 break
             forcing = torch.clamp(residual.norm(dim=-1), max=0.5)
             cg = conjugate_gradient(
-                trace.hvp, torch.where(moving[:, None], -residual, 0.0), rtol=forcing,
-                max_iter=2 * d, preconditioner=preconditioner,
+                trace.hvp,
+                torch.where(moving[:, None], -residual, 0.0),
+                rtol=forcing,
+                max_iter=2 * d,
+                preconditioner=preconditioner,
             )
             products += int(cg.iterations.max())
             direction = cg.solution
@@ -293,9 +317,14 @@ class LBFGS(InverseSolver):
         scale = residual_scale(y)
         variable = x.detach().clone().requires_grad_(True)
         optimizer = torch.optim.LBFGS(
-            [variable], lr=1.0, max_iter=self.max_iter, max_eval=2 * self.max_iter,
+            [variable],
+            lr=1.0,
+            max_iter=self.max_iter,
+            max_eval=2 * self.max_iter,
             # its test is batch-wide: stop only when the strictest row's tolerance is met
-            tolerance_grad=self.tol * float(scale.min()), tolerance_change=0.0, history_size=20,
+            tolerance_grad=self.tol * float(scale.min()),
+            tolerance_change=0.0,
+            history_size=20,
             line_search_fn="strong_wolfe",
         )
         evaluations = [0]
@@ -429,7 +458,10 @@ class _ImplicitCorrection(torch.autograd.Function):
         with torch.no_grad():
             trace = ctx.evaluate(solution, ctx.context).detach()
             result = conjugate_gradient(
-                trace.hvp, grad_output, rtol=ctx.cg_rtol, max_iter=4 * solution.shape[-1],
+                trace.hvp,
+                grad_output,
+                rtol=ctx.cg_rtol,
+                max_iter=4 * solution.shape[-1],
                 preconditioner=ctx.preconditioner,
             )
         return -result.solution, None, None, None, None, None

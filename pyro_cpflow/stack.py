@@ -234,8 +234,11 @@ class CPFlowStack(_StackOptionAttributes, VersionedCacheMixin, ComposeTransformM
         if not converged:
             self._mark_unconverged()
             report_failure(
-                report, options.on_failure, residual="stack(x) - y",
-                advice="raise refine_max_iter or inverse_tol, or use float64", stacklevel=5,
+                report,
+                options.on_failure,
+                residual="stack(x) - y",
+                advice="raise refine_max_iter or inverse_tol, or use float64",
+                stacklevel=5,
             )
         return _attached(parts, points, y, cache=converged)
 
@@ -327,8 +330,14 @@ def _newton_on_composition(
             size = (exact - y.double()).abs().amax(-1)
             noise = torch.maximum(noise, (at.value - exact).abs().amax(-1).to(noise.dtype))  # measured
         report = InverseReport.judged(
-            "composition", steps.reshape(-1), products, size.reshape(-1), noise.reshape(-1),
-            tol, scale.reshape(-1), in_float64=wide,
+            "composition",
+            steps.reshape(-1),
+            products,
+            size.reshape(-1),
+            noise.reshape(-1),
+            tol,
+            scale.reshape(-1),
+            in_float64=wide,
         )
     return at.points, report
 
@@ -343,8 +352,13 @@ def _in_float64(parts: Sequence[Transform], x: Tensor) -> Tensor:
 
 
 def _backtrack(
-    parts: Sequence[Transform], y: Tensor, x: Tensor, direction: Tensor, size: Tensor,
-    moving: Tensor, stalled: Tensor,
+    parts: Sequence[Transform],
+    y: Tensor,
+    x: Tensor,
+    direction: Tensor,
+    size: Tensor,
+    moving: Tensor,
+    stalled: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, _Composition | None]:
     """``x - t * direction`` per sample, with the first ``t`` in 1, 1/2, ... that lowers
     :math:`|S(x) - y|_\\infty`; samples with none are marked stalled. Returns the new points,

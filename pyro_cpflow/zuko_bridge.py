@@ -240,7 +240,5 @@ class CPF(Flow):
     def __init__(self, features: int, context: int = 0, transforms: int = 1, **kwargs) -> None:
         _check_count(transforms, "transforms", 1)
         blocks = [ZukoCPFlow(features, context, **kwargs) for _ in range(transforms)]
-        base = UnconditionalDistribution(
-            DiagNormal, torch.zeros(features), torch.ones(features), buffer=True
-        )
+        base = UnconditionalDistribution(DiagNormal, torch.zeros(features), torch.ones(features), buffer=True)
         super().__init__(blocks, base)

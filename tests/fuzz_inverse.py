@@ -57,8 +57,15 @@ class InverseCounts:
     worst_ratio: float = 0.0  # max over converged targets of relative round-trip error / tol
 
     def add(self, other: InverseCounts) -> None:
-        for name in ("targets", "converged", "flagged", "unresolved", "silent", "nonfinite_unreported",
-                     "off_original"):
+        for name in (
+            "targets",
+            "converged",
+            "flagged",
+            "unresolved",
+            "silent",
+            "nonfinite_unreported",
+            "off_original",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.worst_ratio = max(self.worst_ratio, other.worst_ratio)
 
@@ -311,8 +318,9 @@ def inverse_table(models: int, targets: int, seed: int) -> tuple[str, dict]:
 
 def argument_table(outcomes: Outcomes) -> str:
     entries = sorted({(where, validation) for where, validation, _ in outcomes.counts})
-    lines = [f"{'entry point':40} {'validation':10} {'clear':>6} {'misleading':>10} {'silent':>7} "
-             f"{'allowed':>8}"]
+    lines = [
+        f"{'entry point':40} {'validation':10} {'clear':>6} {'misleading':>10} {'silent':>7} {'allowed':>8}"
+    ]
     for where, validation in entries:
         c = [outcomes.counts[(where, validation, k)] for k in ("clear", "misleading", "silent", "allowed")]
         lines.append(
@@ -332,8 +340,10 @@ def main() -> None:
     torch.set_default_dtype(torch.float64)
     models, targets = (40, 1000) if args.full else (4, 100)
     table, _ = inverse_table(models, targets, args.seed)
-    print(f"Inverses: {models} random flows x {targets} targets per row, |y|_inf from 1e-3 to 1e4, "
-          f"seed {args.seed}")
+    print(
+        f"Inverses: {models} random flows x {targets} targets per row, |y|_inf from 1e-3 to 1e4, "
+        f"seed {args.seed}"
+    )
     print("silent = reported converged but |f(x) - y|_inf > 10 tol max(1, |y|_inf) in float64, or NaN/Inf;")
     print("unresolved = flagged because the rounding error of the residual itself exceeds tol\n")
     print(table)

@@ -22,10 +22,22 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["HostSyncCounter"]
 
-READS = frozenset({
-    "__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy",
-    "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive",
-})
+READS = frozenset(
+    {
+        "__bool__",
+        "__float__",
+        "__int__",
+        "__index__",
+        "item",
+        "tolist",
+        "numpy",
+        "nonzero",
+        "argwhere",
+        "masked_select",
+        "unique",
+        "unique_consecutive",
+    }
+)
 """Tensor functions whose result needs values from the device."""
 
 INDEXING = frozenset({"__getitem__", "__setitem__"})

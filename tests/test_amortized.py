@@ -72,8 +72,7 @@ def test_a_plate_of_another_dimension_and_constrained_sites():
             pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), scale).to_event(1), obs=x[index])
 
     x = torch.randn(N, 1, 1)
-    guide = SMALL(poutine.block(model, hide=["w"]), plate="data", encoder=nn.Flatten(),
-                  data=lambda x: x)
+    guide = SMALL(poutine.block(model, hide=["w"]), plate="data", encoder=nn.Flatten(), data=lambda x: x)
     trace = poutine.trace(guide).get_trace(x)
     assert trace.nodes["scale"]["value"].shape == (4, 1)
     assert trace.nodes["z"]["value"].shape == (4, 1, 2)
@@ -167,8 +166,12 @@ def test_training_on_a_conjugate_model_reaches_its_exact_posterior():
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         guide = make_guide(factory, model=model, encoder=nn.Linear(D_X, 4), init_scale=0.5)
-        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}),
-                  Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1))
+        svi = SVI(
+            model,
+            guide,
+            pyro.optim.Adam({"lr": 0.05}),
+            Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1),
+        )
         for _ in range(150):
             svi.step(x, 32)
         guide.eval()
@@ -182,8 +185,9 @@ def test_predictive_draws_each_sample_with_its_own_subsample():
     guide = make_guide()
     guide(x, 4)
     for parallel in (False, True):
-        samples = Predictive(linear_gaussian, guide=guide, num_samples=6, parallel=parallel,
-                             return_sites=["z", "x"])(x, 4)
+        samples = Predictive(
+            linear_gaussian, guide=guide, num_samples=6, parallel=parallel, return_sites=["z", "x"]
+        )(x, 4)
         assert samples["z"].shape == (6, 4, D_Z)
         assert samples["x"].shape == (6, 4, D_X)
 
@@ -321,14 +325,17 @@ def test_bad_arguments_are_named(kwargs, error, match):
         guide(torch.randn(N, 1))
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"plate": 3}, TypeError, "plate must be the name of a plate"),
-    ({"encoder": lambda x: x}, TypeError, "encoder must be an nn.Module, got function"),
-    ({"data": torch.zeros(3)}, TypeError, "data must be a callable"),
-    ({"init_scale": 0.0}, ValueError, "init_scale must be a positive number, got 0.0"),
-    ({"sites": []}, TypeError, "sites must be a site name or a non-empty sequence"),
-    ({"num_blocks": 0}, ValueError, "num_blocks must be a positive int, got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"plate": 3}, TypeError, "plate must be the name of a plate"),
+        ({"encoder": lambda x: x}, TypeError, "encoder must be an nn.Module, got function"),
+        ({"data": torch.zeros(3)}, TypeError, "data must be a callable"),
+        ({"init_scale": 0.0}, ValueError, "init_scale must be a positive number, got 0.0"),
+        ({"sites": []}, TypeError, "sites must be a site name or a non-empty sequence"),
+        ({"num_blocks": 0}, ValueError, "num_blocks must be a positive int, got 0"),
+    ],
+)
 def test_bad_constructor_arguments_are_named(kwargs, error, match):
     options = {"plate": "data", "encoder": nn.Linear(1, 3), "data": lambda x: x, **kwargs}
     with pytest.raises(error, match=match):

@@ -43,8 +43,14 @@ def _state():
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3)
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 2,
-            "best": float("inf"), "history": [1.5, None, "text"], "rng": rng_state()}
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": 2,
+        "best": float("inf"),
+        "history": [1.5, None, "text"],
+        "rng": rng_state(),
+    }
 
 
 def test_round_trip_of_a_training_state(tmp_path):

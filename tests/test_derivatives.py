@@ -17,12 +17,21 @@ TOL = 1e-10
 def _potential(kind: str) -> ConvexPotential:
     torch.manual_seed(1)
     if kind.startswith("icnn"):
-        network = ICNN(D, [16, 12, 10], augmented="augmented" in kind,
-                       activation="softplus" if "softplus" in kind else "gaussian_softplus")
+        network = ICNN(
+            D,
+            [16, 12, 10],
+            augmented="augmented" in kind,
+            activation="softplus" if "softplus" in kind else "gaussian_softplus",
+        )
         potential = ConvexPotential(network, D, quadratic_rank=2)
     else:
-        network = PICNN(D, C, [16, 12, 10], augmented="augmented" in kind,
-                        activation="softplus" if "softplus" in kind else "gaussian_softplus")
+        network = PICNN(
+            D,
+            C,
+            [16, 12, 10],
+            augmented="augmented" in kind,
+            activation="softplus" if "softplus" in kind else "gaussian_softplus",
+        )
         terms = ContextQuadratic(C, D, rank=2) if "quadratic" in kind else None
         potential = ConvexPotential(network, D, context_terms=terms)
     with torch.no_grad():
@@ -31,8 +40,15 @@ def _potential(kind: str) -> ConvexPotential:
     return potential
 
 
-KINDS = ["icnn", "icnn-augmented", "icnn-augmented-softplus", "picnn", "picnn-augmented",
-         "picnn-augmented-softplus", "picnn-augmented-quadratic"]
+KINDS = [
+    "icnn",
+    "icnn-augmented",
+    "icnn-augmented-softplus",
+    "picnn",
+    "picnn-augmented",
+    "picnn-augmented-softplus",
+    "picnn-augmented-quadratic",
+]
 
 
 def _inputs(potential):
@@ -77,8 +93,12 @@ def test_first_order_backprop_through_the_formulas_matches_double_backprop(kind)
     v = torch.randn(N, D)
 
     def scalar(trace):
-        return ((trace.gradient * weights[0]).sum() + (trace.hvp(v) * weights[1]).sum()
-                + (trace.hessian() * weights[2]).sum() + trace.value.sum())
+        return (
+            (trace.gradient * weights[0]).sum()
+            + (trace.hvp(v) * weights[1]).sum()
+            + (trace.hessian() * weights[2]).sum()
+            + trace.value.sum()
+        )
 
     ours = torch.autograd.grad(scalar(potential.evaluate(x, context)), leaves, allow_unused=True)
     expected = torch.autograd.grad(scalar(_oracle(potential, x, context)), leaves, allow_unused=True)
@@ -110,8 +130,10 @@ def test_network_value_matches_the_written_definition():
     def linear(name, inputs):
         return F.linear(inputs, q[f"{name}.weight"], q.get(f"{name}.bias"))
 
-    z = s(linear("layers.0.input_weight", x * linear("layers.0.input_gate", c))
-          + linear("layers.0.context_offset", c))
+    z = s(
+        linear("layers.0.input_weight", x * linear("layers.0.input_gate", c))
+        + linear("layers.0.context_offset", c)
+    )
     u = torch.tanh(linear("context_layers.0", c))
     convex = F.softplus(q["layers.1.convex_weight.raw_weight"]) / 8
     gated = z * F.softplus(linear("layers.1.convex_gate", u))

@@ -22,7 +22,8 @@ import experiments
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(
-    info.name for info in pkgutil.walk_packages(experiments.__path__, "experiments.")
+    info.name
+    for info in pkgutil.walk_packages(experiments.__path__, "experiments.")
     if not info.name.endswith(".__main__")
 )
 
@@ -38,9 +39,15 @@ SCRIPTS = [name for name in MODULES if _is_script(name)]
 
 
 def test_the_package_holds_the_scripts_the_documentation_names():
-    for name in ("experiments.demo", "experiments.ot", "experiments.toy2d", "experiments.vae",
-                 "experiments.vae.report", "experiments.benchmarks.engine",
-                 "experiments.data.build_omniglot28"):
+    for name in (
+        "experiments.demo",
+        "experiments.ot",
+        "experiments.toy2d",
+        "experiments.vae",
+        "experiments.vae.report",
+        "experiments.benchmarks.engine",
+        "experiments.data.build_omniglot28",
+    ):
         assert name in SCRIPTS, name
     assert "experiments.benchmarks.common" not in MODULES  # one shared helpers module: experiments.common
 
@@ -64,7 +71,8 @@ def test_script_help_parses(name, monkeypatch, capsys):
 
 @pytest.mark.parametrize("name", ["experiments.vae", "experiments.benchmarks.engine"])
 def test_python_dash_m_runs_the_script_from_the_repository_root(name):
-    result = subprocess.run([sys.executable, "-m", name, "--help"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", name, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(f"usage: python -m {name}")

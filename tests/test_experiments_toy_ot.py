@@ -87,8 +87,18 @@ def test_toy2d_short_run_writes_outputs_and_learns(tmp_path):
     md.write_text("# Experiment results\n\n## Other\n\nkept\n")
     models = ["CP-Flow (1 block)", "MAF (affine AR)"]
     argv = [
-        "--quick", "--no-progress", "--out-dir", str(tmp_path), "--results-md", str(md),
-        "--datasets", "moons", "--models", *models, "--steps", "150",
+        "--quick",
+        "--no-progress",
+        "--out-dir",
+        str(tmp_path),
+        "--results-md",
+        str(md),
+        "--datasets",
+        "moons",
+        "--models",
+        *models,
+        "--steps",
+        "150",
     ]
     record = toy2d.main(argv)
 

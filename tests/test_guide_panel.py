@@ -1,6 +1,5 @@
 """The guide panel's models and a smoke run of its script."""
 
-
 import pyro
 import pytest
 import torch
@@ -31,8 +30,9 @@ def test_the_non_centred_reference_maps_back_to_the_centred_sites():
 
 
 def test_quick_panel_run_reports_every_guide():
-    results = guide_panel.main(["--quick", "--no-progress", "--models", "eight_schools",
-                                "--guides", "AutoNormal", "AutoCPFlow"])
+    results = guide_panel.main(
+        ["--quick", "--no-progress", "--models", "eight_schools", "--guides", "AutoNormal", "AutoCPFlow"]
+    )
     rows = results["models"]["eight_schools"]
     assert set(rows) == {"AutoNormal", "AutoCPFlow"}
     for row in rows.values():

@@ -1,6 +1,5 @@
 """experiments/image_density.py: the quick run, overwrite refusal, a bit-identical resume, the data."""
 
-
 import numpy as np
 import pytest
 import torch

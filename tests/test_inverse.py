@@ -247,14 +247,19 @@ def test_a_residual_below_its_own_rounding_error_is_not_a_success():
     y = (y - (y @ direction)[:, None] * direction).float()
     with pytest.warns(NonConvergenceWarning, match="torch.float32 cannot resolve it there; use float64"):
         _, report = solve_gradient_equation(
-            potential, y, initial=potential.initial_inverse_guess(y),
+            potential,
+            y,
+            initial=potential.initial_inverse_guess(y),
             preconditioner=potential.factorize().solve,
         )
     assert float(report.unresolved.double().mean()) > 0.5 and not bool(report.converged.any())
     # float64 resolves it to 1e-6 (its rounding error here is about 1e-9 |y|)
     potential, y = potential.double(), y.double()
     _, report = solve_gradient_equation(
-        potential, y, tol=1e-6, initial=potential.initial_inverse_guess(y),
+        potential,
+        y,
+        tol=1e-6,
+        initial=potential.initial_inverse_guess(y),
         preconditioner=potential.factorize().solve,
     )
     assert report.all_converged and not bool(report.unresolved.any())
@@ -263,8 +268,13 @@ def test_a_residual_below_its_own_rounding_error_is_not_a_success():
 def test_report_judges_residual_and_rounding_noise():
     scale = torch.tensor([1.0, 100.0, 1.0])
     report = InverseReport.judged(
-        "newton-cg", torch.zeros(3, dtype=torch.long), 0, residual=torch.tensor([5e-6, 5e-4, 5e-6]),
-        noise=torch.tensor([1e-7, 1e-7, 2e-5]), tol=1e-5, scale=scale,
+        "newton-cg",
+        torch.zeros(3, dtype=torch.long),
+        0,
+        residual=torch.tensor([5e-6, 5e-4, 5e-6]),
+        noise=torch.tensor([1e-7, 1e-7, 2e-5]),
+        tol=1e-5,
+        scale=scale,
     )
     assert report.converged.tolist() == [True, True, False]  # relative; the third is below its noise
     assert report.unresolved.tolist() == [False, False, True]

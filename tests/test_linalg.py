@@ -128,7 +128,10 @@ def test_whitened_cg_quadrature_is_that_of_the_preconditioned_matrix():
     factor = DenseQuadraticFactor(m)
     eps = torch.randn(4, d)
     result = lanczos_conjugate_gradient(
-        lambda v: factor.whiten(_matvec(a)(factor.unwhiten(v))), eps, rtol=1e-14, max_iter=d,
+        lambda v: factor.whiten(_matvec(a)(factor.unwhiten(v))),
+        eps,
+        rtol=1e-14,
+        max_iter=d,
     )
     chol = torch.linalg.cholesky(m)
     whitened = torch.linalg.solve_triangular(
@@ -257,7 +260,10 @@ def test_preconditioned_cg_matches_solve_in_fewer_iterations():
     chol = torch.linalg.cholesky(base)
     plain = conjugate_gradient(_matvec(a), b, rtol=1e-10, max_iter=1000)
     preconditioned = conjugate_gradient(
-        _matvec(a), b, rtol=1e-10, max_iter=1000,
+        _matvec(a),
+        b,
+        rtol=1e-10,
+        max_iter=1000,
         preconditioner=lambda v: torch.cholesky_solve(v.T, chol).T,
     )
     expected = torch.linalg.solve(a, b)

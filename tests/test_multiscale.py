@@ -99,9 +99,14 @@ def test_pyro_affine_couplings_as_blocks():
     torch.manual_seed(1)
     shapes = level_shapes((1, 4, 4), 2)
     levels = [
-        [ChannelActNorm(s), affine_coupling(d, hidden_dims=[8]), Permute(torch.randperm(d)),
-         affine_coupling(d, hidden_dims=[8])]
-        for s in shapes for d in [s[0] * s[1] * s[2]]
+        [
+            ChannelActNorm(s),
+            affine_coupling(d, hidden_dims=[8]),
+            Permute(torch.randperm(d)),
+            affine_coupling(d, hidden_dims=[8]),
+        ]
+        for s in shapes
+        for d in [s[0] * s[1] * s[2]]
     ]
     flow = MultiscaleFlow((1, 4, 4), levels)
     assert len(flow.block_modules) == 6  # the permutations are plain transforms

@@ -7,9 +7,18 @@ import pytest
 
 from experiments import neutra
 
-MEASURES = ("ess_per_1000_gradients", "ess_per_second", "min_ess", "median_ess", "ms_per_gradient",
-            "gradients_per_draw", "step_size", "max_mean_error", "max_mean_error_in_se",
-            "mean_abs_log_sd_ratio")
+MEASURES = (
+    "ess_per_1000_gradients",
+    "ess_per_second",
+    "min_ess",
+    "median_ess",
+    "ms_per_gradient",
+    "gradients_per_draw",
+    "step_size",
+    "max_mean_error",
+    "max_mean_error_in_se",
+    "mean_abs_log_sd_ratio",
+)
 
 
 @pytest.mark.slow  # NUTS with every guide, even at --quick: about 100 s on two cores

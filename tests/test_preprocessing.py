@@ -16,8 +16,11 @@ def test_logit_log_det_matches_autograd(margin):
     derivative = torch.func.vmap(torch.func.grad(lambda v: logit(v)))(u.reshape(-1)).reshape(u.shape)
     assert torch.allclose(logit.log_abs_det_jacobian(u, y), derivative.log(), atol=1e-12)
     jacobian = torch.autograd.functional.jacobian(lambda row: logit(row), u[0])
-    assert math.isclose(float(logit.log_abs_det_jacobian(u[0], y[0]).sum()),
-                        float(torch.linalg.slogdet(jacobian)[1]), abs_tol=1e-10)
+    assert math.isclose(
+        float(logit.log_abs_det_jacobian(u[0], y[0]).sum()),
+        float(torch.linalg.slogdet(jacobian)[1]),
+        abs_tol=1e-10,
+    )
     assert torch.allclose(logit.inv(y), u, atol=1e-12)
 
 

@@ -141,8 +141,12 @@ def _neutra_nuts(problem, guide, num_samples, warmup_steps, max_tree_depth):
     """NeuTra: NUTS in the flow's base space, with the trained (exact-mode) flow; the draws of z."""
     neutra = NeuTraReparam(guide.requires_grad_(False))
     reparam_model = poutine.reparam(problem.model, config=lambda _: neutra)
-    mcmc = MCMC(NUTS(reparam_model, max_tree_depth=max_tree_depth), num_samples=num_samples,
-                warmup_steps=warmup_steps, disable_progbar=True)
+    mcmc = MCMC(
+        NUTS(reparam_model, max_tree_depth=max_tree_depth),
+        num_samples=num_samples,
+        warmup_steps=warmup_steps,
+        disable_progbar=True,
+    )
     mcmc.run()
     z = neutra.transform_sample(mcmc.get_samples()["z_shared_latent"])["z"]
     assert z.shape == (num_samples, D) and torch.isfinite(z).all()
@@ -166,8 +170,9 @@ def test_autonormalizingflow_and_a_short_neutra_chain():
 @pytest.mark.slow  # NUTS: about 30 s on two cores
 def test_neutra_hmc_reaches_the_posterior_mean():
     problem = ConjugateGaussian()
-    z = _neutra_nuts(problem, _trained_autonormalizingflow(problem), num_samples=60, warmup_steps=40,
-                     max_tree_depth=4)
+    z = _neutra_nuts(
+        problem, _trained_autonormalizingflow(problem), num_samples=60, warmup_steps=40, max_tree_depth=4
+    )
     # the chain is near the exact posterior mean (within a few posterior standard deviations)
     scale = problem.covariance.diagonal().sqrt()
     assert bool(((z.mean(0) - problem.mean).abs() < 4 * scale / 60**0.5 + 0.5 * scale).all())
@@ -180,8 +185,7 @@ def test_jit_compiled_nuts_through_a_flow_is_refused_with_what_to_use_instead():
     guide()
     neutra = NeuTraReparam(guide.requires_grad_(False))
     reparam_model = poutine.reparam(problem.model, config=lambda _: neutra)
-    mcmc = MCMC(NUTS(reparam_model, jit_compile=True), num_samples=2, warmup_steps=1,
-                disable_progbar=True)
+    mcmc = MCMC(NUTS(reparam_model, jit_compile=True), num_samples=2, warmup_steps=1, disable_progbar=True)
     with pytest.raises(NotImplementedError, match="cannot be traced by torch.jit.*jit_compile=False"):
         mcmc.run()
 

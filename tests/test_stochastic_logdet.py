@@ -65,9 +65,7 @@ def test_parameter_gradient_averages_to_exact():
     # split the copies into groups to estimate the standard error of the average
     groups = 30
     per_group = stochastic.reshape(groups, RUNS // groups, 3).sum((1, 2)) / (RUNS // groups)
-    group_grads = [
-        _grads(per_group[g], flow, retain_graph=True) for g in range(groups)
-    ]
+    group_grads = [_grads(per_group[g], flow, retain_graph=True) for g in range(groups)]
     for i, exact in enumerate(exact_grads):
         samples = torch.stack([grads[i] for grads in group_grads])
         stderr = samples.std(0) / groups**0.5

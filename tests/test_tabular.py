@@ -20,14 +20,16 @@ from experiments.tabular_data import MissingDataError, MissingDependencyError, P
 
 def write_power(root: Path, rows: int = 200) -> np.ndarray:
     rng = np.random.default_rng(1)
-    data = np.column_stack([
-        rng.gamma(2.0, 1.0, rows).round(3),           # global active power
-        np.where(rng.random(rows) < 0.3, 0.0, rng.random(rows)).round(3),  # reactive: many zeros
-        (240 + rng.normal(0, 3, rows)).round(2),       # voltage
-        rng.gamma(2.0, 4.0, rows).round(1),            # global intensity
-        rng.integers(0, 3, (rows, 3)).astype(float),   # sub-meterings (integers)
-        rng.integers(0, 1440, rows).astype(float),     # minute of the day
-    ])
+    data = np.column_stack(
+        [
+            rng.gamma(2.0, 1.0, rows).round(3),  # global active power
+            np.where(rng.random(rows) < 0.3, 0.0, rng.random(rows)).round(3),  # reactive: many zeros
+            (240 + rng.normal(0, 3, rows)).round(2),  # voltage
+            rng.gamma(2.0, 4.0, rows).round(1),  # global intensity
+            rng.integers(0, 3, (rows, 3)).astype(float),  # sub-meterings (integers)
+            rng.integers(0, 1440, rows).astype(float),  # minute of the day
+        ]
+    )
     (root / "power").mkdir(parents=True)
     np.save(root / "power" / "data.npy", data)
     return data
@@ -46,8 +48,10 @@ def write_hepmass(root: Path, rows: int = 300, trailing_comma: bool = False) -> 
     train, test = table(rows, extra=False), table(rows // 2, extra=True)
     (root / "hepmass").mkdir(parents=True)
     ending = "," if trailing_comma else ""
-    for name, values, header in (("1000_train.csv", train, "# label,f0,f1,f2,mass"),
-                                 ("1000_test.csv", test, "# label,f0,f1,f2,mass")):
+    for name, values, header in (
+        ("1000_train.csv", train, "# label,f0,f1,f2,mass"),
+        ("1000_test.csv", test, "# label,f0,f1,f2,mass"),
+    ):
         lines = [header] + [",".join(f"{v:.6f}" for v in row) + ending for row in values]
         (root / "hepmass" / name).write_text("\n".join(lines) + "\n")
     return train, test
@@ -67,11 +71,18 @@ def write_gas(root: Path, rows: int = 300) -> None:
     pandas = pytest.importorskip("pandas")
     rng = np.random.default_rng(4)
     base = rng.normal(size=(rows, 4))
-    frame = pandas.DataFrame({
-        "Time": np.arange(rows, dtype=float), "Meth": rng.random(rows), "Eth": rng.random(rows),
-        "s1": base[:, 0], "s2": base[:, 0] + 1e-3 * base[:, 1], "s3": base[:, 1],
-        "s4": base[:, 2], "s5": base[:, 3],
-    })
+    frame = pandas.DataFrame(
+        {
+            "Time": np.arange(rows, dtype=float),
+            "Meth": rng.random(rows),
+            "Eth": rng.random(rows),
+            "s1": base[:, 0],
+            "s2": base[:, 0] + 1e-3 * base[:, 1],
+            "s3": base[:, 1],
+            "s4": base[:, 2],
+            "s5": base[:, 3],
+        }
+    )
     (root / "gas").mkdir(parents=True)
     frame.to_pickle(root / "gas" / "ethylene_CO.pickle")
 
@@ -163,8 +174,10 @@ def test_the_gas_pickle_is_not_opened_without_allow_pickle(tmp_path):
 def test_bsds300_is_read_as_given(tmp_path):
     h5py = pytest.importorskip("h5py")
     (tmp_path / "BSDS300").mkdir()
-    parts = {name: np.random.default_rng(5).normal(size=(n, 63)) for name, n in
-             (("train", 40), ("validation", 10), ("test", 20))}
+    parts = {
+        name: np.random.default_rng(5).normal(size=(n, 63))
+        for name, n in (("train", 40), ("validation", 10), ("test", 20))
+    }
     with h5py.File(tmp_path / "BSDS300" / "BSDS300.hdf5", "w") as file:
         for name, values in parts.items():
             file.create_dataset(name, data=values)
@@ -181,8 +194,9 @@ def test_bsds300_without_its_datasets_is_refused(tmp_path):
         tabular_data.load_bsds300(tmp_path)
 
 
-@pytest.mark.parametrize("module, name, kwargs",
-                         [("h5py", "bsds300", {}), ("pandas", "gas", {"allow_pickle": True})])
+@pytest.mark.parametrize(
+    "module, name, kwargs", [("h5py", "bsds300", {}), ("pandas", "gas", {"allow_pickle": True})]
+)
 def test_a_missing_optional_package_is_named(tmp_path, monkeypatch, module, name, kwargs):
     (path,) = [tmp_path / relative for relative in tabular_data.MAF_FILES[name]]
     path.parent.mkdir()
@@ -213,14 +227,18 @@ def test_correlated_columns_are_dropped_until_none_is_left():
 def test_size_differences_name_the_published_sizes():
     splits = tabular_data.TabularSplits("miniboone", np.zeros((5, 43)), np.zeros((2, 43)), np.zeros((3, 43)))
     assert tabular_data.size_differences(splits) == [
-        "train: 5 (published 29556)", "validation: 2 (published 3284)", "test: 3 (published 3648)"]
+        "train: 5 (published 29556)",
+        "validation: 2 (published 3284)",
+        "test: 3 (published 3648)",
+    ]
 
 
 # ------------------------------------------------------------------ bundled sets
 
 
-@pytest.mark.parametrize("name, dim, dequantised", [("breast_cancer", 24, False), ("wine", 13, True),
-                                                     ("digits", 64, True)])
+@pytest.mark.parametrize(
+    "name, dim, dequantised", [("breast_cancer", 24, False), ("wine", 13, True), ("digits", 64, True)]
+)
 def test_bundled_sets_are_split_dequantised_and_standardised(name, dim, dequantised):
     splits = tabular_bundled.load_bundled(name, seed=0)
     assert splits.dim == dim and (splits.dequantization is not None) == dequantised
@@ -243,11 +261,11 @@ def test_digits_test_pixels_are_dequantised_within_their_unit_cells():
 
 def _small_problem(batch: int = 128):
     torch.manual_seed(0)
-    x = torch.randn(300, 3, dtype=torch.float64) @ torch.tensor([[1.0, 0.5, 0], [0, 1, 0.3], [0, 0, 0.5]],
-                                                                 dtype=torch.float64)
+    x = torch.randn(300, 3, dtype=torch.float64) @ torch.tensor(
+        [[1.0, 0.5, 0], [0, 1, 0.3], [0, 0, 0.5]], dtype=torch.float64
+    )
     data = tabular_train.TensorSplits(x[:200], x[200:250], x[250:])
-    settings = tabular_train.TrainSettings(batch_size=batch, lr=5e-3, max_steps=20, eval_every=5,
-                                           patience=50)
+    settings = tabular_train.TrainSettings(batch_size=batch, lr=5e-3, max_steps=20, eval_every=5, patience=50)
     return data, settings
 
 
@@ -260,8 +278,9 @@ def _cpflow(seed: int = 3):
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
     data, settings = _small_problem()
     module, model = _cpflow()
-    whole = tabular_train.fit(module, model, data, settings, seed=1, checkpoint=tmp_path / "a.pt",
-                              show_progress=False)
+    whole = tabular_train.fit(
+        module, model, data, settings, seed=1, checkpoint=tmp_path / "a.pt", show_progress=False
+    )
 
     def kill(step: int) -> None:
         if step == 10:
@@ -269,16 +288,33 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
 
     module, model = _cpflow()
     with pytest.raises(KeyboardInterrupt):
-        tabular_train.fit(module, model, data, settings, seed=1, checkpoint=tmp_path / "b.pt",
-                          show_progress=False, callback=kill)
+        tabular_train.fit(
+            module,
+            model,
+            data,
+            settings,
+            seed=1,
+            checkpoint=tmp_path / "b.pt",
+            show_progress=False,
+            callback=kill,
+        )
     module, model = _cpflow()
-    resumed = tabular_train.fit(module, model, data, settings, seed=1, checkpoint=tmp_path / "b.pt",
-                                resume=True, show_progress=False)
+    resumed = tabular_train.fit(
+        module, model, data, settings, seed=1, checkpoint=tmp_path / "b.pt", resume=True, show_progress=False
+    )
     for key in ("test_loglik", "validation_loglik", "validation_curve", "train_loss_curve", "best_step"):
         assert resumed[key] == whole[key], key
     calls = []
-    again = tabular_train.fit(*_cpflow(), data, settings, seed=1, checkpoint=tmp_path / "b.pt", resume=True,
-                              show_progress=False, callback=calls.append)
+    again = tabular_train.fit(
+        *_cpflow(),
+        data,
+        settings,
+        seed=1,
+        checkpoint=tmp_path / "b.pt",
+        resume=True,
+        show_progress=False,
+        callback=calls.append,
+    )
     assert again == resumed and not calls  # a finished checkpoint is not trained again
 
 
@@ -287,8 +323,9 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     tabular_train.fit(*_cpflow(), data, settings, seed=1, checkpoint=tmp_path / "c.pt", show_progress=False)
     other = tabular_train.TrainSettings(**{**settings.__dict__, "lr": 1e-2})
     with pytest.raises(RuntimeError, match=r"other settings \(lr\)"):
-        tabular_train.fit(*_cpflow(), data, other, seed=1, checkpoint=tmp_path / "c.pt", resume=True,
-                          show_progress=False)
+        tabular_train.fit(
+            *_cpflow(), data, other, seed=1, checkpoint=tmp_path / "c.pt", resume=True, show_progress=False
+        )
 
 
 def test_training_stops_after_patience_evaluations_without_improvement():
@@ -313,8 +350,21 @@ def test_matched_baselines_are_within_five_percent_of_the_cpflow():
 
 def test_quick_run_reports_every_model_and_writes_nothing(tmp_path):
     out = tmp_path / "tabular.json"
-    record = tabular.main(["--quick", "--no-progress", "--datasets", "wine", "--models", "CP-Flow", "MAF",
-                           "--run-dir", str(tmp_path / "run"), "--out", str(out)])
+    record = tabular.main(
+        [
+            "--quick",
+            "--no-progress",
+            "--datasets",
+            "wine",
+            "--models",
+            "CP-Flow",
+            "MAF",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--out",
+            str(out),
+        ]
+    )
     entry = record["datasets"]["wine"]
     assert entry["dim"] == 13 and set(entry["models"]) == {"CP-Flow", "MAF"}
     for row in entry["models"].values():
@@ -324,17 +374,50 @@ def test_quick_run_reports_every_model_and_writes_nothing(tmp_path):
     assert "| wine (d = 13, test 35) |" in text and "| data set | CP-Flow − MAF |" in text
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["wine-cpflow.pt", "wine-maf.pt"]
     with pytest.raises(SystemExit):  # the checkpoints are not started over silently
-        tabular.main(["--quick", "--no-progress", "--datasets", "wine", "--models", "MAF",
-                      "--run-dir", str(tmp_path / "run")])
-    resumed = tabular.main(["--quick", "--no-progress", "--datasets", "wine", "--models", "MAF", "--resume",
-                            "--run-dir", str(tmp_path / "run")])
+        tabular.main(
+            [
+                "--quick",
+                "--no-progress",
+                "--datasets",
+                "wine",
+                "--models",
+                "MAF",
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+    resumed = tabular.main(
+        [
+            "--quick",
+            "--no-progress",
+            "--datasets",
+            "wine",
+            "--models",
+            "MAF",
+            "--resume",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert resumed["datasets"]["wine"]["models"]["MAF"] == entry["models"]["MAF"]
 
 
 def test_quick_run_on_a_maf_folder(tmp_path):
     write_miniboone(tmp_path / "maf")
-    record = tabular.main(["--quick", "--no-progress", "--datasets", "miniboone", "--models", "MAF",
-                           "--maf-root", str(tmp_path / "maf"), "--run-dir", str(tmp_path / "run")])
+    record = tabular.main(
+        [
+            "--quick",
+            "--no-progress",
+            "--datasets",
+            "miniboone",
+            "--models",
+            "MAF",
+            "--maf-root",
+            str(tmp_path / "maf"),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     entry = record["datasets"]["miniboone"]
     assert entry["dim"] == 5 and entry["size_differences_from_published"][0].startswith("train: 203")
 
@@ -344,8 +427,18 @@ def test_the_script_names_missing_files_and_refuses_to_overwrite(tmp_path, capsy
         tabular.parse_args(["--datasets", "power"])
     assert "need --maf-root" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        tabular.main(["--quick", "--no-progress", "--datasets", "power", "--maf-root", str(tmp_path),
-                      "--run-dir", str(tmp_path / "run")])
+        tabular.main(
+            [
+                "--quick",
+                "--no-progress",
+                "--datasets",
+                "power",
+                "--maf-root",
+                str(tmp_path),
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
     assert f"not found: {tmp_path / 'power' / 'data.npy'}" in capsys.readouterr().err
     out = tmp_path / "done.json"
     out.write_text("{}")

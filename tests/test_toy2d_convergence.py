@@ -18,8 +18,19 @@ MODELS = ["CP-Flow (112x2, gain 4)", "MAF (affine AR)"]
 
 def _quick(tmp_path: Path, *extra: str) -> list[str]:
     return [
-        "--quick", "--no-progress", "--out", str(tmp_path / "conv.json"), "--run-dir", str(tmp_path / "runs"),
-        "--datasets", "moons", "--models", *MODELS, "--steps", "16", *extra,
+        "--quick",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "conv.json"),
+        "--run-dir",
+        str(tmp_path / "runs"),
+        "--datasets",
+        "moons",
+        "--models",
+        *MODELS,
+        "--steps",
+        "16",
+        *extra,
     ]
 
 
@@ -98,8 +109,17 @@ def test_the_section_is_rendered_from_the_json(quick_run, tmp_path):
     folder, _ = quick_run
     md = tmp_path / "RESULTS.md"
     md.write_text("# Experiment results\n\n## Other\n\nkept\n")
-    argv = ["--render-only", "--out", str(folder / "conv.json"), "--run-dir", str(folder / "runs"),
-            "--results-md", str(md), "--section", "Toy check"]
+    argv = [
+        "--render-only",
+        "--out",
+        str(folder / "conv.json"),
+        "--run-dir",
+        str(folder / "runs"),
+        "--results-md",
+        str(md),
+        "--section",
+        "Toy check",
+    ]
     record = conv.main(argv)
     text = md.read_text()
     assert "## Other\n\nkept" in text and "## Toy check" in text and "| moons |" in text
@@ -112,8 +132,10 @@ def test_the_section_is_rendered_from_the_json(quick_run, tmp_path):
     # a budget check against a longer run (here the run itself: no change)
     check = conv.markdown_section(record, md, longer=record)
     assert "Budget check" in check and "(+0.000)" in check and "(-" not in check
-    margin = record["datasets"]["moons"]["models"][MODELS[0]]["seeds"]["0"]["test_loglik"] - (
-        record["datasets"]["moons"]["models"][MODELS[1]]["seeds"]["0"]["test_loglik"])
+    margin = (
+        record["datasets"]["moons"]["models"][MODELS[0]]["seeds"]["0"]["test_loglik"]
+        - (record["datasets"]["moons"]["models"][MODELS[1]]["seeds"]["0"]["test_loglik"])
+    )
     assert f"{margin:+.3f} → {margin:+.3f}" in check
 
 
@@ -131,10 +153,15 @@ def test_no_figures_and_readings(quick_run, tmp_path, monkeypatch):
 def test_later_variant_fields_keep_the_first_runs_fingerprints():
     # the fields added later (alpha, initial_scale) are left out at their defaults
     spec = conv.model_spec("CP-Flow (64x4, gain 8, lr 0.08)")
-    assert spec == ("toy2d.cpflow_model: CPFlowVariant(hidden_dims=(64, 64, 64, 64), blocks=1, "
-                    "input_gain=8.0, activation='gaussian_softplus', lr=0.08)")
+    assert spec == (
+        "toy2d.cpflow_model: CPFlowVariant(hidden_dims=(64, 64, 64, 64), blocks=1, "
+        "input_gain=8.0, activation='gaussian_softplus', lr=0.08)"
+    )
     assert conv.model_spec("CP-Flow (64x4, gain 16, lr 0.08, scale 1)").endswith("initial_scale=1.0)")
     module, _ = conv.build("CP-Flow (64x4, gain 16, lr 0.08, scale 1)", 0)
-    scales = [float(torch.nn.functional.softplus(m.raw_scale.detach()))
-              for m in module.modules() if hasattr(m, "raw_scale")]
+    scales = [
+        float(torch.nn.functional.softplus(m.raw_scale.detach()))
+        for m in module.modules()
+        if hasattr(m, "raw_scale")
+    ]
     assert scales and all(s == pytest.approx(1.0) for s in scales)

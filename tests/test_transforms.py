@@ -61,15 +61,19 @@ FACTORIES = {
     "cpflow.inv": Factory(lambda o: cpflow(D, **o), inverse=True),
     "conditional_cpflow": Factory(lambda o: conditional_cpflow(D, C, **o), conditional=True),
     "conditional_cpflow.inv": Factory(
-        lambda o: conditional_cpflow(D, C, **o), conditional=True, inverse=True),
+        lambda o: conditional_cpflow(D, C, **o), conditional=True, inverse=True
+    ),
     "conditional_cpflow-quadratic": Factory(
-        lambda o: conditional_cpflow(D, C, context_quadratic_rank=2, **o), conditional=True),
+        lambda o: conditional_cpflow(D, C, context_quadratic_rank=2, **o), conditional=True
+    ),
     "cpflow_stack": Factory(lambda o: cpflow_stack(D, num_blocks=2, **o)),
     "cpflow_stack.inv": Factory(lambda o: cpflow_stack(D, num_blocks=2, **o), inverse=True),
     "conditional_cpflow_stack": Factory(
-        lambda o: conditional_cpflow_stack(D, C, num_blocks=2, **o), conditional=True),
+        lambda o: conditional_cpflow_stack(D, C, num_blocks=2, **o), conditional=True
+    ),
     "conditional_cpflow_stack-around": Factory(
-        lambda o: conditional_cpflow_stack(D, C, num_blocks=2, actnorm="around", **o), conditional=True),
+        lambda o: conditional_cpflow_stack(D, C, num_blocks=2, actnorm="around", **o), conditional=True
+    ),
     "iterated": Factory(lambda o: iterated(2, cpflow, D, **o)),
     "ActNorm": Factory(lambda o: ActNorm(D), modes=("exact",)),  # always exact
     "ActNorm.inv": Factory(lambda o: ActNorm(D), inverse=True, modes=("exact",)),
@@ -110,10 +114,9 @@ def _fresh_forward(transform, x):
 def test_log_abs_det_jacobian_matches_autograd(name, logdet, dtype, device):
     transform, _, _ = _build(name, logdet, dtype, device)
     x = torch.randn(5, D, device=device, dtype=dtype)
-    jacobian = torch.stack([
-        torch.autograd.functional.jacobian(lambda v: _fresh_forward(transform, v[None])[0], xi)
-        for xi in x
-    ])
+    jacobian = torch.stack(
+        [torch.autograd.functional.jacobian(lambda v: _fresh_forward(transform, v[None])[0], xi) for xi in x]
+    )
     expected = torch.linalg.slogdet(jacobian.double())[1].to(dtype)
     atol = LOGDET_ATOL[dtype]
     if logdet == "exact":

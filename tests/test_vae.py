@@ -47,16 +47,57 @@ from tests.test_checkpoints import CreatesAFile
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ["-m", "experiments.vae"]  # the command line, from the repository root
 TINY = Config(
-    dataset="binarized_mnist", flow="gaussian", epochs=1, max_batches=2, batch_size=20,
-    warmup=2, early_stopping=0, latent_dim=8, feature_dim=16, channels=4, head_channels=8,
-    flow_steps=2, flow_hidden=(16, 16), is_samples=4, test_images=20, valid_images=40,
-    chunk=200, dtype="float64", threads=1, progress=False,
+    dataset="binarized_mnist",
+    flow="gaussian",
+    epochs=1,
+    max_batches=2,
+    batch_size=20,
+    warmup=2,
+    early_stopping=0,
+    latent_dim=8,
+    feature_dim=16,
+    channels=4,
+    head_channels=8,
+    flow_steps=2,
+    flow_hidden=(16, 16),
+    is_samples=4,
+    test_images=20,
+    valid_images=40,
+    chunk=200,
+    dtype="float64",
+    threads=1,
+    progress=False,
 )
 TINY_FLAGS = [
-    "--latent-dim", "8", "--feature-dim", "16", "--channels", "4", "--flow-steps", "2",
-    "--flow-hidden", "16,16", "--batch-size", "20", "--valid-images", "40", "--test-images", "20",
-    "--is-samples", "4", "--dtype", "float64", "--threads", "1", "--no-progress", "--warmup", "2",
-    "--early-stopping", "0", "--seed", "3",
+    "--latent-dim",
+    "8",
+    "--feature-dim",
+    "16",
+    "--channels",
+    "4",
+    "--flow-steps",
+    "2",
+    "--flow-hidden",
+    "16,16",
+    "--batch-size",
+    "20",
+    "--valid-images",
+    "40",
+    "--test-images",
+    "20",
+    "--is-samples",
+    "4",
+    "--dtype",
+    "float64",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--warmup",
+    "2",
+    "--early-stopping",
+    "0",
+    "--seed",
+    "3",
 ]
 TIME_FIELDS = {"epoch_seconds", "valid_seconds", "train_seconds", "eval_seconds", "wall_seconds"}
 
@@ -149,7 +190,11 @@ def test_every_recorded_checksum_matches_and_a_corrupt_file_is_refused(tmp_path)
 
 
 def _tiny_vae(
-    flow: str, likelihood: str = "bernoulli", shape=(1, 28, 28), logdet="exact", cg_options=(),
+    flow: str,
+    likelihood: str = "bernoulli",
+    shape=(1, 28, 28),
+    logdet="exact",
+    cg_options=(),
 ) -> VAE:
     arch = Architecture(shape, likelihood, latent_dim=8, feature_dim=16, channels=4, head_channels=8)
     posterior = build_posterior(
@@ -228,8 +273,9 @@ def test_cpflow_training_step_never_reads_the_device_with_the_cuda_settings():
     cpu = Config(device="cpu").cg_options()
     assert cpu["cg_check_every"] == 1 and cpu["cg_max_iter"] is None
     counter = _device_reads_of_a_training_step(cpu)
-    assert counter.total >= 4 and all("linalg.py" in where and "check_every" in where
-                                      for _, where in counter.counts), dict(counter.counts)
+    assert counter.total >= 4 and all(
+        "linalg.py" in where and "check_every" in where for _, where in counter.counts
+    ), dict(counter.counts)
 
 
 def test_cg_misses_are_counted_per_epoch_and_warned_about_past_a_small_share(tmp_path):
@@ -368,8 +414,17 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_run_folder_is_never_started_over_without_resume_or_overwrite(tmp_path, capsys):
-    flags = [*TINY_FLAGS, "--dataset", "binarized_mnist", "--flow", "gaussian", "--max-batches", "1",
-             "--out-dir", str(tmp_path)]
+    flags = [
+        *TINY_FLAGS,
+        "--dataset",
+        "binarized_mnist",
+        "--flow",
+        "gaussian",
+        "--max-batches",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+    ]
     cli.main([*flags, "--epochs", "2"])
     before = _snapshot(tmp_path)
     capsys.readouterr()
@@ -453,8 +508,19 @@ def test_every_bad_command_line_value_is_refused_naming_the_option(tmp_path, cap
     if value == "FILE":
         value = str(tmp_path / "a-file")
         Path(value).write_text("")
-    flags = [*TINY_FLAGS, "--dataset", "binarized_mnist", "--flow", "cpflow", "--epochs", "1",
-             "--max-batches", "1", "--out-dir", str(tmp_path / "run")]
+    flags = [
+        *TINY_FLAGS,
+        "--dataset",
+        "binarized_mnist",
+        "--flow",
+        "cpflow",
+        "--epochs",
+        "1",
+        "--max-batches",
+        "1",
+        "--out-dir",
+        str(tmp_path / "run"),
+    ]
     with pytest.raises(SystemExit) as exit_:
         cli.main([*flags, option, value])  # the last occurrence of an option wins
     assert exit_.value.code == 2
@@ -480,13 +546,26 @@ def test_options_added_later_take_their_defaults_when_resuming_an_older_run():
 
 @pytest.mark.slow  # subprocesses: about 30-90 s on two cores
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
-    flags = [*TINY_FLAGS, "--dataset", "binarized_mnist", "--flow", "cpflow", "--epochs", "4",
-             "--max-batches", "3"]
+    flags = [
+        *TINY_FLAGS,
+        "--dataset",
+        "binarized_mnist",
+        "--flow",
+        "cpflow",
+        "--epochs",
+        "4",
+        "--max-batches",
+        "3",
+    ]
     command = [sys.executable, *CLI, *flags]
     cli.main([*flags, "--out-dir", str(tmp_path / "straight")])  # in-process: saves a start-up
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*command, "--out-dir", str(killed)], env=_environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*command, "--out-dir", str(killed)],
+        env=_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (killed / "checkpoint.pt").exists():
@@ -500,8 +579,13 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tmp_path):
         process.wait()
     checkpoint = load_checkpoint(killed / "checkpoint.pt")
     assert checkpoint["epoch"] < 4 and not (killed / "results.json").exists()
-    subprocess.run([*command, "--out-dir", str(killed), "--resume"], check=True,
-                   env=_environment(), capture_output=True, timeout=300)
+    subprocess.run(
+        [*command, "--out-dir", str(killed), "--resume"],
+        check=True,
+        env=_environment(),
+        capture_output=True,
+        timeout=300,
+    )
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = load_checkpoint(killed / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == 4
@@ -522,10 +606,27 @@ def _free_port() -> int:
 @pytest.mark.slow  # subprocesses: about 30-90 s on two cores
 def test_two_process_distributed_run_keeps_the_ranks_identical(tmp_path):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        *CLI, *TINY_FLAGS, "--dataset", "binarized_mnist", "--flow", "cpflow",
-        "--epochs", "2", "--max-batches", "2", "--out-dir", str(tmp_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        *CLI,
+        *TINY_FLAGS,
+        "--dataset",
+        "binarized_mnist",
+        "--flow",
+        "cpflow",
+        "--epochs",
+        "2",
+        "--max-batches",
+        "2",
+        "--out-dir",
+        str(tmp_path),
     ]
     result = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -549,8 +650,17 @@ def test_report_rebuilds_each_runs_command_and_writes_table_and_figure(tmp_path)
     rebuilt = cli.config_from_args(cli.build_parser().parse_args(command[3:]))
     assert rebuilt.to_dict() == entry.config  # the command reproduces the configuration
     results_md = tmp_path / "RESULTS.md"
-    report.main([str(folder), "--title", "Tiny", "--results-md", str(results_md),
-                 "--figure", str(tmp_path / "curves.png")])
+    report.main(
+        [
+            str(folder),
+            "--title",
+            "Tiny",
+            "--results-md",
+            str(results_md),
+            "--figure",
+            str(tmp_path / "curves.png"),
+        ]
+    )
     text = results_md.read_text()
     assert "## Tiny" in text and f"{record['test_nelbo_bpd']:.3f}" in text and "| 4.45 |" in text
     assert (tmp_path / "curves.png").stat().st_size > 0

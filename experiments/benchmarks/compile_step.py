@@ -71,8 +71,11 @@ def make_loss(
             logdet = 2.0 * torch.linalg.cholesky(trace.hessian()).diagonal(dim1=-2, dim2=-1).log().sum(-1)
         else:
             logdet = stochastic_logdet(
-                trace, potential.factorize(trace.quadratic), rtol=0.0,
-                max_iter=CG_ITERATIONS, check_every=0,
+                trace,
+                potential.factorize(trace.quadratic),
+                rtol=0.0,
+                max_iter=CG_ITERATIONS,
+                check_every=0,
             ).combined()
         return (0.5 * (y * y).sum(-1) - logdet).mean()
 
@@ -109,11 +112,16 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
             compiled_timing, compiled_value = time_call(
                 functools.partial(step, compiled), device, warmup=2, repeats=args.repeats
             )
-            rows.append({
-                "dim": dim, "mode": mode, "eager_ms": 1e3 * eager_timing.median_s,
-                "compiled_ms": 1e3 * compiled_timing.median_s, "compile_s": compile_s,
-                "loss_difference": float((compiled_value - eager_value).abs()),
-            })
+            rows.append(
+                {
+                    "dim": dim,
+                    "mode": mode,
+                    "eager_ms": 1e3 * eager_timing.median_s,
+                    "compiled_ms": 1e3 * compiled_timing.median_s,
+                    "compile_s": compile_s,
+                    "loss_difference": float((compiled_value - eager_value).abs()),
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -132,14 +140,32 @@ def main() -> None:
     device = setup(args)
     rows = measure(args, device)
     table = markdown_table(
-        ["d", "log-det", "eager ms", "compiled ms", "compiled / eager", "compile time s",
-         "|loss difference|"],
-        [[r["dim"], r["mode"], fmt(r["eager_ms"]), fmt(r["compiled_ms"]),
-          fmt(r["compiled_ms"] / r["eager_ms"], ".2f"), fmt(r["compile_s"], ".1f"),
-          fmt(r["loss_difference"], ".1e")] for r in rows],
+        [
+            "d",
+            "log-det",
+            "eager ms",
+            "compiled ms",
+            "compiled / eager",
+            "compile time s",
+            "|loss difference|",
+        ],
+        [
+            [
+                r["dim"],
+                r["mode"],
+                fmt(r["eager_ms"]),
+                fmt(r["compiled_ms"]),
+                fmt(r["compiled_ms"] / r["eager_ms"], ".2f"),
+                fmt(r["compile_s"], ".1f"),
+                fmt(r["loss_difference"], ".1e"),
+            ]
+            for r in rows
+        ],
     )
-    text = (f"# torch.compile of the training step\n\n{machine_summary(device)}, {args.dtype}, "
-            f"batch {args.batch}, stochastic CG fixed at {CG_ITERATIONS} iterations\n\n{table}")
+    text = (
+        f"# torch.compile of the training step\n\n{machine_summary(device)}, {args.dtype}, "
+        f"batch {args.batch}, stochastic CG fixed at {CG_ITERATIONS} iterations\n\n{table}"
+    )
     print(text)
     save_results(args.out, {"rows": rows}, text, device, args, started)
 

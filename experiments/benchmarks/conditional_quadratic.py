@@ -79,8 +79,13 @@ class AmortizedGuide(nn.Module):
         self.flow = (
             None
             if flow_rank is None
-            else conditional_cpflow(latent_dim, context_dim, hidden_dims=(32, 32), logdet="exact",
-                                    context_quadratic_rank=flow_rank)
+            else conditional_cpflow(
+                latent_dim,
+                context_dim,
+                hidden_dims=(32, 32),
+                logdet="exact",
+                context_quadratic_rank=flow_rank,
+            )
         )
 
     def distribution(self, y: torch.Tensor, log_noise: torch.Tensor) -> dist.Distribution:
@@ -112,8 +117,12 @@ def run(variant: str, flow_rank: int | None, seed: int, steps: int, latent_dim: 
     test_y, test_noise = problem.simulate(200, generator)
     guide = AmortizedGuide(8, latent_dim, context_dim=16, flow_rank=flow_rank)
     pyro.clear_param_store()
-    svi = SVI(problem.model, guide, pyro.optim.ClippedAdam({"lr": 3e-3, "lrd": 0.9995}),
-              Trace_ELBO(num_particles=4, vectorize_particles=True))
+    svi = SVI(
+        problem.model,
+        guide,
+        pyro.optim.ClippedAdam({"lr": 3e-3, "lrd": 0.9995}),
+        Trace_ELBO(num_particles=4, vectorize_particles=True),
+    )
     train_generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for _ in trange(steps, desc=f"{variant} seed {seed}", leave=False):
@@ -133,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.benchmarks.conditional_quadratic",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seeds", type=int, default=2)
@@ -142,8 +151,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
     variants = {"diagonal Gaussian": None, "CP-Flow, PICNN": 0, "CP-Flow, PICNN + L(c)": args.latent_dim}
-    rows = [run(name, rank, seed, args.steps, args.latent_dim)
-            for seed in range(args.seeds) for name, rank in variants.items()]
+    rows = [
+        run(name, rank, seed, args.steps, args.latent_dim)
+        for seed in range(args.seeds)
+        for name, rank in variants.items()
+    ]
     lines = ["| posterior | parameters | mean KL(q‖p) per seed | train time (s) |", "|---|---|---|---|"]
     for name in variants:
         mine = [r for r in rows if r["variant"] == name]

@@ -100,13 +100,18 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[list]:
             v = torch.randn(batch, dim, dtype=DTYPE, device=device)
             reference_hvp = reference_hessian = None
             for name, hvp in hvp_methods(potential, x).items():
-                timing, value = time_call(functools.partial(hvp, v), device, warmup=2, repeats=args.repeats,
-                                          budget_s=args.budget, min_repeats=3)
+                timing, value = time_call(
+                    functools.partial(hvp, v),
+                    device,
+                    warmup=2,
+                    repeats=args.repeats,
+                    budget_s=args.budget,
+                    min_repeats=3,
+                )
                 reference_hvp = value if reference_hvp is None else reference_hvp
                 error = float((value - reference_hvp).abs().max())
                 rows.append(["HVP", dim, batch, name, 1e3 * timing.median_s, error])
             for name, hessian in hessian_methods(potential).items():
-
                 # timed within this iteration: the loop's values are bound as defaults
                 def step(
                     potential: ConvexPotential = potential,
@@ -118,8 +123,9 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[list]:
                     torch.linalg.cholesky(matrix).diagonal(dim1=-2, dim2=-1).log().sum().backward()
                     return matrix.detach()
 
-                timing, value = time_call(step, device, warmup=2, repeats=args.repeats,
-                                          budget_s=args.budget, min_repeats=3)
+                timing, value = time_call(
+                    step, device, warmup=2, repeats=args.repeats, budget_s=args.budget, min_repeats=3
+                )
                 reference_hessian = value if reference_hessian is None else reference_hessian
                 error = float((value - reference_hessian).abs().max())
                 rows.append(["Hessian + log-det backward", dim, batch, name, 1e3 * timing.median_s, error])

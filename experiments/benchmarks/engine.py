@@ -123,8 +123,13 @@ from experiments.common import markdown_table
 TODAY_COMMIT = "df8048e"
 MEASUREMENTS = ("stochastic", "exact", "svi", "inversion", "memory", "bias", "threshold")
 TARGETS = {
-    "ours/ref": 0.33, "ours/today stochastic": 0.4, "ours/today exact": 0.5, "cpflow/iaf": 1.5,
-    "ours/today inversion": 0.6, "memory 100/10": 1.2, "|bias|/SE": 2.0,
+    "ours/ref": 0.33,
+    "ours/today stochastic": 0.4,
+    "ours/today exact": 0.5,
+    "cpflow/iaf": 1.5,
+    "ours/today inversion": 0.6,
+    "memory 100/10": 1.2,
+    "|bias|/SE": 2.0,
 }
 BIAS_MAX_KAPPA = 1e5
 """The bias target applies up to this condition number."""
@@ -148,8 +153,12 @@ class Bench:
         return self.args.device
 
     def timing(self, warmup: int = 2) -> dict[str, Any]:
-        return {"warmup": warmup, "repeats": self.args.repeats, "budget_s": self.args.budget,
-                "min_repeats": 3}
+        return {
+            "warmup": warmup,
+            "repeats": self.args.repeats,
+            "budget_s": self.args.budget,
+            "min_repeats": 3,
+        }
 
     def attempt(self, backend: Backend | None, task: str, **kwargs: Any) -> dict[str, Any] | None:
         """``backend.call``; ``None`` when the backend is missing or the task fails (logged)."""
@@ -183,15 +192,27 @@ class Bench:
         if key not in self.states:
             out = str(self.folder / f"trained-{logdet}-{dim}.pt")
             args = self.args
-            kwargs = dict(dim=dim, hidden=args.hidden, logdet=logdet, steps=args.train_steps,
-                          lr=args.lr, batch=args.batch, seed=args.seed, out=out, device=self.device)
+            kwargs = dict(
+                dim=dim,
+                hidden=args.hidden,
+                logdet=logdet,
+                steps=args.train_steps,
+                lr=args.lr,
+                batch=args.batch,
+                seed=args.seed,
+                out=out,
+                device=self.device,
+            )
             trainer = self.ours or self.today
             result = self.attempt(trainer, "train", **kwargs)
             self.states[key] = out if result is not None else None
             if result is not None:
                 self.training[f"{logdet}-{dim}"] = {**result, "by": trainer.label}
-                print(f"  trained d={dim} {logdet} ({trainer.label}): final loss "
-                      f"{result['final_loss']:.4g} in {result['seconds']:.1f} s", flush=True)
+                print(
+                    f"  trained d={dim} {logdet} ({trainer.label}): final loss "
+                    f"{result['final_loss']:.4g} in {result['seconds']:.1f} s",
+                    flush=True,
+                )
         return self.states[key]
 
 
@@ -232,8 +253,15 @@ def measure_stochastic(bench: Bench) -> tuple[str, list[dict]]:
         state = bench.trained(dim, "stochastic")
         if state is None:  # training failed: listed under Errors
             continue
-        shared = dict(dim=dim, hidden=args.hidden, state=state, batch=args.batch, seed=args.seed,
-                      timing=bench.timing(), device=bench.device)
+        shared = dict(
+            dim=dim,
+            hidden=args.hidden,
+            state=state,
+            batch=args.batch,
+            seed=args.seed,
+            timing=bench.timing(),
+            device=bench.device,
+        )
         ours, today, ref_here, ref_there, gradient_only = bench.alternate(
             (bench.ours, "density_step", dict(logdet="stochastic", **shared)),
             (bench.today, "density_step", dict(logdet="stochastic", **shared)),
@@ -245,28 +273,66 @@ def measure_stochastic(bench: Bench) -> tuple[str, list[dict]]:
         floor = ratio(gradient_only, ref_here)
         via_ref = ours_ref / today_ref if ours_ref and today_ref else None
         direct = ratio(ours, today)
-        rows.append([dim, get(ours, "ms", ".1f"), get(today, "ms", ".1f"),
-                     get(ref_here, "ms", ".1f"), get(ref_there, "ms", ".1f"),
-                     fmt(ours_ref, ".2f"), fmt(today_ref, ".2f"),
-                     fmt(via_ref, ".2f"), fmt(direct, ".2f"),
-                     meets([ours_ref], TARGETS["ours/ref"]),
-                     meets([via_ref, direct], TARGETS["ours/today stochastic"]),
-                     cg_cell(ours), cg_cell(today), get(ref_here or ref_there, "cg_iterations"),
-                     get(gradient_only, "ms", ".1f"), fmt(floor, ".2f")])
-        records.append({"dim": dim, "ours": ours, "today": today, "reference_here": ref_here,
-                        "reference_today_process": ref_there, "ours_over_ref": ours_ref,
-                        "today_over_ref": today_ref, "ours_over_today_via_ref": via_ref,
-                        "ours_over_today_direct": direct, "gradient_only": gradient_only,
-                        "gradient_only_over_ref": floor})
-    headers = ["d", "ours ms", "today ms", "ref ms (ours proc.)", "ref ms (today proc.)",
-               "ours/ref", "today/ref", "ours/today via ref", "ours/today direct",
-               "ours/ref <= 0.33", "ours/today <= 0.4", "CG ours mean / max",
-               "CG today mean / max", "CG ref", "∇F-only step ms (ours)", "∇F-only / ref"]
-    intro = (f"## (a) Stochastic training step (density direction)\n\nbatch {args.batch}, hidden "
-             f"{tuple(args.hidden)}, float64, after {args.train_steps} Adam steps; reference CG "
-             f"tolerance {REFERENCE_CG_TOL:g} on the batch max residual, at most d iterations. "
-             "The ∇F-only step is the same step without any log-det (-log p_base(∇F(x)) and "
-             "backward): a floor under every step that also needs one.")
+        rows.append(
+            [
+                dim,
+                get(ours, "ms", ".1f"),
+                get(today, "ms", ".1f"),
+                get(ref_here, "ms", ".1f"),
+                get(ref_there, "ms", ".1f"),
+                fmt(ours_ref, ".2f"),
+                fmt(today_ref, ".2f"),
+                fmt(via_ref, ".2f"),
+                fmt(direct, ".2f"),
+                meets([ours_ref], TARGETS["ours/ref"]),
+                meets([via_ref, direct], TARGETS["ours/today stochastic"]),
+                cg_cell(ours),
+                cg_cell(today),
+                get(ref_here or ref_there, "cg_iterations"),
+                get(gradient_only, "ms", ".1f"),
+                fmt(floor, ".2f"),
+            ]
+        )
+        records.append(
+            {
+                "dim": dim,
+                "ours": ours,
+                "today": today,
+                "reference_here": ref_here,
+                "reference_today_process": ref_there,
+                "ours_over_ref": ours_ref,
+                "today_over_ref": today_ref,
+                "ours_over_today_via_ref": via_ref,
+                "ours_over_today_direct": direct,
+                "gradient_only": gradient_only,
+                "gradient_only_over_ref": floor,
+            }
+        )
+    headers = [
+        "d",
+        "ours ms",
+        "today ms",
+        "ref ms (ours proc.)",
+        "ref ms (today proc.)",
+        "ours/ref",
+        "today/ref",
+        "ours/today via ref",
+        "ours/today direct",
+        "ours/ref <= 0.33",
+        "ours/today <= 0.4",
+        "CG ours mean / max",
+        "CG today mean / max",
+        "CG ref",
+        "∇F-only step ms (ours)",
+        "∇F-only / ref",
+    ]
+    intro = (
+        f"## (a) Stochastic training step (density direction)\n\nbatch {args.batch}, hidden "
+        f"{tuple(args.hidden)}, float64, after {args.train_steps} Adam steps; reference CG "
+        f"tolerance {REFERENCE_CG_TOL:g} on the batch max residual, at most d iterations. "
+        "The ∇F-only step is the same step without any log-det (-log p_base(∇F(x)) and "
+        "backward): a floor under every step that also needs one."
+    )
     return intro + "\n\n" + markdown_table(headers, rows), records
 
 
@@ -276,17 +342,34 @@ def measure_exact(bench: Bench) -> tuple[str, list[dict]]:
         state = bench.trained(dim, "exact")
         if state is None:
             continue
-        shared = dict(dim=dim, hidden=args.hidden, logdet="exact", state=state,
-                      batch=args.batch, seed=args.seed, timing=bench.timing(), device=bench.device)
+        shared = dict(
+            dim=dim,
+            hidden=args.hidden,
+            logdet="exact",
+            state=state,
+            batch=args.batch,
+            seed=args.seed,
+            timing=bench.timing(),
+            device=bench.device,
+        )
         ours, today = bench.alternate(
             (bench.ours, "density_step", shared), (bench.today, "density_step", shared)
         )
         quotient = ratio(ours, today)
-        rows.append([dim, get(ours, "ms", ".2f"), get(today, "ms", ".2f"), fmt(quotient, ".2f"),
-                     meets([quotient], TARGETS["ours/today exact"])])
+        rows.append(
+            [
+                dim,
+                get(ours, "ms", ".2f"),
+                get(today, "ms", ".2f"),
+                fmt(quotient, ".2f"),
+                meets([quotient], TARGETS["ours/today exact"]),
+            ]
+        )
         records.append({"dim": dim, "ours": ours, "today": today, "ours_over_today": quotient})
-    intro = ("## (b) Exact-mode training step (density direction)\n\nthe step and training of "
-             "(a) with logdet=\"exact\".")
+    intro = (
+        "## (b) Exact-mode training step (density direction)\n\nthe step and training of "
+        '(a) with logdet="exact".'
+    )
     headers = ["d", "ours ms", "today ms", "ours/today", "<= 0.5"]
     return intro + "\n\n" + markdown_table(headers, rows), records
 
@@ -295,8 +378,15 @@ def measure_svi(bench: Bench) -> tuple[str, list[dict]]:
     args, rows, records = bench.args, [], []
     for model in args.svi_models:
         for particles in args.particles:
-            shared = dict(model=model, particles=particles, hidden=args.hidden, lr=1e-2,
-                          warmup=args.svi_warmup, timing=bench.timing(), seed=args.seed)
+            shared = dict(
+                model=model,
+                particles=particles,
+                hidden=args.hidden,
+                lr=1e-2,
+                warmup=args.svi_warmup,
+                timing=bench.timing(),
+                seed=args.seed,
+            )
             ours, iaf, today, iaf_there = bench.alternate(
                 (bench.ours, "svi_step", dict(guide="cpflow", **shared)),
                 (bench.local, "svi_step", dict(guide="iaf", **shared)),
@@ -305,21 +395,52 @@ def measure_svi(bench: Bench) -> tuple[str, list[dict]]:
             )
             ours_iaf, today_iaf = ratio(ours, iaf), ratio(today, iaf_there)
             via_iaf = ours_iaf / today_iaf if ours_iaf and today_iaf else None
-            rows.append([f"{model} ({LATENT_DIMS[model]})", particles, get(ours, "ms", ".1f"),
-                         get(iaf, "ms", ".1f"), fmt(ours_iaf, ".2f"),
-                         meets([ours_iaf], TARGETS["cpflow/iaf"]), get(today, "ms", ".1f"),
-                         get(iaf_there, "ms", ".1f"), fmt(today_iaf, ".2f"),
-                         fmt(via_iaf, ".2f"), get(ours, "warnings", "d")])
-            records.append({"model": model, "latent_dim": LATENT_DIMS[model],
-                            "particles": particles, "cpflow_ours": ours, "iaf": iaf,
-                            "cpflow_today": today, "iaf_today_process": iaf_there,
-                            "ours_over_iaf": ours_iaf, "today_over_iaf": today_iaf,
-                            "ours_over_today_via_iaf": via_iaf})
-    headers = ["model (latents)", "particles", "CP-Flow ours ms", "IAF ms", "ours/IAF", "<= 1.5",
-               "CP-Flow today ms", "IAF ms (today proc.)", "today/IAF", "ours/today via IAF",
-               "warnings (ours)"]
-    intro = (f"## (c) SVI step: CP-Flow guide against AutoIAFNormal\n\nfloat64, hidden "
-             f"{tuple(args.hidden)}, Adam 1e-2, {args.svi_warmup} warm-up steps; logdet=\"auto\".")
+            rows.append(
+                [
+                    f"{model} ({LATENT_DIMS[model]})",
+                    particles,
+                    get(ours, "ms", ".1f"),
+                    get(iaf, "ms", ".1f"),
+                    fmt(ours_iaf, ".2f"),
+                    meets([ours_iaf], TARGETS["cpflow/iaf"]),
+                    get(today, "ms", ".1f"),
+                    get(iaf_there, "ms", ".1f"),
+                    fmt(today_iaf, ".2f"),
+                    fmt(via_iaf, ".2f"),
+                    get(ours, "warnings", "d"),
+                ]
+            )
+            records.append(
+                {
+                    "model": model,
+                    "latent_dim": LATENT_DIMS[model],
+                    "particles": particles,
+                    "cpflow_ours": ours,
+                    "iaf": iaf,
+                    "cpflow_today": today,
+                    "iaf_today_process": iaf_there,
+                    "ours_over_iaf": ours_iaf,
+                    "today_over_iaf": today_iaf,
+                    "ours_over_today_via_iaf": via_iaf,
+                }
+            )
+    headers = [
+        "model (latents)",
+        "particles",
+        "CP-Flow ours ms",
+        "IAF ms",
+        "ours/IAF",
+        "<= 1.5",
+        "CP-Flow today ms",
+        "IAF ms (today proc.)",
+        "today/IAF",
+        "ours/today via IAF",
+        "warnings (ours)",
+    ]
+    intro = (
+        f"## (c) SVI step: CP-Flow guide against AutoIAFNormal\n\nfloat64, hidden "
+        f'{tuple(args.hidden)}, Adam 1e-2, {args.svi_warmup} warm-up steps; logdet="auto".'
+    )
     return intro + "\n\n" + markdown_table(headers, rows), records
 
 
@@ -329,38 +450,68 @@ def measure_inversion(bench: Bench) -> tuple[str, list[dict]]:
         state = bench.trained(dim, "stochastic")
         if state is None:
             continue
-        shared = dict(dim=dim, hidden=args.hidden, state=state, points=args.inverse_points,
-                      seed=args.seed + 1, tol=args.inverse_tol, timing=bench.timing(warmup=0),
-                      device=bench.device)
-        ours, today = bench.alternate(
-            (bench.ours, "inversion", shared), (bench.today, "inversion", shared)
+        shared = dict(
+            dim=dim,
+            hidden=args.hidden,
+            state=state,
+            points=args.inverse_points,
+            seed=args.seed + 1,
+            tol=args.inverse_tol,
+            timing=bench.timing(warmup=0),
+            device=bench.device,
         )
+        ours, today = bench.alternate((bench.ours, "inversion", shared), (bench.today, "inversion", shared))
         quotient = ratio(ours, today)
-        rows.append([dim, get(ours, "ms", ".1f"), get(today, "ms", ".1f"), fmt(quotient, ".2f"),
-                     meets([quotient], TARGETS["ours/today inversion"]),
-                     get(ours, "converged", ".1%"), get(ours, "max_residual", ".1e"),
-                     get(today, "converged", ".1%"), get(today, "max_residual", ".1e")])
+        rows.append(
+            [
+                dim,
+                get(ours, "ms", ".1f"),
+                get(today, "ms", ".1f"),
+                fmt(quotient, ".2f"),
+                meets([quotient], TARGETS["ours/today inversion"]),
+                get(ours, "converged", ".1%"),
+                get(ours, "max_residual", ".1e"),
+                get(today, "converged", ".1%"),
+                get(today, "max_residual", ".1e"),
+            ]
+        )
         records.append({"dim": dim, "ours": ours, "today": today, "ours_over_today": quotient})
-    headers = ["d", "ours ms", "today ms", "ours/today", "<= 0.6", "ours converged",
-               "ours max resid.", "today converged", "today max resid."]
-    intro = (f"## (d) Inversion\n\n{args.inverse_points} points y = flow(x) of the trained flows "
-             f"of (a), inverse_tol={args.inverse_tol:g}, under no_grad.")
+    headers = [
+        "d",
+        "ours ms",
+        "today ms",
+        "ours/today",
+        "<= 0.6",
+        "ours converged",
+        "ours max resid.",
+        "today converged",
+        "today max resid.",
+    ]
+    intro = (
+        f"## (d) Inversion\n\n{args.inverse_points} points y = flow(x) of the trained flows "
+        f"of (a), inverse_tol={args.inverse_tol:g}, under no_grad."
+    )
     return intro + "\n\n" + markdown_table(headers, rows), records
 
 
 def measure_memory(bench: Bench) -> tuple[str, list[dict]]:
     args, dim = bench.args, bench.args.memory_dim
     state = bench.trained(dim, "stochastic")
-    shared = dict(dim=dim, hidden=args.hidden, state=state, batch=args.batch, seed=args.seed,
-                  device=bench.device)
+    shared = dict(
+        dim=dim, hidden=args.hidden, state=state, batch=args.batch, seed=args.seed, device=bench.device
+    )
     runner = bench.ours if state is not None else None
     runs = {n: bench.attempt(runner, "peak_memory", iterations=n, **shared) for n in (10, 100)}
     quotient = ratio(runs[100], runs[10], "peak_mib")
-    row = [dim, get(runs[10], "peak_mib", ".3f"), get(runs[100], "peak_mib", ".3f"),
-           fmt(quotient, ".3f"), meets([quotient], TARGETS["memory 100/10"]),
-           f"{cg_cell(runs[10])}; {cg_cell(runs[100])}"]
-    headers = ["d", "peak MiB @ 10", "peak MiB @ 100", "ratio", "<= 1.2",
-               "CG iters done @ 10; @ 100"]
+    row = [
+        dim,
+        get(runs[10], "peak_mib", ".3f"),
+        get(runs[100], "peak_mib", ".3f"),
+        fmt(quotient, ".3f"),
+        meets([quotient], TARGETS["memory 100/10"]),
+        f"{cg_cell(runs[10])}; {cg_cell(runs[100])}",
+    ]
+    headers = ["d", "peak MiB @ 10", "peak MiB @ 100", "ratio", "<= 1.2", "CG iters done @ 10; @ 100"]
     intro = "## (e) Peak memory of the stochastic step against forced CG iterations (ours)"
     record = {"dim": dim, "cg_10": runs[10], "cg_100": runs[100], "ratio": quotient}
     return intro + "\n\n" + markdown_table(headers, [row]), [record]
@@ -370,33 +521,75 @@ def measure_bias(bench: Bench) -> tuple[str, list[dict]]:
     args, rows, records = bench.args, [], []
     for kappa in args.kappas:
         out = str(bench.folder / f"conditioned-{kappa:g}.pt")
-        built = bench.attempt(bench.ours or bench.today, "conditioned_flow", dim=args.bias_dim,
-                              hidden=args.hidden, kappa=kappa, seed=args.seed, out=out,
-                              device=bench.device)
+        built = bench.attempt(
+            bench.ours or bench.today,
+            "conditioned_flow",
+            dim=args.bias_dim,
+            hidden=args.hidden,
+            kappa=kappa,
+            seed=args.seed,
+            out=out,
+            device=bench.device,
+        )
         if built is None:
             continue
-        shared = dict(dim=args.bias_dim, hidden=args.hidden, state=out, x0=built["x0"],
-                      batch=args.bias_batch, repeats=args.bias_repeats, seed=args.seed,
-                      device=bench.device)
+        shared = dict(
+            dim=args.bias_dim,
+            hidden=args.hidden,
+            state=out,
+            x0=built["x0"],
+            batch=args.bias_batch,
+            repeats=args.bias_repeats,
+            seed=args.seed,
+            device=bench.device,
+        )
         ours = bench.attempt(bench.ours, "logdet_bias", **shared)
         today = bench.attempt(bench.today, "logdet_bias", **shared)
         z = None if ours is None else abs(ours["bias_over_se"])
         target = meets([z], TARGETS["|bias|/SE"]) if kappa <= BIAS_MAX_KAPPA else "(not required)"
-        rows.append([f"{kappa:.0e}", fmt(built["kappa"], ".3g"), fmt(built["scale"], ".3g"),
-                     get(ours or today, "exact", ".4f"), get(ours, "mean", ".4f"),
-                     get(ours, "bias", ".3g"), get(ours, "se", ".2g"),
-                     get(ours, "bias_over_se", ".2f"), target, get(ours, "sd", ".3g"),
-                     warning_cell(ours), get(today, "bias", ".3g"),
-                     get(today, "bias_over_se", ".2f"), get(today, "sd", ".3g"),
-                     warning_cell(today)])
+        rows.append(
+            [
+                f"{kappa:.0e}",
+                fmt(built["kappa"], ".3g"),
+                fmt(built["scale"], ".3g"),
+                get(ours or today, "exact", ".4f"),
+                get(ours, "mean", ".4f"),
+                get(ours, "bias", ".3g"),
+                get(ours, "se", ".2g"),
+                get(ours, "bias_over_se", ".2f"),
+                target,
+                get(ours, "sd", ".3g"),
+                warning_cell(ours),
+                get(today, "bias", ".3g"),
+                get(today, "bias_over_se", ".2f"),
+                get(today, "sd", ".3g"),
+                warning_cell(today),
+            ]
+        )
         records.append({"kappa_target": kappa, "construction": built, "ours": ours, "today": today})
-    headers = ["κ target", "κ", "scale s", "exact log det", "ours mean", "ours bias", "ours SE",
-               "ours bias/SE", "bias within 2 SE", "ours sd", "ours warnings", "today bias",
-               "today bias/SE", "today sd", "today warnings"]
+    headers = [
+        "κ target",
+        "κ",
+        "scale s",
+        "exact log det",
+        "ours mean",
+        "ours bias",
+        "ours SE",
+        "ours bias/SE",
+        "bias within 2 SE",
+        "ours sd",
+        "ours warnings",
+        "today bias",
+        "today bias/SE",
+        "today sd",
+        "today warnings",
+    ]
     samples = args.bias_batch * args.bias_repeats
-    intro = (f"## (f) Bias of the stochastic log-det value against the condition number\n\nd = "
-             f"{args.bias_dim}, {samples} values at one x0 ({args.bias_repeats} x batch "
-             f"{args.bias_batch}); alpha {BIAS_ALPHA:g}, input_gain {BIAS_GAIN:g}, Q = alpha I.")
+    intro = (
+        f"## (f) Bias of the stochastic log-det value against the condition number\n\nd = "
+        f"{args.bias_dim}, {samples} values at one x0 ({args.bias_repeats} x batch "
+        f"{args.bias_batch}); alpha {BIAS_ALPHA:g}, input_gain {BIAS_GAIN:g}, Q = alpha I."
+    )
     return intro + "\n\n" + markdown_table(headers, rows), records
 
 
@@ -404,28 +597,48 @@ def measure_threshold(bench: Bench) -> tuple[str, list[dict], dict[int, dict[str
     args, records = bench.args, []
     for batch in args.threshold_batches:
         for dim in args.threshold_dims:
-            shared = dict(dim=dim, hidden=args.hidden, batch=batch, seed=args.seed,
-                          timing=bench.timing(), device=bench.device)
+            shared = dict(
+                dim=dim,
+                hidden=args.hidden,
+                batch=batch,
+                seed=args.seed,
+                timing=bench.timing(),
+                device=bench.device,
+            )
             exact = bench.attempt(bench.ours, "sampling_step", logdet="exact", **shared)
             stochastic = bench.attempt(bench.ours, "sampling_step", logdet="stochastic", **shared)
-            records.append({"batch": batch, "dim": dim, "exact": exact, "stochastic": stochastic,
-                            "exact_over_stochastic": ratio(exact, stochastic)})
+            records.append(
+                {
+                    "batch": batch,
+                    "dim": dim,
+                    "exact": exact,
+                    "stochastic": stochastic,
+                    "exact_over_stochastic": ratio(exact, stochastic),
+                }
+            )
     recommended = {}
     for batch in args.threshold_batches:
-        measured = [r for r in records
-                    if r["batch"] == batch and r["exact_over_stochastic"] is not None]
+        measured = [r for r in records if r["batch"] == batch and r["exact_over_stochastic"] is not None]
         best = max((r["dim"] for r in measured if r["exact_over_stochastic"] <= 1.0), default=0)
-        recommended[batch] = {"exact_max_dim": best,
-                              "complete": best < max((r["dim"] for r in measured), default=0)}
+        recommended[batch] = {
+            "exact_max_dim": best,
+            "complete": best < max((r["dim"] for r in measured), default=0),
+        }
     cell = {(r["batch"], r["dim"]): r["exact_over_stochastic"] for r in records}
-    rows = [[dim, *(fmt(cell[(b, dim)], ".2f") for b in args.threshold_batches)]
-            for dim in args.threshold_dims]
-    rows.append(["largest d, exact not slower", *(
-        f"{recommended[b]['exact_max_dim']}{'' if recommended[b]['complete'] else ' (or more)'}"
-        for b in args.threshold_batches)])
+    rows = [
+        [dim, *(fmt(cell[(b, dim)], ".2f") for b in args.threshold_batches)] for dim in args.threshold_dims
+    ]
+    rows.append(
+        [
+            "largest d, exact not slower",
+            *(
+                f"{recommended[b]['exact_max_dim']}{'' if recommended[b]['complete'] else ' (or more)'}"
+                for b in args.threshold_batches
+            ),
+        ]
+    )
     headers = ["d \\ batch", *(str(b) for b in args.threshold_batches)]
-    intro = ("## (g) Exact / stochastic time of the sampling-direction (SVI) step at "
-             "initialisation (ours)")
+    intro = "## (g) Exact / stochastic time of the sampling-direction (SVI) step at initialisation (ours)"
     return intro + "\n\n" + markdown_table(headers, rows), records, recommended
 
 
@@ -445,15 +658,22 @@ def _float_list(text: str) -> list[float]:
 def parse_args() -> argparse.Namespace:
     parser = base_parser(__file__, __doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--only", default=",".join(MEASUREMENTS),
-        help="comma-separated subset of " + ", ".join(MEASUREMENTS))
+    add("--only", default=",".join(MEASUREMENTS), help="comma-separated subset of " + ", ".join(MEASUREMENTS))
     add("--hidden", type=_int_list, default=[64, 64], help="ICNN widths (default 64,64)")
     add("--batch", type=int, default=100)
-    add("--budget", type=float, default=1.5,
-        help="seconds of timed calls per configuration (at least 3 calls; default 1.5)")
+    add(
+        "--budget",
+        type=float,
+        default=1.5,
+        help="seconds of timed calls per configuration (at least 3 calls; default 1.5)",
+    )
     add("--repeats", type=int, default=30, help="timed calls at most")
-    add("--rounds", type=int, default=3,
-        help="timing rounds per call, alternated between the libraries; the fastest is kept")
+    add(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timing rounds per call, alternated between the libraries; the fastest is kept",
+    )
     add("--dims", type=_int_list, default=[16, 64, 256], help="(a)")
     add("--train-steps", type=int, default=200)
     add("--lr", type=float, default=3e-3, help="Adam learning rate of the training (default 3e-3)")
@@ -489,8 +709,17 @@ def open_ours(device: str) -> tuple[Backend | None, dict[str, Any]]:
     backend = LocalBackend()
     try:
         info = backend.call("info")
-        backend.call("density_step", dim=2, hidden=[4, 4], logdet="stochastic", state=None, batch=4,
-                     seed=0, timing={"warmup": 0, "repeats": 1}, device=device)
+        backend.call(
+            "density_step",
+            dim=2,
+            hidden=[4, 4],
+            logdet="stochastic",
+            state=None,
+            batch=4,
+            seed=0,
+            timing={"warmup": 0, "repeats": 1},
+            device=device,
+        )
         return backend, info
     except Exception as error:
         return None, {"error": f"{type(error).__name__}: {error}"}
@@ -523,20 +752,32 @@ def run(args: argparse.Namespace, folder: Path, device: torch.device) -> tuple[s
                 if extra:
                     recommended = extra[0]
                     payload["recommended_exact_max_dim"] = {
-                        b: r["exact_max_dim"] for b, r in recommended.items()}
+                        b: r["exact_max_dim"] for b, r in recommended.items()
+                    }
                     payload["recommended_exact_max_dim_complete"] = {
-                        b: r["complete"] for b, r in recommended.items()}
+                        b: r["complete"] for b, r in recommended.items()
+                    }
     finally:
         if today is not None:
             today.close()
-    source = {name: info.get("file", info.get("error"))
-              for name, info in (("ours", ours_info), ("today", today_info))}
-    header = (f"# The library against {TODAY_COMMIT} and the reference algorithm\n\n"
-              f"{machine_summary(device)}; ours: `{source['ours']}`; today: `{source['today']}`.")
+    source = {
+        name: info.get("file", info.get("error"))
+        for name, info in (("ours", ours_info), ("today", today_info))
+    }
+    header = (
+        f"# The library against {TODAY_COMMIT} and the reference algorithm\n\n"
+        f"{machine_summary(device)}; ours: `{source['ours']}`; today: `{source['today']}`."
+    )
     if bench.errors:
         sections.append("## Errors\n\n" + "\n".join(f"- {e.splitlines()[0]}" for e in bench.errors))
-    payload.update(ours_library=ours_info, today_library=today_info, today_commit=TODAY_COMMIT,
-                   targets=TARGETS, training=bench.training, errors=bench.errors)
+    payload.update(
+        ours_library=ours_info,
+        today_library=today_info,
+        today_commit=TODAY_COMMIT,
+        targets=TARGETS,
+        training=bench.training,
+        errors=bench.errors,
+    )
     return "\n\n".join([header, *sections]), payload
 
 

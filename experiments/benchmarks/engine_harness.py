@@ -87,8 +87,7 @@ def base_distribution(dim: int, device: str) -> dist.Distribution:
 def data_factor(dim: int) -> Tensor:
     """``A`` with data ``x = A z``: random rotation times log-uniform std devs (var 0.1..10)."""
     generator = torch.Generator().manual_seed(DATA_SEED + dim)
-    log_var = torch.empty(dim, dtype=DTYPE).uniform_(
-        math.log(0.1), math.log(10.0), generator=generator)
+    log_var = torch.empty(dim, dtype=DTYPE).uniform_(math.log(0.1), math.log(10.0), generator=generator)
     rotation, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=DTYPE, generator=generator))
     return rotation * (0.5 * log_var).exp()
 
@@ -115,13 +114,14 @@ def cg_stats(flow: Any) -> dict[str, Any]:
     if report is None:
         return {"cg_mean": None, "cg_max": None, "cg_converged": None}
     iterations = report.iterations.double()
-    return {"cg_mean": float(iterations.mean()), "cg_max": int(iterations.max()),
-            "cg_converged": float(report.converged.double().mean())}
+    return {
+        "cg_mean": float(iterations.mean()),
+        "cg_max": int(iterations.max()),
+        "cg_converged": float(report.converged.double().mean()),
+    }
 
 
-def _timed(
-    fn: Callable[[], Any], device: str, timing: dict[str, Any]
-) -> tuple[dict[str, Any], Any]:
+def _timed(fn: Callable[[], Any], device: str, timing: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """``common.time_call(fn, **timing)``: ``{"ms": median, "times_ms": [...]}``, last result."""
     result, value = time_call(fn, torch.device(device), **timing)
     times = [1e3 * t for t in result.times_s]
@@ -144,13 +144,24 @@ def density_step(flow: Any, x: Tensor) -> Callable[[], Tensor]:
 def task_info() -> dict[str, Any]:
     import pyro_cpflow
 
-    return {"file": str(Path(pyro_cpflow.__file__).resolve()),
-            "version": getattr(pyro_cpflow, "__version__", None),
-            "diagnostics": hasattr(pyro_cpflow.cpflow(2, hidden_dims=(4, 4)), "diagnostics")}
+    return {
+        "file": str(Path(pyro_cpflow.__file__).resolve()),
+        "version": getattr(pyro_cpflow, "__version__", None),
+        "diagnostics": hasattr(pyro_cpflow.cpflow(2, hidden_dims=(4, 4)), "diagnostics"),
+    }
 
 
-def task_train(dim: int, hidden: list[int], logdet: str, steps: int, lr: float, batch: int,
-               seed: int, out: str, device: str) -> dict[str, Any]:
+def task_train(
+    dim: int,
+    hidden: list[int],
+    logdet: str,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    out: str,
+    device: str,
+) -> dict[str, Any]:
     """Maximum likelihood on the anisotropic Gaussian; saves the state dict to ``out``."""
     torch.manual_seed(seed)
     flow = make_flow(dim, hidden, None, device, logdet=logdet)
@@ -167,17 +178,26 @@ def task_train(dim: int, hidden: list[int], logdet: str, steps: int, lr: float, 
     return {"final_loss": float(loss.detach()), "seconds": time.perf_counter() - start}
 
 
-def task_density_step(dim: int, hidden: list[int], logdet: str, state: str | None, batch: int,
-                      seed: int, timing: dict[str, Any], device: str,
-                      options: dict[str, Any] | None = None) -> dict[str, Any]:
+def task_density_step(
+    dim: int,
+    hidden: list[int],
+    logdet: str,
+    state: str | None,
+    batch: int,
+    seed: int,
+    timing: dict[str, Any],
+    device: str,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     flow = make_flow(dim, hidden, state, device, logdet=logdet, **(options or {}))
     torch.manual_seed(seed)
     times, loss = _timed(density_step(flow, fixed_batch(dim, batch, seed, device)), device, timing)
     return {**times, "loss": float(loss), **cg_stats(flow)}
 
 
-def task_gradient_step(dim: int, hidden: list[int], state: str | None, batch: int, seed: int,
-                       timing: dict[str, Any], device: str) -> dict[str, Any]:
+def task_gradient_step(
+    dim: int, hidden: list[int], state: str | None, batch: int, seed: int, timing: dict[str, Any], device: str
+) -> dict[str, Any]:
     """The density step of (a) without its log-det, ``-log p_base(grad F(x))`` and backward:
     a floor under any step that also needs the log-det."""
     flow = make_flow(dim, hidden, state, device)
@@ -193,32 +213,40 @@ def task_gradient_step(dim: int, hidden: list[int], state: str | None, batch: in
     return times
 
 
-def task_reference_step(dim: int, hidden: list[int], state: str | None, batch: int, seed: int,
-                        timing: dict[str, Any], device: str) -> dict[str, Any]:
+def task_reference_step(
+    dim: int, hidden: list[int], state: str | None, batch: int, seed: int, timing: dict[str, Any], device: str
+) -> dict[str, Any]:
     flow = make_flow(dim, hidden, state, device, logdet="stochastic")
     x, base = fixed_batch(dim, batch, seed, device), base_distribution(dim, device)
     torch.manual_seed(seed)
 
     def step() -> int:
-        return reference_density_step(
-            flow.potential, lambda: flow.zero_grad(set_to_none=True), x, base)
+        return reference_density_step(flow.potential, lambda: flow.zero_grad(set_to_none=True), x, base)
 
     times, iterations = _timed(step, device, timing)
     return {**times, "cg_iterations": iterations}
 
 
-def task_peak_memory(dim: int, hidden: list[int], state: str | None, batch: int, seed: int,
-                     iterations: int, device: str) -> dict[str, Any]:
-    flow = make_flow(dim, hidden, state, device, logdet="stochastic", cg_rtol=0.0,
-                     cg_max_iter=iterations)
+def task_peak_memory(
+    dim: int, hidden: list[int], state: str | None, batch: int, seed: int, iterations: int, device: str
+) -> dict[str, Any]:
+    flow = make_flow(dim, hidden, state, device, logdet="stochastic", cg_rtol=0.0, cg_max_iter=iterations)
     step = density_step(flow, fixed_batch(dim, batch, seed, device))
     times, _ = _timed(step, device, {"warmup": 1, "repeats": 1})
     peak = peak_memory_bytes(step, torch.device(device))
     return {**times, "peak_mib": peak / 2.0**20, **cg_stats(flow)}
 
 
-def task_inversion(dim: int, hidden: list[int], state: str | None, points: int, seed: int,
-                   tol: float, timing: dict[str, Any], device: str) -> dict[str, Any]:
+def task_inversion(
+    dim: int,
+    hidden: list[int],
+    state: str | None,
+    points: int,
+    seed: int,
+    tol: float,
+    timing: dict[str, Any],
+    device: str,
+) -> dict[str, Any]:
     flow = make_flow(dim, hidden, state, device, logdet="stochastic", inverse_tol=tol)
     x = fixed_batch(dim, points, seed, device)
     with torch.no_grad():
@@ -226,9 +254,12 @@ def task_inversion(dim: int, hidden: list[int], state: str | None, points: int, 
         flow.inv(y[:8].clone())  # warm-up on a few points
         times, x_hat = _timed(lambda: flow.inv(y.clone()), device, timing)
     report = _report(flow, "inverse", "last_inverse")
-    return {**times, "converged": float(report.converged.double().mean()),
-            "max_residual": float(report.residual.max()),
-            "max_error": float((x_hat - x).abs().max())}
+    return {
+        **times,
+        "converged": float(report.converged.double().mean()),
+        "max_residual": float(report.residual.max()),
+        "max_error": float((x_hat - x).abs().max()),
+    }
 
 
 @contextlib.contextmanager
@@ -241,8 +272,16 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def task_svi_step(model: str, guide: str, particles: int, hidden: list[int], lr: float,
-                  warmup: int, timing: dict[str, Any], seed: int) -> dict[str, Any]:
+def task_svi_step(
+    model: str,
+    guide: str,
+    particles: int,
+    hidden: list[int],
+    lr: float,
+    warmup: int,
+    timing: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
     """Time ``SVI.step`` with a CP-Flow (``guide="cpflow"``) or an IAF guide, in float64."""
     from pyro.infer import SVI, Trace_ELBO
     from pyro.infer.autoguide import AutoIAFNormal, AutoNormalizingFlow
@@ -267,8 +306,17 @@ def task_svi_step(model: str, guide: str, particles: int, hidden: list[int], lr:
 def conditioned_flow(dim: int, hidden: list[int], scale: float, seed: int, device: str):
     """The flow of (f): network scale ``scale``, ``Q = alpha I`` (no factor, beta ~ 0)."""
     torch.manual_seed(seed)
-    flow = make_flow(dim, hidden, None, device, logdet="stochastic", alpha=BIAS_ALPHA,
-                     initial_scale=scale, quadratic_rank=0, input_gain=BIAS_GAIN)
+    flow = make_flow(
+        dim,
+        hidden,
+        None,
+        device,
+        logdet="stochastic",
+        alpha=BIAS_ALPHA,
+        initial_scale=scale,
+        quadratic_rank=0,
+        input_gain=BIAS_GAIN,
+    )
     with torch.no_grad():
         flow.potential.raw_beta.fill_(BIAS_RAW_BETA)
     return flow
@@ -283,8 +331,9 @@ def condition_number(flow: Any, x0: Tensor) -> float:
     return float(eigenvalues[-1] / eigenvalues[0])
 
 
-def task_conditioned_flow(dim: int, hidden: list[int], kappa: float, seed: int, out: str,
-                          device: str) -> dict[str, Any]:
+def task_conditioned_flow(
+    dim: int, hidden: list[int], kappa: float, seed: int, out: str, device: str
+) -> dict[str, Any]:
     """Bisection on ``log s`` for condition number ``kappa`` at ``x0``; saves the state dict."""
     x0 = torch.randn(dim, dtype=DTYPE, generator=torch.Generator().manual_seed(seed)).to(device)
     low, high = math.log(1e-4), math.log(1e9)
@@ -300,13 +349,22 @@ def task_conditioned_flow(dim: int, hidden: list[int], kappa: float, seed: int, 
     return {"scale": math.exp(middle), "kappa": condition_number(flow, x0), "x0": x0.tolist()}
 
 
-def task_logdet_bias(dim: int, hidden: list[int], state: str, x0: list[float], batch: int,
-                     repeats: int, seed: int, device: str) -> dict[str, Any]:
+def task_logdet_bias(
+    dim: int, hidden: list[int], state: str, x0: list[float], batch: int, repeats: int, seed: int, device: str
+) -> dict[str, Any]:
     """Mean of ``repeats * batch`` stochastic log-det values at ``x0`` against ``slogdet``."""
     import pyro_cpflow
 
-    flow = make_flow(dim, hidden, state, device, logdet="stochastic", alpha=BIAS_ALPHA,
-                     quadratic_rank=0, input_gain=BIAS_GAIN)
+    flow = make_flow(
+        dim,
+        hidden,
+        state,
+        device,
+        logdet="stochastic",
+        alpha=BIAS_ALPHA,
+        quadratic_rank=0,
+        input_gain=BIAS_GAIN,
+    )
     point = torch.tensor(x0, dtype=DTYPE, device=device)
     exact = float(torch.linalg.slogdet(exact_hessian(flow, point))[1])
     torch.manual_seed(seed)
@@ -323,13 +381,21 @@ def task_logdet_bias(dim: int, hidden: list[int], state: str, x0: list[float], b
     kinds = (nonconvergence, UserWarning, RuntimeWarning)
     warned = sorted({w.category.__name__ for w in caught if issubclass(w.category, kinds)})
     mean = float(samples.mean())
-    return {"exact": exact, "mean": mean, "bias": mean - exact, "se": se, "sd": sd,
-            "bias_over_se": (mean - exact) / se if se > 0 else math.nan, "warnings": warned,
-            "nonfinite": int((~torch.isfinite(samples)).sum())}
+    return {
+        "exact": exact,
+        "mean": mean,
+        "bias": mean - exact,
+        "se": se,
+        "sd": sd,
+        "bias_over_se": (mean - exact) / se if se > 0 else math.nan,
+        "warnings": warned,
+        "nonfinite": int((~torch.isfinite(samples)).sum()),
+    }
 
 
-def task_sampling_step(dim: int, hidden: list[int], logdet: str, batch: int, seed: int,
-                       timing: dict[str, Any], device: str) -> dict[str, Any]:
+def task_sampling_step(
+    dim: int, hidden: list[int], logdet: str, batch: int, seed: int, timing: dict[str, Any], device: str
+) -> dict[str, Any]:
     """The SVI-direction step of (g) at initialisation."""
     torch.manual_seed(seed)
     flow = make_flow(dim, hidden, None, device, logdet=logdet)
@@ -344,11 +410,16 @@ def task_sampling_step(dim: int, hidden: list[int], logdet: str, batch: int, see
 
 
 TASKS: dict[str, Callable[..., dict[str, Any]]] = {
-    "info": task_info, "train": task_train, "density_step": task_density_step,
-    "reference_step": task_reference_step, "gradient_step": task_gradient_step,
+    "info": task_info,
+    "train": task_train,
+    "density_step": task_density_step,
+    "reference_step": task_reference_step,
+    "gradient_step": task_gradient_step,
     "peak_memory": task_peak_memory,
-    "inversion": task_inversion, "svi_step": task_svi_step,
-    "conditioned_flow": task_conditioned_flow, "logdet_bias": task_logdet_bias,
+    "inversion": task_inversion,
+    "svi_step": task_svi_step,
+    "conditioned_flow": task_conditioned_flow,
+    "logdet_bias": task_logdet_bias,
     "sampling_step": task_sampling_step,
 }
 
@@ -380,8 +451,9 @@ class WorkerBackend:
     def __init__(self, commit: str, folder: Path, threads: int) -> None:
         self.library = folder / "library"
         self.library.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", commit, "pyro_cpflow"],
-                                 check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "archive", commit, "pyro_cpflow"], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(self.library)], input=archive, check=True)
         # the copy first, then the repository for the experiments package; the working
         # directory is the run's folder, not the repository, whose pyro_cpflow would come first
@@ -389,7 +461,12 @@ class WorkerBackend:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "experiments.benchmarks.engine_harness", "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=folder)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=folder,
+        )
         try:
             self.info = self.call("info")
         except Exception:

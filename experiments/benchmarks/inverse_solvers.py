@@ -174,8 +174,14 @@ def make_problem(dim: int, kind: str, points: int, device: torch.device) -> Prob
     y = potential.gradient(x_true)
     kappa = condition_numbers(hessians(potential, x_true[:CONDITION_POINTS]))
     return Problem(
-        dim, kind, potential, x_true, y, potential.initial_inverse_guess(y),
-        float(kappa.median()), float(kappa.max()),
+        dim,
+        kind,
+        potential,
+        x_true,
+        y,
+        potential.initial_inverse_guess(y),
+        float(kappa.median()),
+        float(kappa.max()),
     )
 
 
@@ -233,8 +239,13 @@ class SolverRow:
 
 
 def run_solver(
-    problem: Problem, method: str, tol: float, max_iter: int, args: argparse.Namespace,
-    device: torch.device, label: str | None = None,
+    problem: Problem,
+    method: str,
+    tol: float,
+    max_iter: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    label: str | None = None,
 ) -> SolverRow:
     """Time one solver on one problem and summarise its report."""
 
@@ -243,8 +254,14 @@ def run_solver(
         # Newton-CG preconditions its CG solves by Q^{-1}, as CPFlow does
         preconditioner = problem.potential.factorize().solve if method == "newton-cg" else None
         x, report = solve_gradient_equation(
-            counted, problem.y[points], initial=problem.initial[points], method=method,
-            tol=tol, max_iter=max_iter, on_failure="ignore", preconditioner=preconditioner,
+            counted,
+            problem.y[points],
+            initial=problem.initial[points],
+            method=method,
+            tol=tol,
+            max_iter=max_iter,
+            on_failure="ignore",
+            preconditioner=preconditioner,
         )
         return x, report, counted.calls
 
@@ -285,15 +302,25 @@ def solver_rows(args: argparse.Namespace, device: torch.device) -> list[SolverRo
             group = [newton]
             if lbfgs.stop != "converged" and newton.time_s <= args.matched_budget:
                 # Newton-CG once more, to the accuracy L-BFGS reached
-                group.append(run_solver(
-                    problem, "newton-cg", max(lbfgs.max_residual, args.tol),
-                    args.newton_max_iter, args, device, label=MATCHED_LABEL,
-                ))
+                group.append(
+                    run_solver(
+                        problem,
+                        "newton-cg",
+                        max(lbfgs.max_residual, args.tol),
+                        args.newton_max_iter,
+                        args,
+                        device,
+                        label=MATCHED_LABEL,
+                    )
+                )
             for row in group:
                 row.speedup = lbfgs.time_s / row.time_s
             rows += group + [lbfgs]
-            print(f"  d={dim:<4} {kind:<10} newton-cg {newton.time_s:8.3f}s  "
-                  f"lbfgs {lbfgs.time_s:8.3f}s ({lbfgs.stop})", flush=True)
+            print(
+                f"  d={dim:<4} {kind:<10} newton-cg {newton.time_s:8.3f}s  "
+                f"lbfgs {lbfgs.time_s:8.3f}s ({lbfgs.stop})",
+                flush=True,
+            )
     return rows
 
 
@@ -301,25 +328,41 @@ def speedup_cell(row: SolverRow, rows: list[SolverRow]) -> str:
     """``t_lbfgs / t_row``; a lower bound (≥) when only the Newton-CG row reached ``tol``."""
     if row.speedup is None:
         return ""
-    partner = next(
-        r for r in rows if (r.dim, r.potential, r.method) == (row.dim, row.potential, "lbfgs")
-    )
+    partner = next(r for r in rows if (r.dim, r.potential, r.method) == (row.dim, row.potential, "lbfgs"))
     lower_bound = row.label == "newton-cg" and partner.stop != "converged" and row.stop == "converged"
     return f"{'≥ ' if lower_bound else ''}{row.speedup:.1f}×"
 
 
 def solver_table(rows: list[SolverRow]) -> str:
     headers = [
-        "d", "potential", "κ(H) median / max", "method", "time (s)", "max resid.",
-        "max err. vs x", "iters max / mean", "work (batched)", "F evals", "converged",
-        "stop", "Newton-CG speed-up",
+        "d",
+        "potential",
+        "κ(H) median / max",
+        "method",
+        "time (s)",
+        "max resid.",
+        "max err. vs x",
+        "iters max / mean",
+        "work (batched)",
+        "F evals",
+        "converged",
+        "stop",
+        "Newton-CG speed-up",
     ]
     cells = [
         [
-            r.dim, r.potential, f"{fmt(r.kappa_median)} / {fmt(r.kappa_max)}", r.label,
-            fmt(r.time_s, ".3f"), fmt(r.max_residual, ".1e"), fmt(r.max_error, ".1e"),
-            f"{r.iterations_max} / {fmt(r.iterations_mean, '.1f')}", f"{r.work} {r.work_kind}",
-            r.potential_evaluations, fmt(r.converged_fraction, ".0%"), r.stop,
+            r.dim,
+            r.potential,
+            f"{fmt(r.kappa_median)} / {fmt(r.kappa_max)}",
+            r.label,
+            fmt(r.time_s, ".3f"),
+            fmt(r.max_residual, ".1e"),
+            fmt(r.max_error, ".1e"),
+            f"{r.iterations_max} / {fmt(r.iterations_mean, '.1f')}",
+            f"{r.work} {r.work_kind}",
+            r.potential_evaluations,
+            fmt(r.converged_fraction, ".0%"),
+            r.stop,
             speedup_cell(r, rows),
         ]
         for r in rows
@@ -475,7 +518,11 @@ class CGRow:
 
 
 def run_cg(
-    batch: MixedBatch, solver_name: str, solver: CGSolver, rhs: Tensor, rtol: float,
+    batch: MixedBatch,
+    solver_name: str,
+    solver: CGSolver,
+    rhs: Tensor,
+    rtol: float,
     device: torch.device,
 ) -> CGRow:
     counter = CountingMatVec(batch.matvec)
@@ -518,16 +565,31 @@ def cg_rows(args: argparse.Namespace, device: torch.device) -> list[CGRow]:
 
 def cg_table(rows: list[CGRow]) -> str:
     headers = [
-        "batch", "κ well", "κ ill", "CG", "iters mean / max", "Σ iters (active work)",
-        "batched mat-vecs", "time (ms)", "max rel. resid. well", "max rel. resid. ill",
+        "batch",
+        "κ well",
+        "κ ill",
+        "CG",
+        "iters mean / max",
+        "Σ iters (active work)",
+        "batched mat-vecs",
+        "time (ms)",
+        "max rel. resid. well",
+        "max rel. resid. ill",
         "converged",
     ]
     cells = [
         [
-            r.batch, r.kappa_well, r.kappa_ill, r.solver,
-            f"{fmt(r.iterations_mean, '.1f')} / {r.iterations_max}", r.iterations_sum,
-            r.matvec_calls, fmt(r.time_ms, ".1f"), fmt(r.max_rel_residual_well, ".1e"),
-            fmt(r.max_rel_residual_ill, ".1e"), fmt(r.converged_fraction, ".0%"),
+            r.batch,
+            r.kappa_well,
+            r.kappa_ill,
+            r.solver,
+            f"{fmt(r.iterations_mean, '.1f')} / {r.iterations_max}",
+            r.iterations_sum,
+            r.matvec_calls,
+            fmt(r.time_ms, ".1f"),
+            fmt(r.max_rel_residual_well, ".1e"),
+            fmt(r.max_rel_residual_ill, ".1e"),
+            fmt(r.converged_fraction, ".0%"),
         ]
         for r in rows
     ]
@@ -547,11 +609,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--newton-max-iter", type=int, default=100)
     parser.add_argument("--lbfgs-max-iter", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3, help="timed solves at most")
-    parser.add_argument("--budget", type=float, default=10.0,
-                        help="stop repeating a configuration after this many seconds")
-    parser.add_argument("--matched-budget", type=float, default=30.0,
-                        help="rerun Newton-CG to L-BFGS's residual only when its full solve "
-                        "took at most this many seconds")
+    parser.add_argument(
+        "--budget", type=float, default=10.0, help="stop repeating a configuration after this many seconds"
+    )
+    parser.add_argument(
+        "--matched-budget",
+        type=float,
+        default=30.0,
+        help="rerun Newton-CG to L-BFGS's residual only when its full solve took at most this many seconds",
+    )
     parser.add_argument("--cg-dim", type=int, default=64)
     parser.add_argument("--cg-batch", type=int, default=100)
     parser.add_argument("--cg-rtol", type=float, default=1e-8)
@@ -583,22 +649,26 @@ def main() -> None:
     print("Table 2: per-sample vs batch-global CG ...", flush=True)
     cg_results = cg_rows(args, device)
     tol_used = solver_results[0].tol
-    markdown = "\n\n".join(part for part in [
-        f"## Inverse solvers: Newton-CG vs batch-wide L-BFGS\n\n{args.points} points per problem, "
-        f"float64, tol = {tol_used:g} on |grad F(x) - y|_inf, L-BFGS max_iter = "
-        f"{args.lbfgs_max_iter}, Newton max_iter = {args.newton_max_iter}; {conditions}. "
-        "Work: batched Hessian-vector products "
-        "(Newton-CG) or gradient evaluations (L-BFGS); F evals: batched potential evaluations.",
-        solver_table(solver_results),
-        "Speed-up = L-BFGS time / the row's time. ≥: a lower bound, because L-BFGS "
-        "stalled above tol (its strong-Wolfe line search stopped making progress) while "
-        "Newton-CG reached tol; the row `newton-cg, tol = L-BFGS resid.` compares at equal "
-        "accuracy.",
-        summary(solver_results) if 64 in args.dims else "",
-        f"## Per-sample vs batch-global CG on mixed batches\n\nd = {args.cg_dim}, batch "
-        f"{args.cg_batch}, rtol = {args.cg_rtol:g}, max_iter = {10 * args.cg_dim}.",
-        cg_table(cg_results),
-    ] if part)
+    markdown = "\n\n".join(
+        part
+        for part in [
+            f"## Inverse solvers: Newton-CG vs batch-wide L-BFGS\n\n{args.points} points per problem, "
+            f"float64, tol = {tol_used:g} on |grad F(x) - y|_inf, L-BFGS max_iter = "
+            f"{args.lbfgs_max_iter}, Newton max_iter = {args.newton_max_iter}; {conditions}. "
+            "Work: batched Hessian-vector products "
+            "(Newton-CG) or gradient evaluations (L-BFGS); F evals: batched potential evaluations.",
+            solver_table(solver_results),
+            "Speed-up = L-BFGS time / the row's time. ≥: a lower bound, because L-BFGS "
+            "stalled above tol (its strong-Wolfe line search stopped making progress) while "
+            "Newton-CG reached tol; the row `newton-cg, tol = L-BFGS resid.` compares at equal "
+            "accuracy.",
+            summary(solver_results) if 64 in args.dims else "",
+            f"## Per-sample vs batch-global CG on mixed batches\n\nd = {args.cg_dim}, batch "
+            f"{args.cg_batch}, rtol = {args.cg_rtol:g}, max_iter = {10 * args.cg_dim}.",
+            cg_table(cg_results),
+        ]
+        if part
+    )
     print("\n" + markdown)
     payload: dict[str, Any] = {
         "tol": tol_used,

@@ -73,8 +73,14 @@ def draws(flow, x: Tensor, preconditioned: bool, repeats: int) -> tuple[Tensor, 
         estimate = stochastic_logdet(trace, factor, rtol=1e-10).combined().mean()
         grad = torch.autograd.grad(estimate, params, allow_unused=True)
         values.append(estimate.detach())
-        grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
-                                for p, g in zip(params, grad, strict=True)]))
+        grads.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).flatten()
+                    for p, g in zip(params, grad, strict=True)
+                ]
+            )
+        )
     return torch.stack(values), torch.stack(grads)
 
 
@@ -95,30 +101,60 @@ def main() -> None:
         params = list(flow.parameters())
         exact = cholesky_logdet(flow.potential.evaluate(x).hessian()).mean()
         exact_grads = torch.autograd.grad(exact, params, allow_unused=True)
-        exact_grad = torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
-                                for p, g in zip(params, exact_grads, strict=True)])
+        exact_grad = torch.cat(
+            [
+                (torch.zeros_like(p) if g is None else g).flatten()
+                for p, g in zip(params, exact_grads, strict=True)
+            ]
+        )
         for preconditioned in (True, False):
             values, grads = draws(flow, x, preconditioned, args.repeats)
             value_sd = float(values.std())
             value_z = float((values.mean() - exact) / (values.std() / args.repeats**0.5))
-            grad_sd = float(grads.std(0).pow(2).mean().sqrt() / exact_grad.norm()
-                            * math.sqrt(exact_grad.numel()))
+            grad_sd = float(
+                grads.std(0).pow(2).mean().sqrt() / exact_grad.norm() * math.sqrt(exact_grad.numel())
+            )
             spread = grads.std(0) / args.repeats**0.5
             known = spread > 0  # parameters the log-det does not depend on have no noise and no error
             grad_z = float((((grads.mean(0) - exact_grad)[known] / spread[known]) ** 2).mean())
             name = "preconditioned (library)" if preconditioned else "plain Rademacher"
-            rows.append([dim, name, fmt(value_sd, ".3g"), fmt(value_z, ".2f"), fmt(grad_sd, ".3g"),
-                         fmt(grad_z, ".2f")])
-            records.append({"dim": dim, "estimator": name, "value_sd": value_sd,
-                            "value_bias_over_se": value_z, "relative_gradient_sd": grad_sd,
-                            "gradient_mean_squared_z": grad_z})
+            rows.append(
+                [
+                    dim,
+                    name,
+                    fmt(value_sd, ".3g"),
+                    fmt(value_z, ".2f"),
+                    fmt(grad_sd, ".3g"),
+                    fmt(grad_z, ".2f"),
+                ]
+            )
+            records.append(
+                {
+                    "dim": dim,
+                    "estimator": name,
+                    "value_sd": value_sd,
+                    "value_bias_over_se": value_z,
+                    "relative_gradient_sd": grad_sd,
+                    "gradient_mean_squared_z": grad_z,
+                }
+            )
             print(records[-1], flush=True)
     folder.cleanup()
     table = markdown_table(
-        ["d", "estimator", "sd of the mean log-det", "bias / SE", "relative sd of the gradient",
-         "mean (bias / SE)² over parameters (≈ 1 if unbiased)"], rows)
-    text = (f"# Noise of the stochastic log-det\n\n{machine_summary(device)}; flows trained "
-            f"{args.train_steps} steps, batch 100, {args.repeats} draws.\n\n{table}")
+        [
+            "d",
+            "estimator",
+            "sd of the mean log-det",
+            "bias / SE",
+            "relative sd of the gradient",
+            "mean (bias / SE)² over parameters (≈ 1 if unbiased)",
+        ],
+        rows,
+    )
+    text = (
+        f"# Noise of the stochastic log-det\n\n{machine_summary(device)}; flows trained "
+        f"{args.train_steps} steps, batch 100, {args.repeats} draws.\n\n{table}"
+    )
     print(text)
     save_results(args.out, {"rows": records}, text, device, args, started)
 

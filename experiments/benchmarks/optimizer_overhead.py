@@ -38,8 +38,7 @@ SCALARS = 31 * 64 * 2 + 64 * 2 + 31 * 31
 """About the size of a CP-Flow block on a 31-d latent with hidden (64, 64)."""
 
 
-def step_time(tensors: list[torch.Tensor], optimiser: str, device: torch.device,
-              repeats: int) -> float:
+def step_time(tensors: list[torch.Tensor], optimiser: str, device: torch.device, repeats: int) -> float:
     """Median seconds of one optimiser step over ``tensors`` (gradients set once)."""
     pyro.clear_param_store()
     params = [pyro.param(f"p{i}", t.clone().requires_grad_()) for i, t in enumerate(tensors)]
@@ -68,13 +67,17 @@ def main() -> None:
     rows, records = [], []
     for name, tensors in cases:
         ms = {opt: 1e3 * step_time(tensors, opt, device, repeats) for opt in ("Adam", "ClippedAdam")}
-        rows.append([name, f"{ms['Adam']:.3f}", f"{ms['ClippedAdam']:.3f}",
-                     f"{ms['Adam'] / len(tensors):.3f}"])
+        rows.append(
+            [name, f"{ms['Adam']:.3f}", f"{ms['ClippedAdam']:.3f}", f"{ms['Adam'] / len(tensors):.3f}"]
+        )
         records.append({"case": name, "tensors": len(tensors), "ms": ms})
-    markdown = (f"# Pyro optimiser step against the number of parameter tensors\n\n"
-                f"{machine_summary(device)}; median of {repeats} steps.\n\n"
-                + markdown_table(["parameters", "Adam ms / step", "ClippedAdam ms / step",
-                                  "Adam ms per tensor"], rows))
+    markdown = (
+        f"# Pyro optimiser step against the number of parameter tensors\n\n"
+        f"{machine_summary(device)}; median of {repeats} steps.\n\n"
+        + markdown_table(
+            ["parameters", "Adam ms / step", "ClippedAdam ms / step", "Adam ms per tensor"], rows
+        )
+    )
     print(markdown)
     save_results(args.out, {"cases": records}, markdown, device, args, started)
 

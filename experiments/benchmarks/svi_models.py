@@ -80,9 +80,7 @@ def logistic() -> Model:
     features, labels = logistic_data()
 
     def model() -> None:
-        w = pyro.sample(
-            "w", dist.Normal(features.new_zeros(LOGISTIC_FEATURES), 1.0).to_event(1)
-        )
+        w = pyro.sample("w", dist.Normal(features.new_zeros(LOGISTIC_FEATURES), 1.0).to_event(1))
         b = pyro.sample("b", dist.Normal(features.new_zeros(()), 5.0))
         with pyro.plate("data", LOGISTIC_ROWS):
             logits = (features * w).sum(-1) + b  # w: (..., 1, 30) under particles

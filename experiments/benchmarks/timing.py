@@ -75,8 +75,7 @@ def base_parser(script_file: str, description: str) -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=default_output(script_file),
-        help="JSON output; the printed tables go next to it with suffix .md "
-        "(default: %(default)s)",
+        help="JSON output; the printed tables go next to it with suffix .md (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")

@@ -73,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.data.build_omniglot28",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--source", type=Path, default=Path("/work/shared/data/omniglot"))
     parser.add_argument("--output", type=Path, default=OUTPUT)

@@ -84,7 +84,8 @@ class CGMisses:
                 f"their tolerance in {misses} of {solves} cases ({misses / solves:.1%}, more than "
                 f"{CG_MISS_SHARE:.0%}), so the log-det gradient is biased: raise --cg-max-iter "
                 f"(now {cap or '2 x latent dim'}) or use --logdet exact",
-                NonConvergenceWarning, stacklevel=2,
+                NonConvergenceWarning,
+                stacklevel=2,
             )
 
     def summary(self) -> dict[str, Any]:
@@ -92,7 +93,8 @@ class CGMisses:
         if not self.state["solves"]:
             return {}
         return {
-            "cg_unconverged": self.state["unconverged"], "cg_solves": self.state["solves"],
+            "cg_unconverged": self.state["unconverged"],
+            "cg_solves": self.state["solves"],
             "cg_unconverged_share": self.state["unconverged"] / self.state["solves"],
             "cg_warned_epochs": self.state["warned_epochs"],
         }

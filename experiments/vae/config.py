@@ -118,7 +118,14 @@ class Config:
 
     # options that may change between a run and its resumption
     RESUMABLE = (
-        "epochs", "time_limit", "device", "threads", "out_dir", "log_every", "progress", "validate",
+        "epochs",
+        "time_limit",
+        "device",
+        "threads",
+        "out_dir",
+        "log_every",
+        "progress",
+        "validate",
     )
 
     def __post_init__(self) -> None:
@@ -147,13 +154,14 @@ class Config:
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.flow_hidden is not None and (
-            not self.flow_hidden or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
-                                        for w in self.flow_hidden)
+            not self.flow_hidden
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.flow_hidden)
         ):
             raise ConfigError("flow_hidden", f"must be positive integer widths, got {self.flow_hidden!r}")
         if self.batch_size < 2 and self.flow.startswith("cpflow") and self.actnorm != "none":
             raise ConfigError(
-                "batch_size", f"must be >= 2 with actnorm {self.actnorm!r}: ActNorm initialises "
+                "batch_size",
+                f"must be >= 2 with actnorm {self.actnorm!r}: ActNorm initialises "
                 f"from the statistics of the first batch, got {self.batch_size}",
             )
         try:
@@ -188,8 +196,8 @@ class Config:
         max_iter = self.cg_max_iter if self.cg_max_iter is not None else (16 if gpu else None)
         if check_every == 0 and max_iter is None:
             raise ConfigError(
-                "cg_check_every", "0 (never test convergence) needs cg_max_iter: the number of "
-                "CG iterations to run",
+                "cg_check_every",
+                "0 (never test convergence) needs cg_max_iter: the number of CG iterations to run",
             )
         return {"cg_max_iter": max_iter, "cg_check_every": check_every, "on_failure": "ignore"}
 
@@ -202,6 +210,7 @@ class Config:
         """Fields (outside :attr:`RESUMABLE`) whose values differ from ``other``'s."""
         mine, defaults = self.to_dict(), Config().to_dict()
         return [  # an option missing from ``other`` (an older run) had its default value
-            f.name for f in fields(self)
+            f.name
+            for f in fields(self)
             if f.name not in self.RESUMABLE and mine[f.name] != other.get(f.name, defaults[f.name])
         ]

@@ -54,8 +54,9 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 FILES: dict[str, str] = {
     "frey_rawface.mat": "265a83a23adb081755cd3de375509828e690324d1d60f076b8ecebc840d59c64",
-    "caltech101_silhouettes_28_split1.mat":
-        "eb6735e8d84b1850fabc5590124aab1755e90c9fd28123585324398405e1e42a",
+    "caltech101_silhouettes_28_split1.mat": (
+        "eb6735e8d84b1850fabc5590124aab1755e90c9fd28123585324398405e1e42a"
+    ),
     "binarized_mnist.npz": "350243cb824d66d022e0c3e87cac231231668817ff03f5f6d7b6533017d56b4b",
     # gzipped IDX files; their uncompressed contents are ba8910... and 0fa789... (see data/README.md)
     "train-images-idx3-ubyte.gz": "0b367032e93c5d0cea0925647cfdb18614af8ee15f83e6f2fc2ad904a6835971",
@@ -186,9 +187,7 @@ def _load_freyfaces(root: Path) -> ImageDataset:
     faces = np.array(faces, dtype=np.uint8)
     np.random.RandomState(FREY_SEED).shuffle(faces)  # = np.random.seed(123); np.random.shuffle
     images = _as_images(faces, 28, 20)
-    return ImageDataset(
-        "freyfaces", images[:1565], images[1565:1765], images[1765:1965], "categorical", 255
-    )
+    return ImageDataset("freyfaces", images[:1565], images[1565:1765], images[1765:1965], "categorical", 255)
 
 
 def _load_caltech(root: Path) -> ImageDataset:

@@ -84,8 +84,9 @@ class Architecture:
 class GatedConv2d(nn.Module):
     r"""Gated convolution :math:`h(x) \odot \mathrm{sigmoid}(g(x))` (Dauphin et al. 2017)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride: int = 1,
-                 padding: int = 0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size, stride: int = 1, padding: int = 0
+    ) -> None:
         super().__init__()
         self.h = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
         self.g = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
@@ -97,8 +98,15 @@ class GatedConv2d(nn.Module):
 class GatedConvTranspose2d(nn.Module):
     r"""Gated transposed convolution :math:`h(x) \odot \mathrm{sigmoid}(g(x))`."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride: int = 1,
-                 padding: int = 0, output_padding: int = 0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride: int = 1,
+        padding: int = 0,
+        output_padding: int = 0,
+    ) -> None:
         super().__init__()
         args = (in_channels, out_channels, kernel_size, stride, padding, output_padding)
         self.h = nn.ConvTranspose2d(*args)
@@ -272,8 +280,5 @@ class VAE(nn.Module):
         """
         q = self.approximate_posterior(x, num_samples)
         z = q.rsample()
-        log_joint = self.prior(z.shape[:-1], z).log_prob(z) + self.likelihood(z).log_prob(
-            self.observation(x)
-        )
+        log_joint = self.prior(z.shape[:-1], z).log_prob(z) + self.likelihood(z).log_prob(self.observation(x))
         return log_joint - q.log_prob(z)
-

@@ -23,8 +23,16 @@ __all__ = ["epoch_summary", "final_summary", "write_images"]
 
 @torch.no_grad()
 def write_images(
-    vae: VAE, data: ImageDataset, test_images: Tensor, out: Path, *, seed: int, latent_dim: int,
-    dtype: torch.dtype, device: torch.device, count: int = 8,
+    vae: VAE,
+    data: ImageDataset,
+    test_images: Tensor,
+    out: Path,
+    *,
+    seed: int,
+    latent_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    count: int = 8,
 ) -> None:
     """``samples.png`` and ``reconstructions.png`` in ``out``, from forked RNGs seeded by ``seed``."""
     was_training = vae.training
@@ -56,8 +64,10 @@ def epoch_summary(record: dict[str, Any], data: ImageDataset) -> str:
 
 def final_summary(record: dict[str, Any], data: ImageDataset, out: Path) -> str:
     """The printed report of a run's final record: test values and where the files are."""
-    lines = [f"\n{record['flow']} VAE on {record['dataset']}: {record['epochs_trained']} epochs "
-             f"(best {record['best_epoch']}), {record['train_seconds']:.0f} s training"]
+    lines = [
+        f"\n{record['flow']} VAE on {record['dataset']}: {record['epochs_trained']} epochs "
+        f"(best {record['best_epoch']}), {record['train_seconds']:.0f} s training"
+    ]
     for key in ("test_nelbo", "test_nll"):
         value = record[key]
         if value is None:
@@ -70,8 +80,10 @@ def final_summary(record: dict[str, Any], data: ImageDataset, out: Path) -> str:
     if data.note:
         lines.append(f"  note: {data.note}")
     if record.get("cg_warned_epochs"):
-        lines.append(f"  warning: CG missed on more than {CG_MISS_SHARE:.0%} of the solves of "
-                     f"epochs {record['cg_warned_epochs']} (biased gradients; see the warnings)")
+        lines.append(
+            f"  warning: CG missed on more than {CG_MISS_SHARE:.0%} of the solves of "
+            f"epochs {record['cg_warned_epochs']} (biased gradients; see the warnings)"
+        )
     lines += [
         f"  metrics:         {out / METRICS}",
         f"  results:         {out / RESULTS}",

@@ -120,8 +120,14 @@ def build_posterior(config: PosteriorConfig) -> AmortizedPosterior:
         return AmortizedPosterior()
     if name in ("cpflow", "cpflow-vanilla"):
         flow = conditional_cpflow_stack(
-            d, c, num_blocks=steps, hidden_dims=hidden, augmented=name == "cpflow",
-            logdet=config.logdet, actnorm=config.actnorm, **dict(config.cg_options),
+            d,
+            c,
+            num_blocks=steps,
+            hidden_dims=hidden,
+            augmented=name == "cpflow",
+            logdet=config.logdet,
+            actnorm=config.actnorm,
+            **dict(config.cg_options),
         )
         return AmortizedPosterior(flow)
     parts: Sequence[nn.Module]

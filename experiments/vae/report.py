@@ -96,16 +96,26 @@ def learning_curves(runs: list[Run], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     compare = len(runs) > 1
-    fig, axes = plt.subplots(2 if compare else 1, 1, figsize=(7, 6 if compare else 4), sharex=True,
-                             gridspec_kw={"height_ratios": [2, 1]} if compare else None, squeeze=False)
+    fig, axes = plt.subplots(
+        2 if compare else 1,
+        1,
+        figsize=(7, 6 if compare else 4),
+        sharex=True,
+        gridspec_kw={"height_ratios": [2, 1]} if compare else None,
+        squeeze=False,
+    )
     ax = axes[0, 0]
     curves = []
     for index, run in enumerate(runs):
         color = f"C{index}"
         curve = {r["epoch"]: run.value(r, "valid_nelbo") for r in run.epochs}
         curves.append(curve)
-        ax.plot(list(curve), list(curve.values()), color=color,
-                label=f"{LABELS.get(run.flow, run.flow)} (validation)")
+        ax.plot(
+            list(curve),
+            list(curve.values()),
+            color=color,
+            label=f"{LABELS.get(run.flow, run.flow)} (validation)",
+        )
         published = PUBLISHED_NELBO.get((run.dataset, run.flow))
         if published is not None:
             ax.axhline(published, color=color, ls="--", lw=1, label=f"published test, {published}")
@@ -124,8 +134,12 @@ def learning_curves(runs: list[Run], path: Path) -> Path:
         below = axes[1, 0]
         for index, (run, curve) in enumerate(zip(runs[1:], curves[1:], strict=True), 1):
             epochs = [e for e in curve if e in curves[0]]
-            below.plot(epochs, [curve[e] - curves[0][e] for e in epochs], color=f"C{index}",
-                       label=f"{LABELS.get(run.flow, run.flow)} − {LABELS.get(runs[0].flow, runs[0].flow)}")
+            below.plot(
+                epochs,
+                [curve[e] - curves[0][e] for e in epochs],
+                color=f"C{index}",
+                label=f"{LABELS.get(run.flow, run.flow)} − {LABELS.get(runs[0].flow, runs[0].flow)}",
+            )
         below.axhline(0.0, color="k", lw=0.8)
         below.set_ylabel(f"difference ({units})")
         below.grid(alpha=0.3)
@@ -135,28 +149,44 @@ def learning_curves(runs: list[Run], path: Path) -> Path:
 
 
 def table(runs: list[Run]) -> str:
-    headers = ["posterior", "epochs (best)", "train time", "s / epoch", "test −ELBO", "test IS-NLL (K)",
-               "published test −ELBO"]
+    headers = [
+        "posterior",
+        "epochs (best)",
+        "train time",
+        "s / epoch",
+        "test −ELBO",
+        "test IS-NLL (K)",
+        "published test −ELBO",
+    ]
     rows = []
     for run in runs:
         final = run.final or {}
         nelbo, nll = run.value(final, "test_nelbo"), run.value(final, "test_nll")
         published = PUBLISHED_NELBO.get((run.dataset, run.flow))
-        rows.append([
-            LABELS.get(run.flow, run.flow),
-            f"{final.get('epochs_trained', len(run.epochs))} ({final.get('best_epoch', '?')})",
-            f"{final.get('train_seconds', float('nan')) / 60:.0f} min",
-            f"{statistics.median(r['epoch_seconds'] for r in run.epochs):.0f}" if run.epochs else "—",
-            "—" if nelbo is None else f"{nelbo:.3f}",
-            "—" if nll is None else f"{nll:.3f} ({final.get('is_samples')})",
-            "—" if published is None else f"{published:.2f}",
-        ])
+        rows.append(
+            [
+                LABELS.get(run.flow, run.flow),
+                f"{final.get('epochs_trained', len(run.epochs))} ({final.get('best_epoch', '?')})",
+                f"{final.get('train_seconds', float('nan')) / 60:.0f} min",
+                f"{statistics.median(r['epoch_seconds'] for r in run.epochs):.0f}" if run.epochs else "—",
+                "—" if nelbo is None else f"{nelbo:.3f}",
+                "—" if nll is None else f"{nll:.3f} ({final.get('is_samples')})",
+                "—" if published is None else f"{published:.2f}",
+            ]
+        )
     return common.markdown_table(headers, rows)
 
 
 def section(runs: list[Run], figure: Path, results_md: Path) -> str:
-    lines = [table(runs), "", f"![learning curves]({common.link(figure, results_md)})", "",
-             "Commands:", "", "```bash"]
+    lines = [
+        table(runs),
+        "",
+        f"![learning curves]({common.link(figure, results_md)})",
+        "",
+        "Commands:",
+        "",
+        "```bash",
+    ]
     lines += [run.command() for run in runs]
     lines += ["```"]
     return "\n".join(lines)

@@ -66,13 +66,23 @@ __all__ = ["EarlyStopping", "Trainer", "build_vae", "run", "warmup_beta"]
 def build_vae(config: Config, data: ImageDataset) -> VAE:
     """The VAE of ``config`` for ``data`` (parameters drawn from the current RNG state)."""
     arch = Architecture(
-        data.image_shape, data.likelihood, config.latent_dim, config.feature_dim, config.channels,
+        data.image_shape,
+        data.likelihood,
+        config.latent_dim,
+        config.feature_dim,
+        config.channels,
         config.head_channels,
     )
     posterior = build_posterior(
         PosteriorConfig(
-            config.flow, config.latent_dim, config.feature_dim, config.flow_steps,
-            config.flow_hidden, config.logdet, config.actnorm, tuple(config.cg_options().items()),
+            config.flow,
+            config.latent_dim,
+            config.feature_dim,
+            config.flow_steps,
+            config.flow_hidden,
+            config.logdet,
+            config.actnorm,
+            tuple(config.cg_options().items()),
         )
     )
     return VAE(arch, posterior)
@@ -132,8 +142,8 @@ class Trainer:
         self.ddp = Distributed.from_environment(torch.device(config.device).type)
         if config.batch_size < self.ddp.world:
             raise ConfigError(
-                "batch_size", f"must be at least the number of processes ({self.ddp.world}), "
-                f"got {config.batch_size}",
+                "batch_size",
+                f"must be at least the number of processes ({self.ddp.world}), got {config.batch_size}",
             )
         self.device = self._device()
         self.dtype = DTYPES[config.dtype]
@@ -271,8 +281,12 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         cg = EpochCGCount(cpflow_blocks(self.vae.posterior), self.device)
         window = torch.zeros((), dtype=torch.float64, device=self.device)
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{config.epochs}",
-                   disable=not (config.progress and self.ddp.main), leave=False)
+        bar = tqdm(
+            total=len(batches),
+            desc=f"epoch {epoch}/{config.epochs}",
+            disable=not (config.progress and self.ddp.main),
+            leave=False,
+        )
         start = time.perf_counter()
         for step, indices in enumerate(batches, 1):
             x = self.data.batch(self.train_images[indices], self.dtype, binarizer, binarize=True)
@@ -304,10 +318,16 @@ class Trainer:
 
     def validate(self) -> Bounds:
         return evaluate_bounds(
-            self.vae, self.data, self.valid_images, dtype=self.dtype,
-            elbo_samples=self.config.elbo_samples, chunk=self.config.chunk,
-            max_images=self.config.valid_images, seed=_epoch_seed(self.config.seed, 0, 2),
-            progress=self.config.progress and self.ddp.main, description="validation",
+            self.vae,
+            self.data,
+            self.valid_images,
+            dtype=self.dtype,
+            elbo_samples=self.config.elbo_samples,
+            chunk=self.config.chunk,
+            max_images=self.config.valid_images,
+            seed=_epoch_seed(self.config.seed, 0, 2),
+            progress=self.config.progress and self.ddp.main,
+            description="validation",
         )
 
     def fit(self) -> None:
@@ -355,8 +375,16 @@ class Trainer:
     def write_images(self) -> None:
         """``samples.png`` and ``reconstructions.png`` of the current model (rank 0)."""
         if self.ddp.main:
-            write_images(self.vae, self.data, self.test_images, self.out, seed=self.config.seed,
-                         latent_dim=self.config.latent_dim, dtype=self.dtype, device=self.device)
+            write_images(
+                self.vae,
+                self.data,
+                self.test_images,
+                self.out,
+                seed=self.config.seed,
+                latent_dim=self.config.latent_dim,
+                dtype=self.dtype,
+                device=self.device,
+            )
 
     def test(self) -> dict[str, Any]:
         """Evaluate the best model on the test set (and validation set); log and return it."""
@@ -372,10 +400,17 @@ class Trainer:
         start = time.perf_counter()
         valid = self.validate()
         test = evaluate_bounds(
-            self.vae, self.data, self.test_images, dtype=self.dtype,
-            elbo_samples=config.elbo_samples, is_samples=is_samples, chunk=config.chunk,
-            max_images=config.test_images, seed=_epoch_seed(config.seed, 0, 3),
-            progress=config.progress and self.ddp.main, description=f"test (IS {is_samples})",
+            self.vae,
+            self.data,
+            self.test_images,
+            dtype=self.dtype,
+            elbo_samples=config.elbo_samples,
+            is_samples=is_samples,
+            chunk=config.chunk,
+            max_images=config.test_images,
+            seed=_epoch_seed(config.seed, 0, 3),
+            progress=config.progress and self.ddp.main,
+            description=f"test (IS {is_samples})",
         )
         record: dict[str, Any] = {
             "event": "final",
