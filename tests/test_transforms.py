@@ -179,7 +179,7 @@ def test_whole_module_through_torch_save_and_load(name, logdet, dtype, device):
     for any module whose class must be rebuilt) gives the same map and log-det."""
     transform, owner, context = _build(name, logdet, dtype, device)
     x = torch.randn(6, D, device=device, dtype=dtype)
-    owner.inv  # a kept inverse module (not a submodule) must not break pickling
+    assert owner.inv is not None  # a kept inverse module (not a submodule) must not break pickling
     buffer = io.BytesIO()
     torch.save(owner, buffer)
     buffer.seek(0)
@@ -194,7 +194,9 @@ def test_whole_module_through_torch_save_and_load(name, logdet, dtype, device):
         torch.manual_seed(1)
         assert torch.equal(fresh.log_abs_det_jacobian(x, _fresh_forward(fresh, x)), expected)
     # parameters are the loaded module's own, not shared with the original
-    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(loaded.parameters(), owner.parameters()))
+    assert all(
+        a.data_ptr() != b.data_ptr() for a, b in zip(loaded.parameters(), owner.parameters(), strict=True)
+    )
 
 
 @pytest.mark.parametrize("name", FACTORIES)
