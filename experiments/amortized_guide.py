@@ -54,16 +54,14 @@ from torch import Tensor, nn
 
 from experiments.common import (
     RESULTS_DIR,
-    RESULTS_MD,
     add_run_options,
     count_parameters,
     markdown_table,
     positive,
     progress,
     refuse_overwrite,
-    replace_markdown_section,
     run_header,
-    write_json,
+    save_run,
 )
 from pyro_cpflow import AutoAmortizedCPFlow, AutoAmortizedNormal
 
@@ -326,10 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{held_out}  {record['ms_per_step']:6.1f} ms/step"
         )
     print(report(results))
-    if not args.quick:
-        write_json(args.out, results)
-        if args.out == RESULTS_JSON:
-            replace_markdown_section(RESULTS_MD, SECTION, section(results))
+    save_run(results, args, RESULTS_JSON, SECTION, section)
     return results
 
 

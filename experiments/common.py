@@ -5,7 +5,8 @@
 * training: :func:`fit_density`, maximum likelihood with Adam and a cosine learning
   rate, a tqdm progress bar and an optional evaluation callback; its steps are those of
   :class:`DensityFit`, whose state a checkpoint can hold;
-* output: :func:`write_json`, :func:`markdown_table` and :func:`replace_markdown_section`
+* output: :func:`write_json`, :func:`markdown_table`, :func:`replace_markdown_section` and
+  :func:`save_run` (both at the end of a run)
   (each script owns one ``## ...`` section of ``experiments/RESULTS.md`` and
   regenerates it from its JSON file).
 """
@@ -52,6 +53,7 @@ __all__ = [
     "read_jsonl",
     "refuse_overwrite",
     "replace_markdown_section",
+    "save_run",
     "run_header",
     "seed_everything",
     "setup_torch",
@@ -441,6 +443,23 @@ def replace_markdown_section(path: Path, title: str, body: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def save_run(
+    results: dict[str, Any],
+    args: argparse.Namespace,
+    default_out: Path,
+    title: str,
+    render: Callable[[dict[str, Any]], str],
+) -> None:
+    """The end of a script's run: ``results`` to ``args.out`` (nothing for ``--quick``) and, when
+    that is the script's default file, the RESULTS.md section ``title`` regenerated from them by
+    ``render``; other runs (variants, subsets) keep to their own file."""
+    if args.quick:
+        return
+    write_json(args.out, results)
+    if Path(args.out) == Path(default_out):
+        replace_markdown_section(RESULTS_MD, title, render(results))
 
 
 def relative_to_repo(path: Path) -> str:

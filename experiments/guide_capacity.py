@@ -41,15 +41,13 @@ from torch.distributions import biject_to
 
 from experiments.common import (
     RESULTS_DIR,
-    RESULTS_MD,
     add_run_options,
     markdown_table,
     positive,
     progress,
     refuse_overwrite,
-    replace_markdown_section,
     run_header,
-    write_json,
+    save_run,
 )
 from experiments.guide_models import PanelModel, build
 from experiments.guide_panel import evaluate, fit_svi, nuts_draws
@@ -226,10 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for family in FAMILIES:
         results["families"][family] = run_family(family, panel, train, test, reference, args)
     print(report(results))
-    if not args.quick:
-        write_json(args.out, results)
-        if args.out == OUT_JSON:
-            replace_markdown_section(RESULTS_MD, SECTION, section(results))
+    save_run(results, args, OUT_JSON, SECTION, section)
     return results
 
 

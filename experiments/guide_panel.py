@@ -53,15 +53,14 @@ from torch import Tensor
 
 from experiments.common import (
     RESULTS_DIR,
-    RESULTS_MD,
     add_run_options,
     markdown_table,
     positive,
     progress,
     read_json,
     refuse_overwrite,
-    replace_markdown_section,
     run_header,
+    save_run,
     write_json,
 )
 from experiments.guide_models import MODEL_NAMES, PanelModel, build
@@ -318,10 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"IS-ESS {100 * record['is_ess']:5.1f}%  {record['ms_per_step']:6.1f} ms/step"
             )
     print(report(results))
-    if not args.quick:
-        write_json(args.out, results)
-        if args.out == PANEL_JSON:  # other runs (variants, subsets) keep to their own file
-            replace_markdown_section(RESULTS_MD, "Autoguides on real models", section(results))
+    save_run(results, args, PANEL_JSON, "Autoguides on real models", section)
     return results
 
 

@@ -62,15 +62,13 @@ from torch import Tensor
 
 from experiments.common import (
     RESULTS_DIR,
-    RESULTS_MD,
     add_run_options,
     markdown_table,
     positive,
     read_json,
     refuse_overwrite,
-    replace_markdown_section,
     run_header,
-    write_json,
+    save_run,
 )
 from experiments.guide_models import build
 from experiments.guide_panel import NUTS_CACHE, train
@@ -322,10 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["reading"] = reading(results)
     print(report(results))
     print(results.get("reading", ""))
-    if not args.quick:
-        write_json(args.out, results)
-        if args.out == NEUTRA_JSON:
-            replace_markdown_section(RESULTS_MD, SECTION, section(results))
+    save_run(results, args, NEUTRA_JSON, SECTION, section)
     return results
 
 

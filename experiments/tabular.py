@@ -56,7 +56,7 @@ from experiments.common import (
     refuse_overwrite,
     replace_markdown_section,
     run_header,
-    write_json,
+    save_run,
 )
 from experiments.tabular_bundled import BUNDLED_DATASETS, load_bundled
 from experiments.tabular_data import (
@@ -400,12 +400,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             record = run(args, argv)
         except (MissingDataError, MissingDependencyError, PickleRefusedError) as error:
-            parser.exit(2, f"tabular.py: error: {error}\n")
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(report(record))
-    if not args.quick:
-        write_json(args.out, record)
-        if args.out == RESULTS_JSON:
-            replace_markdown_section(RESULTS_MD, SECTION, section(record))
+    save_run(record, args, RESULTS_JSON, SECTION, section)
     return record
 
 
