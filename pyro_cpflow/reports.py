@@ -122,6 +122,13 @@ class Diagnostics:
     inverse: InverseReport | None = None
     warned: set[Hashable] = field(default_factory=set)
 
+    def first_time(self, situation: Hashable) -> bool:
+        """Whether ``situation`` is met for the first time (it is then recorded in :attr:`warned`)."""
+        if situation in self.warned:
+            return False
+        self.warned.add(situation)
+        return True
+
     def handle_failure_once(
         self, policy: str, situation: Hashable, message: str, stacklevel: int = 3
     ) -> None:
@@ -139,9 +146,8 @@ class Diagnostics:
         ['missed at step 0 (warned once for these settings; later misses are kept in flow.diagnostics)']
         """
         if policy == "warn":
-            if situation in self.warned:
+            if not self.first_time(situation):
                 return
-            self.warned.add(situation)
             message += " (warned once for these settings; later misses are kept in flow.diagnostics)"
         handle_failure(policy, message, stacklevel=stacklevel + 1)
 

@@ -309,9 +309,7 @@ class ConditionedCPFlow(_OptionAttributes, VersionedCacheMixin, Transform):
         return estimate.combined()
 
     def _warn_stochastic_density(self) -> None:
-        situation = ("stochastic density in eval mode", self.input_dim)
-        if situation not in self.diagnostics.warned:
-            self.diagnostics.warned.add(situation)
+        if self.diagnostics.first_time(("stochastic density in eval mode", self.input_dim)):
             warnings.warn(
                 f"logdet='auto' in eval mode at d={self.input_dim} > {EXACT_EVAL_MAX_DIM}: the exact "
                 "log-det would form a d x d Hessian per sample, so log-densities are unbiased "
