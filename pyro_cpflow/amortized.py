@@ -72,6 +72,7 @@ from torch.distributions import biject_to
 
 from .checks import check_not_tracing
 from .factories import conditional_cpflow, conditional_cpflow_stack
+from .pyro_glue import take_stored_parameters
 
 __all__ = ["AutoAmortizedCPFlow", "AutoAmortizedNormal"]
 
@@ -178,10 +179,8 @@ class AutoAmortizedNormal(AutoGuide):
             self.head.bias.copy_(torch.cat([*init, raw_scale]))
         self._setup_flow(context)
         if not pyro.settings.get("module_local_params"):
-            # a param store loaded before this call holds these modules' parameters under
-            # their names: take those (a plain pyro.module keeps the fresh ones)
             for name in self._modules_to_store():
-                pyro.module(self._pyro_get_fullname(name), getattr(self, name), update_module_params=True)
+                take_stored_parameters(self._pyro_get_fullname(name), getattr(self, name))
 
     def _setup_flow(self, context: Tensor) -> None:
         """No flow: the Gaussian guide (overridden by :class:`AutoAmortizedCPFlow`)."""

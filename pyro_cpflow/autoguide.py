@@ -44,12 +44,12 @@ from pyro.distributions.transforms import AffineTransform
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
-from pyro.params.param_store import param_with_module_name
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
 from .checks import check_not_tracing
 from .factories import cpflow, cpflow_stack
+from .pyro_glue import take_stored_parameters
 
 __all__ = ["AutoCPFlow"]
 
@@ -137,25 +137,7 @@ class AutoCPFlow(AutoContinuous):
         if correlation_root is not None:
             (self.flow if self._num_blocks == 1 else self.flow[0]).potential.set_quadratic(correlation_root)
         if not pyro.settings.get("module_local_params"):
-            self._check_stored_shapes()
-            # a param store loaded before this call holds the flow's parameters under its
-            # names: take those (a plain pyro.module would keep the fresh ones and leave the
-            # loaded ones untrained)
-            pyro.module(self._pyro_get_fullname("flow"), self.flow, update_module_params=True)
-
-    def _check_stored_shapes(self) -> None:
-        """Refuse a param store holding this guide's flow parameters in other shapes (a guide
-        of another model or size left in it): Pyro would hand those back silently."""
-        store = pyro.get_param_store()
-        prefix = self._pyro_get_fullname("flow")
-        for name, parameter in self.flow.named_parameters():
-            fullname = param_with_module_name(prefix, name)  # pyro.module's naming
-            if fullname in store and store[fullname].shape != parameter.shape:
-                raise ValueError(
-                    f"the param store holds {fullname!r} with shape {tuple(store[fullname].shape)}, "
-                    f"but this guide's has shape {tuple(parameter.shape)} (another model or "
-                    "hidden_dims): call pyro.clear_param_store() or give the guide another name"
-                )
+            take_stored_parameters(self._pyro_get_fullname("flow"), self.flow)
 
     def _negative_log_density(self, z: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         r""":math:`-\log p(z, \text{data})` in the unconstrained space (with the Jacobians of

@@ -36,9 +36,11 @@ import weakref
 from collections.abc import Hashable, Iterable
 from typing import Any
 
+import pyro
 import torch
 from pyro.distributions import constraints
 from pyro.distributions.torch_transform import TransformModule
+from pyro.params.param_store import param_with_module_name
 from torch import Tensor, nn
 from torch.distributions import Transform
 
@@ -48,6 +50,7 @@ __all__ = [
     "VersionedCacheMixin",
     "module_parameters_and_buffers",
     "module_repr",
+    "take_stored_parameters",
 ]
 
 
@@ -180,6 +183,24 @@ def module_parameters_and_buffers(module: nn.Module) -> list[Tensor]:
         if child is not None:
             tensors += module_parameters_and_buffers(child)
     return tensors
+
+
+def take_stored_parameters(fullname: str, module: nn.Module) -> None:
+    """``pyro.module(fullname, module, update_module_params=True)``: a param store loaded
+    before (a saved guide) hands ``module`` its parameters under their names, where a plain
+    ``pyro.module`` would keep the fresh ones and leave the loaded ones untrained. A stored
+    parameter of another shape (a guide of another model or size left in the store) is refused
+    by name, where Pyro would hand it back silently."""
+    store = pyro.get_param_store()
+    for name, parameter in module.named_parameters():
+        stored = param_with_module_name(fullname, name)  # pyro.module's naming
+        if stored in store and store[stored].shape != parameter.shape:
+            raise ValueError(
+                f"the param store holds {stored!r} with shape {tuple(store[stored].shape)}, but this "
+                f"guide's has shape {tuple(parameter.shape)} (another model or size): call "
+                "pyro.clear_param_store() or give the guide another name"
+            )
+    pyro.module(fullname, module, update_module_params=True)
 
 
 def module_repr(module: nn.Module) -> str:

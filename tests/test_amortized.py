@@ -259,6 +259,13 @@ def test_the_param_store_round_trip_restores_the_guide(tmp_path):
     assert torch.allclose(fresh.posterior(x[:4]).log_prob(z), expected)
 
 
+def test_a_stale_param_store_of_other_shapes_is_refused():
+    x = torch.randn(N, D_X)
+    make_guide()(x)  # leaves its encoder's parameters (5 context features) in the store
+    with pytest.raises(ValueError, match="clear_param_store"):
+        make_guide(encoder=nn.Linear(D_X, 7))(x)  # Pyro would hand back the 5-feature encoder's
+
+
 def test_the_state_dict_round_trip_loads_with_weights_only(tmp_path):
     x = torch.randn(N, D_X)
     guide = _trained_guide(x)
