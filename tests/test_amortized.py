@@ -20,11 +20,9 @@ GUIDES = [SMALL, AutoAmortizedNormal]
 
 
 @pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
+def _seeded():
+    # the param store is emptied around every test by the root conftest.py
     pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
 
 
 def linear_gaussian(x, subsample_size=None, A=None, noise=0.5, seen=None):

@@ -31,11 +31,9 @@ ELBOS = [Trace_ELBO, TraceGraph_ELBO, TraceEnum_ELBO]
 
 
 @pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
+def _seeded():
+    # the param store is emptied around every test by the root conftest.py
     pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
 
 
 def test_scores():
