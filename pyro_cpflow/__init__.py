@@ -5,7 +5,13 @@ from .amortized import AutoAmortizedCPFlow, AutoAmortizedNormal
 from .autoguide import AutoCPFlow
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .derivatives import AutogradTrace, NetworkTrace, PotentialTrace
-from .factories import conditional_cpflow, conditional_cpflow_stack, cpflow, cpflow_stack
+from .factories import (
+    block_triangular_cpflow,
+    conditional_cpflow,
+    conditional_cpflow_stack,
+    cpflow,
+    cpflow_stack,
+)
 from .linalg import CGResult, StochasticLogdet, conjugate_gradient, stochastic_logdet
 from .nn import ICNN, PICNN, PositiveLinear, gaussian_softplus
 from .options import (
@@ -21,6 +27,7 @@ from .reports import Diagnostics, InverseReport
 from .solvers import LBFGS, InverseSolver, NewtonCG, invert_gradient_map, solve_gradient_equation
 from .stack import ConditionalCPFlowStack, CPFlowStack
 from .transforms import ConditionalCPFlow, ConditionedCPFlow, CPFlow
+from .triangular import BlockTriangularCPFlow
 
 __version__ = "0.1.0"
 
@@ -30,6 +37,7 @@ __all__ = [
     "AutoAmortizedNormal",
     "AutoCPFlow",
     "AutogradTrace",
+    "BlockTriangularCPFlow",
     "CGResult",
     "CPFlow",
     "CPFlowStack",
@@ -55,6 +63,7 @@ __all__ = [
     "PotentialTrace",
     "StackOptions",
     "StochasticLogdet",
+    "block_triangular_cpflow",
     "conditional_cpflow",
     "conditional_cpflow_stack",
     "conjugate_gradient",

@@ -212,12 +212,15 @@ class NetworkTrace:
 
 @dataclass
 class QuadraticTerms:
-    r"""The terms :math:`\tfrac12 x^\top Q x + \tfrac12 |M^\top x|^2 + b^\top x`, :math:`Q = cI + LL^\top`.
+    r"""The terms :math:`\tfrac12 x^\top Q x + \tfrac12 |M^\top x|^2 + \tfrac12 x^\top D x + b^\top x`.
+
+    :math:`Q = cI + LL^\top`; :math:`M` and the diagonal :math:`D` are per-sample context terms.
 
     :ivar coefficient: :math:`c > 0` (a scalar tensor).
     :ivar factor: :math:`L` ``(d, r)``.
     :ivar shift: :math:`b` ``(d,)`` or ``(N, d)``.
     :ivar context_factor: optional per-sample :math:`M(c)` ``(N, d, r')``.
+    :ivar context_diagonal: optional per-sample positive diagonal :math:`D(c)` ``(N, d)``.
 
     Products with :math:`Q` use the dense matrix when :math:`2r \ge d` and the factor
     otherwise (:attr:`low_rank`), whichever has fewer operations.
@@ -227,6 +230,12 @@ class QuadraticTerms:
     factor: Tensor
     shift: Tensor
     context_factor: Tensor | None = None
+    context_diagonal: Tensor | None = None
+
+    @property
+    def has_context(self) -> bool:
+        """Whether per-sample context terms are present (then :math:`Q` alone is not the quadratic)."""
+        return self.context_factor is not None or self.context_diagonal is not None
 
     @property
     def low_rank(self) -> bool:
@@ -248,17 +257,27 @@ class QuadraticTerms:
         if self.context_factor is not None:
             inner = torch.einsum("nd,ndr->nr", v, self.context_factor)
             product = product + torch.einsum("nr,ndr->nd", inner, self.context_factor)
+        if self.context_diagonal is not None:
+            product = product + self.context_diagonal * v
         return product
 
     def hessian(self, n: int) -> Tensor:
         matrix = self.matrix.expand(n, *self.matrix.shape)
         if self.context_factor is not None:
             matrix = matrix + self.context_factor @ self.context_factor.transpose(-1, -2)
+        if self.context_diagonal is not None:
+            matrix = matrix + torch.diag_embed(self.context_diagonal)
         return matrix
 
     def detach(self) -> QuadraticTerms:
-        context = None if self.context_factor is None else self.context_factor.detach()
-        return QuadraticTerms(self.coefficient.detach(), self.factor.detach(), self.shift.detach(), context)
+        factor, diagonal = self.context_factor, self.context_diagonal
+        return QuadraticTerms(
+            self.coefficient.detach(),
+            self.factor.detach(),
+            self.shift.detach(),
+            None if factor is None else factor.detach(),
+            None if diagonal is None else diagonal.detach(),
+        )
 
 
 class WhiteningFactor(Protocol):
@@ -320,7 +339,7 @@ class PotentialTrace:
         """
         constant = self.detach()
         network = None
-        if factor.source is self.quadratic and self.quadratic.context_factor is None:
+        if factor.source is self.quadratic and not self.quadratic.has_context:
             network = constant.network.whitened(factor.whiten)
         if network is None:
             return lambda v: factor.whiten(constant.hvp(factor.unwhiten(v)))

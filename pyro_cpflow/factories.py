@@ -10,8 +10,15 @@ from .options import StackOptions
 from .potential import ContextQuadratic, ConvexPotential
 from .stack import ConditionalCPFlowStack, CPFlowStack
 from .transforms import ConditionalCPFlow, CPFlow
+from .triangular import BlockTriangularCPFlow
 
-__all__ = ["conditional_cpflow", "conditional_cpflow_stack", "cpflow", "cpflow_stack"]
+__all__ = [
+    "block_triangular_cpflow",
+    "conditional_cpflow",
+    "conditional_cpflow_stack",
+    "cpflow",
+    "cpflow_stack",
+]
 
 
 _POTENTIAL_OPTIONS = ("initial_scale", "initial_factor_std")
@@ -67,6 +74,7 @@ def conditional_cpflow(
     alpha: float = 1e-2,
     quadratic_rank: int | None = None,
     context_quadratic_rank: int = 0,
+    context_diagonal: bool = False,
     input_gain: float = DEFAULT_INPUT_GAIN,
     **options,
 ) -> ConditionalCPFlow:
@@ -75,7 +83,9 @@ def conditional_cpflow(
     Arguments as in :func:`cpflow`, plus the context dimension and
     ``context_quadratic_rank``: when positive, the potential gains
     :math:`\\tfrac12|L(c)^\\top x|^2 + b(c)^\\top x` with :math:`L(c)` of that rank
-    (:class:`~pyro_cpflow.potential.ContextQuadratic`).
+    (:class:`~pyro_cpflow.potential.ContextQuadratic`); ``context_diagonal=True`` adds
+    :math:`\tfrac12 x^\top D(c) x` with a log-linear positive diagonal :math:`D(c)`, a
+    per-coordinate scale that the context can move by orders of magnitude.
 
     >>> flow = conditional_cpflow(3, context_dim=5, hidden_dims=(8, 8))
     >>> flow.condition(torch.randn(5))(torch.randn(4, 3)).shape
@@ -90,8 +100,8 @@ def conditional_cpflow(
         input_gain=input_gain,
     )
     context_terms = (
-        ContextQuadratic(context_dim, input_dim, context_quadratic_rank)
-        if context_quadratic_rank > 0
+        ContextQuadratic(context_dim, input_dim, context_quadratic_rank, diagonal=context_diagonal)
+        if context_quadratic_rank > 0 or context_diagonal
         else None
     )
     potential = ConvexPotential(
@@ -168,3 +178,32 @@ def conditional_cpflow_stack(
     options = _stack_options(kwargs)
     blocks = [conditional_cpflow(input_dim, context_dim, **kwargs) for _ in range(num_blocks)]
     return ConditionalCPFlowStack(_with_actnorm(blocks, input_dim, actnorm), cache_size=1, options=options)
+
+
+def block_triangular_cpflow(
+    sizes: Sequence[int], context_diagonal: bool = True, **kwargs
+) -> BlockTriangularCPFlow:
+    """A :class:`~pyro_cpflow.triangular.BlockTriangularCPFlow` over groups of ``sizes``: a
+    :func:`cpflow` on the first group, a :func:`conditional_cpflow` on each later one given
+    the outputs of the groups before it.
+
+    :param context_diagonal: give the conditional blocks the log-linear context diagonal
+        :math:`\tfrac12 x^\top D(c) x`, so that a group's scale can follow the groups
+        before it by orders of magnitude (see :mod:`pyro_cpflow.triangular`).
+
+    Other keyword arguments (``hidden_dims``, ``logdet``, ``alpha``, tolerances...) go to
+    every block.
+
+    >>> flow = block_triangular_cpflow([1, 3], hidden_dims=(8, 8))
+    >>> [type(block).__name__ for block in flow.blocks]
+    ['CPFlow', 'ConditionalCPFlow']
+    """
+    sizes = list(sizes)
+    if not sizes or not all(isinstance(size, int) and size >= 1 for size in sizes):
+        raise ValueError(f"sizes must be a non-empty list of positive ints, got {sizes!r}")
+    first = cpflow(sizes[0], **kwargs)
+    rest = [
+        conditional_cpflow(size, sum(sizes[:k]), context_diagonal=context_diagonal, **kwargs)
+        for k, size in enumerate(sizes[1:], start=1)
+    ]
+    return BlockTriangularCPFlow(first, rest)

@@ -48,27 +48,50 @@ def inverse_softplus(y: float) -> float:
 
 
 class ContextQuadratic(PackedParameters):
-    r"""Context-dependent terms :math:`\tfrac12 |L(c)^\top x|^2 + b(c)^\top x`, convex in :math:`x`.
+    r"""Context-dependent terms :math:`\tfrac12 |L(c)^\top x|^2 + \tfrac12 x^\top D(c)\, x + b(c)^\top x`.
 
-    :math:`L(c) \in \mathbb{R}^{d \times r}` and :math:`b(c)` come from a one-hidden-layer
-    network of the context. Its output layer starts small but not zero: at
-    :math:`L(c) = 0` the gradient of :math:`L \mapsto |L^\top x|^2` vanishes.
+    They are convex in :math:`x` for every context :math:`c`.
 
-    >>> terms = ContextQuadratic(context_dim=3, input_dim=2, rank=2)
+    :math:`L(c) \in \mathbb{R}^{d \times r}`, the positive diagonal :math:`D(c)` and
+    :math:`b(c)` come from a one-hidden-layer network of the context; ``rank=0`` leaves
+    :math:`L` out, ``diagonal=False`` leaves :math:`D` out. Its output layer starts small but
+    not zero: at :math:`L(c) = 0` the gradient of :math:`L \mapsto |L^\top x|^2` vanishes.
+
+    The diagonal is :math:`D(c) = d_0 \exp(h(c))` with :math:`d_0` = ``initial_diagonal``:
+    a log-linear scale, so a context can change the curvature of each coordinate by orders
+    of magnitude, as the conditional posterior of a hierarchical model's local latents given
+    its global ones does (a funnel: the scale of the group effects is the group scale
+    :math:`\tau`). It costs :math:`d` outputs where :math:`L` costs :math:`d r`.
+
+    >>> terms = ContextQuadratic(context_dim=3, input_dim=2, rank=2, diagonal=True)
     >>> terms(torch.randn(5, 2), torch.randn(5, 3)).shape
     torch.Size([5])
     """
 
     def __init__(
-        self, context_dim: int, input_dim: int, rank: int, hidden_dim: int = 64, initial_std: float = 0.05
+        self,
+        context_dim: int,
+        input_dim: int,
+        rank: int,
+        hidden_dim: int = 64,
+        initial_std: float = 0.05,
+        diagonal: bool = False,
+        initial_diagonal: float = 0.05,
     ) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"rank must be positive, got {rank}")
+        if not (isinstance(rank, int) and rank >= 0):
+            raise ValueError(f"rank must be a non-negative int, got {rank!r}")
+        if rank == 0 and not diagonal:
+            raise ValueError("ContextQuadratic needs rank > 0 or diagonal=True")
+        if not initial_diagonal > 0:
+            raise ValueError(f"initial_diagonal must be positive, got {initial_diagonal!r}")
         self.input_dim = input_dim
         self.rank = rank
+        self.diagonal = bool(diagonal)
+        self.log_initial_diagonal = math.log(initial_diagonal)
+        outputs = input_dim * (rank + 1 + int(self.diagonal))
         body = nn.Linear(context_dim, hidden_dim)
-        head = nn.Linear(hidden_dim, input_dim * rank + input_dim)
+        head = nn.Linear(hidden_dim, outputs)
         nn.init.normal_(head.weight, std=initial_std / math.sqrt(hidden_dim))
         nn.init.normal_(head.bias, std=initial_std)
         self.pack(
@@ -80,17 +103,25 @@ class ContextQuadratic(PackedParameters):
             }
         )
 
-    def terms(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        """:math:`L(c)` ``(N, d, r)`` and :math:`b(c)` ``(N, d)`` for context rows ``(N, c)``."""
+    def terms(self, context: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """:math:`L(c)` ``(N, d, r)``, :math:`D(c)` ``(N, d)`` (each ``None`` where left out)
+        and :math:`b(c)` ``(N, d)`` for context rows ``(N, c)``."""
         p = self.unpacked()
         features = torch.tanh(F.linear(context, p["body.0.weight"], p["body.0.bias"]))
         out = F.linear(features, p["head.weight"], p["head.bias"])
-        split = self.input_dim * self.rank
-        return out[:, :split].reshape(-1, self.input_dim, self.rank), out[:, split:]
+        d, split = self.input_dim, self.input_dim * self.rank
+        factor = out[:, :split].reshape(-1, d, self.rank) if self.rank else None
+        diagonal = torch.exp(out[:, split + d :] + self.log_initial_diagonal) if self.diagonal else None
+        return factor, diagonal, out[:, split : split + d]
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        factor, shift = self.terms(context)
-        return 0.5 * torch.einsum("nd,ndr->nr", x, factor).pow(2).sum(-1) + (x * shift).sum(-1)
+        factor, diagonal, shift = self.terms(context)
+        value = (x * shift).sum(-1)
+        if factor is not None:
+            value = value + 0.5 * torch.einsum("nd,ndr->nr", x, factor).pow(2).sum(-1)
+        if diagonal is not None:
+            value = value + 0.5 * (diagonal * x * x).sum(-1)
+        return value
 
 
 class _LogdetFromCholesky(torch.autograd.Function):
@@ -365,12 +396,12 @@ class ConvexPotential(PackedParameters):
     def _quadratic_terms(
         self, parameters: dict[str, Tensor], context: Tensor | None, with_context: bool = True
     ) -> QuadraticTerms:
-        context_factor, shift = None, parameters["shift"]
+        context_factor, context_diagonal, shift = None, None, parameters["shift"]
         if with_context and self.context_terms is not None:
-            context_factor, context_shift = self.context_terms.terms(context)
+            context_factor, context_diagonal, context_shift = self.context_terms.terms(context)
             shift = shift + context_shift
         coefficient = self.alpha + F.softplus(parameters["raw_beta"])
-        return QuadraticTerms(coefficient, parameters["factor"], shift, context_factor)
+        return QuadraticTerms(coefficient, parameters["factor"], shift, context_factor, context_diagonal)
 
     def evaluate(self, x: Tensor, context: Tensor | None = None, derivatives: bool = True) -> PotentialTrace:
         """:math:`F` at rows ``x`` ``(N, d)`` (context rows ``(N, c)``): a lazy

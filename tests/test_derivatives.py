@@ -32,7 +32,9 @@ def _potential(kind: str) -> ConvexPotential:
             augmented="augmented" in kind,
             activation="softplus" if "softplus" in kind else "gaussian_softplus",
         )
-        terms = ContextQuadratic(C, D, rank=2) if "quadratic" in kind else None
+        terms = None
+        if "quadratic" in kind or "diagonal" in kind:
+            terms = ContextQuadratic(C, D, rank=2 if "quadratic" in kind else 0, diagonal="diagonal" in kind)
         potential = ConvexPotential(network, D, context_terms=terms)
     with torch.no_grad():
         for parameter in potential.parameters():
@@ -48,6 +50,8 @@ KINDS = [
     "picnn-augmented",
     "picnn-augmented-softplus",
     "picnn-augmented-quadratic",
+    "picnn-augmented-diagonal",
+    "picnn-augmented-quadratic-diagonal",
 ]
 
 
@@ -173,3 +177,37 @@ def test_whitened_products_equal_the_whitened_hessian(kind):
     foreign = type(factor).__new__(type(factor))
     foreign.__dict__.update(factor.__dict__, source=None)
     assert torch.allclose(trace.whitened_hvp(foreign)(v), expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("rank,diagonal", [(2, False), (0, True), (2, True)])
+def test_context_terms_add_their_closed_form_to_the_potential(rank, diagonal):
+    """``F`` with the context terms minus ``F`` without them is ``|L(c)^T x|^2 / 2 + x^T D(c) x / 2
+    + b(c)^T x``, written out independently of the engine's products."""
+    potential = _potential("picnn-augmented")
+    potential.context_terms = ContextQuadratic(C, D, rank=rank, diagonal=diagonal)
+    with torch.no_grad():
+        for parameter in potential.context_terms.parameters():
+            parameter.add_(0.7 * torch.randn_like(parameter))
+    x, context = _inputs(potential)
+    factor, diag, shift = potential.context_terms.terms(context)
+    expected = (x * shift).sum(-1)
+    if factor is not None:
+        expected = expected + 0.5 * torch.stack([(x[n] @ factor[n]).pow(2).sum() for n in range(N)])
+    if diag is not None:
+        assert bool((diag > 0).all())
+        expected = expected + 0.5 * torch.stack([x[n] @ torch.diag(diag[n]) @ x[n] for n in range(N)])
+    with_terms = potential(x, context)
+    terms = potential.context_terms
+    potential.context_terms = None
+    assert torch.allclose(with_terms - potential(x, context), expected, atol=TOL, rtol=0)
+    assert torch.allclose(terms(x, context), expected, atol=TOL, rtol=0)
+
+
+def test_context_diagonal_starts_at_its_initial_value_and_rejects_bad_arguments():
+    terms = ContextQuadratic(C, D, rank=0, diagonal=True, initial_diagonal=0.2, initial_std=0.0)
+    _, diagonal, _ = terms.terms(torch.randn(5, C))
+    assert torch.allclose(diagonal, torch.full((5, D), 0.2))
+    with pytest.raises(ValueError, match="rank > 0 or diagonal"):
+        ContextQuadratic(C, D, rank=0)
+    with pytest.raises(ValueError, match="initial_diagonal"):
+        ContextQuadratic(C, D, rank=1, initial_diagonal=0.0)

@@ -22,6 +22,7 @@ from pyro_cpflow import (
     InverseTransformModule,
     NonConvergenceError,
     NonConvergenceWarning,
+    block_triangular_cpflow,
     conditional_cpflow,
     conditional_cpflow_stack,
     cpflow,
@@ -66,6 +67,11 @@ FACTORIES = {
     "conditional_cpflow-quadratic": Factory(
         lambda o: conditional_cpflow(D, C, context_quadratic_rank=2, **o), conditional=True
     ),
+    "conditional_cpflow-diagonal": Factory(
+        lambda o: conditional_cpflow(D, C, context_diagonal=True, **o), conditional=True
+    ),
+    "block_triangular_cpflow": Factory(lambda o: block_triangular_cpflow([1, 2], **o)),
+    "block_triangular_cpflow.inv": Factory(lambda o: block_triangular_cpflow([1, 2], **o), inverse=True),
     "cpflow_stack": Factory(lambda o: cpflow_stack(D, num_blocks=2, **o)),
     "cpflow_stack.inv": Factory(lambda o: cpflow_stack(D, num_blocks=2, **o), inverse=True),
     "conditional_cpflow_stack": Factory(
