@@ -85,6 +85,8 @@ GUIDES: dict[str, Callable[[Callable[[], None]], Any]] = {
 """Every guide with its defaults: the panel."""
 
 CPFLOW_VARIANTS: dict[str, Callable[[Callable[[], None]], Any]] = {
+    "AutoCPFlow (joint)": functools.partial(AutoCPFlow, structure="joint"),
+    "AutoCPFlow (hierarchical, no context diagonal)": functools.partial(AutoCPFlow, context_diagonal=False),
     "AutoCPFlow (2 blocks)": functools.partial(AutoCPFlow, num_blocks=2),
     "AutoCPFlow (network scale 0.5)": functools.partial(AutoCPFlow, initial_scale=0.5),
     "AutoCPFlow (input gain 1)": functools.partial(AutoCPFlow, input_gain=1.0),

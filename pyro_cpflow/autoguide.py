@@ -8,13 +8,31 @@ site is mapped to the unconstrained space and concatenated into one vector :math
 
     z = m + s \odot f(\varepsilon), \qquad \varepsilon \sim \mathcal N(0, I_d),
 
-with :math:`f = \nabla F` one CP-Flow block (or a stack of them) and a learnable location
-:math:`m` and positive scale :math:`s`. The flow starts near the identity, so the guide
+with :math:`f` a CP-Flow and a learnable location :math:`m` and positive scale :math:`s`.
+The flow starts near the identity, so the guide
 starts as :math:`\mathcal N(m_0, s_0^2 I)` with :math:`m_0` from ``init_loc_fn`` and
 :math:`s_0 =` ``init_scale``, like :class:`~pyro.infer.autoguide.AutoNormal`; the diagonal
 affine map keeps the flow's problem on a unit scale whatever the units of the latents, and
 the flow adds the correlations (its quadratic :math:`\tfrac12 x^\top Q x`) and the
 non-Gaussian shape (its ICNN).
+
+**Structure.** For a model whose latent sites are all outside plates (a regression), :math:`f =
+\nabla F` is one gradient map of all :math:`d` coordinates (``structure="joint"``). For a
+hierarchical model, with *global* sites outside every plate (a group mean and scale) and
+*local* ones inside a plate (the group effects), the default ``structure="auto"`` picks the
+block-triangular flow (:mod:`pyro_cpflow.triangular`)
+
+.. math::
+
+    y_g = \nabla F_g(\varepsilon_g), \qquad
+    y_\ell = \nabla_{\varepsilon_\ell} F_\ell(\varepsilon_\ell;\, y_g),
+
+the local coordinates a conditional CP-Flow given the global ones, with a log-linear context
+diagonal :math:`\tfrac12 \varepsilon_\ell^\top D(y_g)\, \varepsilon_\ell` in its potential.
+One gradient map cannot scale the local effects by the group scale without stretching the
+group scale too (a convexity constraint, measured in ``experiments/RESULTS.md``, "Funnel:
+capacity or optimisation"); given the global coordinates as a context it can, and
+:math:`\theta = b(u) + D(u)\,\varepsilon` is then exactly representable.
 
 Densities are exact in eval mode (``guide.eval()``); in training the flow's ``logdet``
 option decides (``"auto"``: exact where it is measured to be no slower).
@@ -40,7 +58,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
-from pyro.distributions.transforms import AffineTransform
+from pyro.distributions.transforms import AffineTransform, Permute
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
@@ -48,10 +66,13 @@ from torch import Tensor, nn
 from torch.distributions import biject_to
 
 from .checks import check_not_tracing
-from .factories import cpflow, cpflow_stack
+from .factories import block_triangular_cpflow, cpflow, cpflow_stack
 from .pyro_glue import take_stored_parameters
 
 __all__ = ["AutoCPFlow"]
+
+STRUCTURES = ("auto", "joint", "hierarchical")
+"""Values of ``AutoCPFlow(structure=...)``."""
 
 
 def _symmetric_root(matrix: Tensor) -> Tensor:
@@ -65,8 +86,13 @@ class AutoCPFlow(AutoContinuous):
 
     :param model: a Pyro model.
     :param hidden_dims: widths of each block's ICNN.
-    :param num_blocks: CP-Flow blocks composed (without ActNorm: the affine map after them
-        already standardises).
+    :param num_blocks: CP-Flow blocks composed in the joint structure (without ActNorm: the
+        affine map after them already standardises).
+    :param structure: ``"joint"``: one gradient map of every coordinate; ``"hierarchical"``:
+        the global sites (outside every plate) by a CP-Flow, the local ones (inside a plate)
+        by a conditional CP-Flow given the global ones (module docstring); ``"auto"``
+        (default): hierarchical when the model has both kinds of site and ``num_blocks=1``,
+        else joint. ``guide.structure`` says which was built after the first call.
     :param init_loc_fn: a per-site initialisation (see :mod:`pyro.infer.autoguide.initialization`);
         the guide's location starts there.
     :param init_scale: the guide's initial standard deviation in the unconstrained space.
@@ -80,7 +106,8 @@ class AutoCPFlow(AutoContinuous):
         (a funnel's neck), the guide starts from ``init_scale`` as without it. Off by default:
         on the guide panel (``experiments/results/guide_panel_curvature_variants.json``) it
         gained 0.03 and 0.02 nats of ELBO on the logistic and linear regressions, tied on
-        baseball and lost 0.12 on the eight-schools funnel.
+        baseball and lost 0.12 on the eight-schools funnel. In the hierarchical structure
+        only the scales start there.
     :param flow_options: other keyword arguments of :func:`~pyro_cpflow.cpflow` (``logdet``,
         ``alpha``, ``input_gain``, tolerances...).
 
@@ -104,12 +131,19 @@ class AutoCPFlow(AutoContinuous):
         init_loc_fn: Callable[..., Any] = init_to_median,
         init_scale: float = 0.1,
         init_curvature: bool = False,
+        structure: str = "auto",
         **flow_options: Any,
     ) -> None:
         if not (isinstance(init_scale, (int, float)) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
         if not (isinstance(num_blocks, int) and num_blocks >= 1):
             raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        if structure == "hierarchical" and num_blocks != 1:
+            raise ValueError(f"structure='hierarchical' has one block per group; got num_blocks={num_blocks}")
+        self._structure = structure
+        self.structure: str | None = None  # the one built, known after the first call
         self._init_scale = float(init_scale)
         self._init_curvature = bool(init_curvature)
         self._hidden_dims = tuple(hidden_dims)
@@ -128,16 +162,46 @@ class AutoCPFlow(AutoContinuous):
                 scale = covariance.diagonal().sqrt()
                 correlation_root = _symmetric_root(covariance / scale[:, None] / scale[None, :])
         self.scale = PyroParam(scale, constraints.softplus_positive)
+        global_positions, local_positions = self._global_and_local_positions()
+        has_both = bool(global_positions) and bool(local_positions)
+        if self._structure == "hierarchical" and not has_both:
+            raise ValueError(
+                "structure='hierarchical' needs latent sites both outside and inside plates; "
+                f"this model has {len(global_positions)} global and {len(local_positions)} local "
+                "coordinates: use structure='joint'"
+            )
+        wanted = self._structure == "hierarchical" or (self._structure == "auto" and self._num_blocks == 1)
+        self.structure = "hierarchical" if wanted and has_both else "joint"
         options = {"hidden_dims": self._hidden_dims, **self._flow_options}
-        if self._num_blocks == 1:
+        self.permutation: Tensor | None = None
+        if self.structure == "hierarchical":
+            sizes = [len(global_positions), len(local_positions)]
+            flow = block_triangular_cpflow(sizes, **options)
+            order = torch.tensor(global_positions + local_positions)
+            if not bool((order == torch.arange(self.latent_dim)).all()):
+                self.permutation = torch.argsort(order)  # grouped order -> the latent's order
+        elif self._num_blocks == 1:
             flow = cpflow(self.latent_dim, **options)
         else:
             flow = cpflow_stack(self.latent_dim, self._num_blocks, actnorm="none", **options)
         self.flow = flow.to(dtype=loc.dtype, device=loc.device)
-        if correlation_root is not None:
+        if correlation_root is not None and self.structure == "joint":
             (self.flow if self._num_blocks == 1 else self.flow[0]).potential.set_quadratic(correlation_root)
         if not pyro.settings.get("module_local_params"):
             take_stored_parameters(self._pyro_get_fullname("flow"), self.flow)
+
+    def _global_and_local_positions(self) -> tuple[list[int], list[int]]:
+        """The coordinates of the latent vector that belong to sites outside every plate, and
+        to sites inside one, each in the latent's order."""
+        global_positions: list[int] = []
+        local_positions: list[int] = []
+        start = 0
+        for name, shape in self._unconstrained_shapes.items():
+            size = shape.numel()
+            positions = local_positions if self._cond_indep_stacks[name] else global_positions
+            positions.extend(range(start, start + size))
+            start += size
+        return global_positions, local_positions
 
     def _negative_log_density(self, z: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         r""":math:`-\log p(z, \text{data})` in the unconstrained space (with the Jacobians of
@@ -178,7 +242,10 @@ class AutoCPFlow(AutoContinuous):
         # the affine map caches its input, the flow's output, so that scoring a sample
         # finds the flow's own cache instead of running its inverse
         affine = AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
-        return [self.flow, affine]
+        if self.permutation is None:
+            return [self.flow, affine]
+        # cached too, so that scoring a sample finds the flow's output, not a permuted copy
+        return [self.flow, Permute(self.permutation.to(self.loc.device), cache_size=1), affine]
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.Distribution:
         check_not_tracing()
