@@ -46,42 +46,56 @@ __all__ = [
 MatVec = Callable[[Tensor], Tensor]
 
 
-class _SPDLogdet(torch.autograd.Function):
-    r""":math:`\log\det A` by Cholesky, with the backward pass :math:`\bar A = \bar\ell\, A^{-1}`.
+class _LogdetFromCholesky(torch.autograd.Function):
+    r""":math:`\log\det A = 2\sum_i \log C_{ii}` from a given Cholesky factor :math:`A = C C^\top`,
+    with the backward pass :math:`\bar A = \bar\ell\, A^{-1}`.
 
     :math:`\partial \log\det A = \mathrm{tr}(A^{-1}\partial A)` for symmetric :math:`A`, and
     :math:`A^{-1}` comes from the same factor in one call (``cholesky_inverse``): cheaper
-    than differentiating through the factorisation.
+    than differentiating through the factorisation. The factor is a constant, so a backward
+    pass that builds a graph (``create_graph=True``: Hessians, NeuTra's second derivatives)
+    forms :math:`A^{-1}` from :math:`A` itself instead, and its derivative
+    :math:`-A^{-1}\,\partial A\,A^{-1}` is exact.
     """
 
     @staticmethod
-    def forward(ctx, matrix: Tensor) -> Tensor:  # type: ignore[override]
-        chol, info = torch.linalg.cholesky_ex(matrix)
-        if bool((info > 0).any()):
-            bad = torch.nonzero(info.reshape(-1)).flatten().tolist()[:10]
-            raise ValueError(f"matrix is not positive definite at batch entries {bad}")
-        ctx.save_for_backward(chol)
-        return 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    def forward(ctx, matrix: Tensor, cholesky: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(matrix, cholesky)
+        return 2.0 * cholesky.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> Tensor:  # type: ignore[override]
-        (chol,) = ctx.saved_tensors
-        return grad_output[..., None, None] * torch.cholesky_inverse(chol)
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        matrix, cholesky = ctx.saved_tensors
+        inverse = torch.linalg.inv(matrix) if torch.is_grad_enabled() else torch.cholesky_inverse(cholesky)
+        return grad_output[..., None, None] * inverse, None
+
+
+def logdet_from_cholesky(matrix: Tensor, cholesky: Tensor) -> Tensor:
+    r""":math:`\log\det` of ``matrix`` from its (constant) Cholesky factor ``cholesky``,
+    differentiable in ``matrix`` to any order (:class:`_LogdetFromCholesky`)."""
+    if not matrix.requires_grad:
+        return 2.0 * cholesky.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return _LogdetFromCholesky.apply(matrix, cholesky)
 
 
 def cholesky_logdet(matrix: Tensor) -> Tensor:
     r""":math:`\log\det A = 2\sum_i \log L_{ii}` for symmetric positive-definite ``A = L L^T``.
 
     Only the lower triangle of ``A`` is read (as by the Cholesky factorisation); the
-    gradient is :math:`A^{-1}`, symmetric. Raises ``ValueError`` naming the failing batch
-    entries when ``A`` is not numerically positive definite.
+    gradient is :math:`A^{-1}`, symmetric, and second derivatives are exact too. Raises
+    ``ValueError`` naming the failing batch entries when ``A`` is not numerically positive
+    definite.
 
     >>> a = torch.tensor([[2.0, 0.5], [0.5, 1.0]], requires_grad=True)
     >>> cholesky_logdet(a).backward()
     >>> torch.allclose(a.grad, torch.linalg.inv(a.detach()))
     True
     """
-    return _SPDLogdet.apply(matrix)
+    chol, info = torch.linalg.cholesky_ex(matrix.detach())
+    if bool((info > 0).any()):
+        bad = torch.nonzero(info.reshape(-1)).flatten().tolist()[:10]
+        raise ValueError(f"matrix is not positive definite at batch entries {bad}")
+    return logdet_from_cholesky(matrix, chol)
 
 
 def rademacher(shape: torch.Size | tuple[int, ...], like: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .derivatives import NetworkTrace, PotentialTrace, QuadraticTerms
+from .linalg import logdet_from_cholesky
 from .packing import PackedParameters
 
 __all__ = [
@@ -124,21 +125,6 @@ class ContextQuadratic(PackedParameters):
         return value
 
 
-class _LogdetFromCholesky(torch.autograd.Function):
-    """``value`` (:math:`\\log\\det Q`, already computed) with the gradient :math:`Q^{-1}` to
-    ``matrix``, formed from the Cholesky factor only if a backward pass asks for it."""
-
-    @staticmethod
-    def forward(ctx, matrix: Tensor, value: Tensor, cholesky: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(cholesky)
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        (cholesky,) = ctx.saved_tensors
-        return grad_output * torch.cholesky_inverse(cholesky), None, None
-
-
 class DenseQuadraticFactor:
     r"""One Cholesky factorisation :math:`Q = C C^\top` of the potential's quadratic, and what it gives.
 
@@ -156,10 +142,7 @@ class DenseQuadraticFactor:
         self.matrix = matrix
         self.source = source
         self.cholesky, _ = torch.linalg.cholesky_ex(matrix.detach())
-        value = 2.0 * self.cholesky.diagonal().log().sum()
-        self.logdet = (
-            _LogdetFromCholesky.apply(matrix, value, self.cholesky) if matrix.requires_grad else value
-        )
+        self.logdet = logdet_from_cholesky(matrix, self.cholesky)
 
     @cached_property
     def inverse(self) -> Tensor:
@@ -211,9 +194,7 @@ class LowRankQuadraticFactor:
         # one factorisation of M serves the solves and the log-det (whose gradient is M^-1)
         cholesky, _ = torch.linalg.cholesky_ex(small.detach())
         self._small_inverse = torch.cholesky_inverse(cholesky)
-        small_logdet = 2.0 * cholesky.diagonal().log().sum()
-        if small.requires_grad:
-            small_logdet = _LogdetFromCholesky.apply(small, small_logdet, cholesky)
+        small_logdet = logdet_from_cholesky(small, cholesky)
         self.logdet = (factor.shape[0] - rank) * torch.log(coefficient) + small_logdet
         self._constant_factor, self._constant_coefficient = factor.detach(), coefficient.detach()
 

@@ -328,3 +328,27 @@ def test_whitening_maps_q_to_the_identity_and_unwhitening_completes_q_inverse(lo
     # rows Q^-1 = unwhiten(whiten(rows)), and S^-1 Q S^-T = I
     assert torch.allclose(white.unwhiten(white.whiten(rows)), rows @ torch.linalg.inv(matrix), atol=1e-10)
     assert torch.allclose(white.whiten(white.whiten(matrix).T), torch.eye(d), atol=1e-10)
+
+
+def test_log_determinants_have_exact_second_derivatives():
+    """Hessians through ``cholesky_logdet`` and the quadratic's factor log-det (dense and low
+    rank) equal those through ``slogdet``: the constant Cholesky factor of the first-order
+    backward pass must not leak into a backward pass that builds a graph."""
+    torch.manual_seed(0)
+    theta = torch.randn(12, dtype=torch.float64)
+
+    def spd(t):
+        b = t.reshape(4, 3)
+        return b @ b.T + torch.eye(4, dtype=t.dtype)
+
+    def reference(t):
+        return torch.linalg.slogdet(spd(t))[1]
+
+    expected = torch.autograd.functional.hessian(reference, theta)
+    for logdet in (
+        lambda t: cholesky_logdet(spd(t)),
+        lambda t: DenseQuadraticFactor(spd(t)).logdet,
+        lambda t: LowRankQuadraticFactor(torch.tensor(1.0, dtype=t.dtype), t.reshape(4, 3)).logdet,
+    ):
+        assert torch.allclose(logdet(theta), reference(theta), atol=1e-12)
+        assert torch.allclose(torch.autograd.functional.hessian(logdet, theta), expected, atol=1e-10)
