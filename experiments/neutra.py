@@ -71,11 +71,13 @@ from experiments.common import (
     save_run,
 )
 from experiments.guide_models import build
-from experiments.guide_panel import NUTS_CACHE, train
+from experiments.guide_panel import CPFLOW_VARIANTS, NUTS_CACHE, train
 
 NEUTRA_JSON = RESULTS_DIR / "neutra.json"
 MODEL = "eight_schools"
 METHODS = {"NUTS": None, "NeuTra + AutoCPFlow": "AutoCPFlow", "NeuTra + AutoIAFNormal": "AutoIAFNormal"}
+VARIANT_METHODS = {f"NeuTra + {name}": name for name in CPFLOW_VARIANTS}
+"""NeuTra with the guide panel's other settings of AutoCPFlow, for ``--methods`` (not run by default)."""
 """Each sampler and the guide-panel guide its NeuTra map comes from (``None``: plain NUTS)."""
 SECTION = "NeuTra HMC on the eight-schools funnel"
 
@@ -160,7 +162,7 @@ def sample(method: str, args: argparse.Namespace, reference: dict[str, Any]) -> 
     panel = build(MODEL)
     counter = CountedModel(panel.model)
     record: dict[str, Any] = {}
-    guide_name = METHODS[method]
+    guide_name = {**METHODS, **VARIANT_METHODS}[method]
     if guide_name is None:
         mcmc, kernel, cost = run_chain(counter, counter, args)
         sites = mcmc.get_samples()
@@ -275,7 +277,15 @@ def reading(results: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.neutra", description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=[*METHODS, *VARIANT_METHODS],
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"samplers to run (default: {', '.join(METHODS)}); also 'NeuTra + <V>' for V an "
+        "AutoCPFlow setting of the guide panel's CPFLOW_VARIANTS",
+    )
     parser.add_argument("--steps", type=positive(int), default=3000, help="SVI steps per guide")
     parser.add_argument("--particles", type=positive(int), default=4)
     parser.add_argument("--lr", type=positive(float), default=1e-2)
