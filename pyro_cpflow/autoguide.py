@@ -109,7 +109,9 @@ class AutoCPFlow(AutoContinuous):
         baseball and lost 0.12 on the eight-schools funnel. In the hierarchical structure
         only the scales start there.
     :param flow_options: other keyword arguments of :func:`~pyro_cpflow.cpflow` (``logdet``,
-        ``alpha``, ``input_gain``, tolerances...).
+        ``alpha``, ``input_gain``, tolerances...), given to every block; in the hierarchical
+        structure also ``context_diagonal`` of
+        :func:`~pyro_cpflow.factories.block_triangular_cpflow` (default ``True``).
 
     >>> import pyro, pyro.distributions as dist
     >>> from pyro.infer import SVI, Trace_ELBO
