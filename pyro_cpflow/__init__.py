@@ -13,7 +13,7 @@ from .factories import (
     cpflow_stack,
 )
 from .linalg import CGResult, StochasticLogdet, conjugate_gradient, stochastic_logdet
-from .nn import ICNN, PICNN, PositiveLinear, gaussian_softplus
+from .nn import ICNN, PICNN, NoNetwork, PositiveLinear, gaussian_softplus
 from .options import (
     FlowOptions,
     NonConvergenceError,
@@ -55,6 +55,7 @@ __all__ = [
     "LBFGS",
     "NetworkTrace",
     "NewtonCG",
+    "NoNetwork",
     "NonConvergenceError",
     "NonConvergenceWarning",
     "StochasticDensityWarning",

@@ -59,6 +59,7 @@ __all__ = [
     "NetworkTrace",
     "PotentialTrace",
     "QuadraticTerms",
+    "ZeroNetworkTrace",
 ]
 
 
@@ -210,6 +211,35 @@ class NetworkTrace:
         return copy
 
 
+class ZeroNetworkTrace:
+    """The :class:`NetworkTrace` interface of :math:`g = 0` (:class:`~pyro_cpflow.nn.NoNetwork`):
+    every derivative is zero, and whitening leaves it zero."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+
+    @property
+    def value(self) -> Tensor:
+        return self.x.new_zeros(self.x.shape[0])
+
+    @property
+    def gradient(self) -> Tensor:
+        return torch.zeros_like(self.x)
+
+    def hvp(self, v: Tensor) -> Tensor:
+        return torch.zeros_like(v)
+
+    def hessian(self) -> Tensor:
+        n, d = self.x.shape
+        return self.x.new_zeros(n, d, d)
+
+    def whitened(self, whiten: Callable[[Tensor], Tensor]) -> ZeroNetworkTrace:
+        return self.detach()
+
+    def detach(self) -> ZeroNetworkTrace:
+        return ZeroNetworkTrace(self.x.detach())
+
+
 @dataclass
 class QuadraticTerms:
     r"""The terms :math:`\tfrac12 x^\top Q x + \tfrac12 |M^\top x|^2 + \tfrac12 x^\top D x + b^\top x`.
@@ -298,7 +328,7 @@ class PotentialTrace:
     :meth:`hessian` and :meth:`detach`.
     """
 
-    def __init__(self, network: NetworkTrace, quadratic: QuadraticTerms) -> None:
+    def __init__(self, network: NetworkTrace | ZeroNetworkTrace, quadratic: QuadraticTerms) -> None:
         self.network = network
         self.quadratic = quadratic
         self.x = network.x

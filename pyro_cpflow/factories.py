@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .actnorm import ActNorm
-from .nn import DEFAULT_INPUT_GAIN, ICNN, PICNN
+from .nn import DEFAULT_INPUT_GAIN, ICNN, PICNN, NoNetwork
 from .options import StackOptions
 from .potential import ContextQuadratic, ConvexPotential
 from .stack import ConditionalCPFlowStack, CPFlowStack
@@ -78,30 +78,45 @@ def conditional_cpflow(
     input_gain: float = DEFAULT_INPUT_GAIN,
     **options,
 ) -> ConditionalCPFlow:
-    """A :class:`~pyro_cpflow.transforms.ConditionalCPFlow` on an (input-augmented) PICNN.
+    r"""A :class:`~pyro_cpflow.transforms.ConditionalCPFlow` on an (input-augmented) PICNN.
 
     Arguments as in :func:`cpflow`, plus the context dimension and
     ``context_quadratic_rank``: when positive, the potential gains
-    :math:`\\tfrac12|L(c)^\\top x|^2 + b(c)^\\top x` with :math:`L(c)` of that rank
+    :math:`\tfrac12|L(c)^\top x|^2 + b(c)^\top x` with :math:`L(c)` of that rank
     (:class:`~pyro_cpflow.potential.ContextQuadratic`); ``context_diagonal=True`` adds
     :math:`\tfrac12 x^\top D(c) x` with a log-linear positive diagonal :math:`D(c)`, a
-    per-coordinate scale that the context can move by orders of magnitude.
+    per-coordinate scale that the context can move by orders of magnitude. ``hidden_dims=()``
+    leaves the network out (:class:`~pyro_cpflow.nn.NoNetwork`): the flow is then the
+    conditional Gaussian :math:`x \mapsto A(c)\,x + b(c)` of its quadratic and context terms,
+    which must be present.
 
     >>> flow = conditional_cpflow(3, context_dim=5, hidden_dims=(8, 8))
     >>> flow.condition(torch.randn(5))(torch.randn(4, 3)).shape
     torch.Size([4, 3])
+    >>> gaussian = conditional_cpflow(3, context_dim=5, hidden_dims=(), context_diagonal=True)
+    >>> gaussian.condition(torch.randn(5))(torch.randn(4, 3)).shape
+    torch.Size([4, 3])
     """
-    network = PICNN(
-        input_dim,
-        context_dim,
-        hidden_dims,
-        augmented=augmented,
-        activation=activation,
-        input_gain=input_gain,
-    )
+    has_context_terms = context_quadratic_rank > 0 or context_diagonal
+    if len(hidden_dims) == 0:
+        if not has_context_terms:
+            raise ValueError(
+                "hidden_dims=() leaves only the quadratic, which ignores the context: give "
+                "context_quadratic_rank > 0 or context_diagonal=True"
+            )
+        network: PICNN | NoNetwork = NoNetwork(input_dim, context_dim)
+    else:
+        network = PICNN(
+            input_dim,
+            context_dim,
+            hidden_dims,
+            augmented=augmented,
+            activation=activation,
+            input_gain=input_gain,
+        )
     context_terms = (
         ContextQuadratic(context_dim, input_dim, context_quadratic_rank, diagonal=context_diagonal)
-        if context_quadratic_rank > 0 or context_diagonal
+        if has_context_terms
         else None
     )
     potential = ConvexPotential(
@@ -181,15 +196,21 @@ def conditional_cpflow_stack(
 
 
 def block_triangular_cpflow(
-    sizes: Sequence[int], context_diagonal: bool = True, **kwargs
+    sizes: Sequence[int],
+    context_diagonal: bool = True,
+    local_hidden_dims: Sequence[int] | None = None,
+    **kwargs,
 ) -> BlockTriangularCPFlow:
-    """A :class:`~pyro_cpflow.triangular.BlockTriangularCPFlow` over groups of ``sizes``: a
+    r"""A :class:`~pyro_cpflow.triangular.BlockTriangularCPFlow` over groups of ``sizes``: a
     :func:`cpflow` on the first group, a :func:`conditional_cpflow` on each later one given
     the outputs of the groups before it.
 
     :param context_diagonal: give the conditional blocks the log-linear context diagonal
         :math:`\tfrac12 x^\top D(c) x`, so that a group's scale can follow the groups
         before it by orders of magnitude (see :mod:`pyro_cpflow.triangular`).
+    :param local_hidden_dims: the widths of the conditional blocks' networks (default: the
+        ``hidden_dims`` of all blocks); ``()`` makes each later group a conditional Gaussian of
+        the groups before it (:class:`~pyro_cpflow.nn.NoNetwork`).
 
     Other keyword arguments (``hidden_dims``, ``logdet``, ``alpha``, tolerances...) go to
     every block.
@@ -202,8 +223,9 @@ def block_triangular_cpflow(
     if not sizes or not all(isinstance(size, int) and size >= 1 for size in sizes):
         raise ValueError(f"sizes must be a non-empty list of positive ints, got {sizes!r}")
     first = cpflow(sizes[0], **kwargs)
+    local = dict(kwargs) if local_hidden_dims is None else {**kwargs, "hidden_dims": tuple(local_hidden_dims)}
     rest = [
-        conditional_cpflow(size, sum(sizes[:k]), context_diagonal=context_diagonal, **kwargs)
+        conditional_cpflow(size, sum(sizes[:k]), context_diagonal=context_diagonal, **local)
         for k, size in enumerate(sizes[1:], start=1)
     ]
     return BlockTriangularCPFlow(first, rest)

@@ -131,7 +131,7 @@ class CGResult:
 
 @dataclass
 class LanczosMatrices:
-    """Symmetric tridiagonal matrices :math:`T_i` ``(m, m)``, kept as their bands.
+    r"""Symmetric tridiagonal matrices :math:`T_i` ``(m, m)``, kept as their bands.
 
     ``m`` is the most iterations of any sample; a sample that stopped earlier has its
     matrix closed off by decoupled unit entries (which add nothing to a quadrature).

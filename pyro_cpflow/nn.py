@@ -41,6 +41,7 @@ __all__ = [
     "ACTIVATIONS",
     "DEFAULT_INPUT_GAIN",
     "ICNN",
+    "NoNetwork",
     "PICNN",
     "PositiveLinear",
     "gaussian_softplus",
@@ -431,3 +432,31 @@ class _PICNNLayerSpec:
         return AffineLayer(
             (weight,), (gate,), offset, convex_weight, F.softplus(self._linear(p, "convex_gate", u))
         )
+
+
+class NoNetwork(nn.Module):
+    r"""The network :math:`g = 0`: a potential made of its quadratic and context terms alone.
+
+    With :class:`~pyro_cpflow.potential.ContextQuadratic` terms, :math:`F(x; c) =
+    \tfrac12 x^\top (Q + D(c) + L(c)L(c)^\top) x + b(c)^\top x` and the conditional map is the
+    affine :math:`x \mapsto A(c)\,x + b(c)` with :math:`A(c) \succ 0`: a conditional Gaussian.
+    Its log-determinant depends on the context only, so the map's log-density is as smooth as
+    the context network (``tanh``), with none of the activation bumps of an input-convex
+    network (see ``experiments/RESULTS.md``, "NeuTra: the warped geometry").
+
+    >>> NoNetwork(3, context_dim=2)
+    NoNetwork(input_dim=3, context_dim=2)
+    """
+
+    def __init__(self, input_dim: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        if input_dim < 1:
+            raise ValueError(f"input_dim must be positive, got {input_dim}")
+        self.input_dim = input_dim
+        self.context_dim = context_dim
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}, context_dim={self.context_dim}"
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return x.new_zeros(x.shape[:-1])

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .derivatives import NetworkTrace, PotentialTrace, QuadraticTerms
+from .derivatives import NetworkTrace, PotentialTrace, QuadraticTerms, ZeroNetworkTrace
 from .linalg import logdet_from_cholesky
+from .nn import NoNetwork
 from .packing import PackedParameters
 
 __all__ = [
@@ -389,13 +390,16 @@ class ConvexPotential(PackedParameters):
         :class:`~pyro_cpflow.derivatives.PotentialTrace` with the value, gradient, Hessian-vector
         products and Hessian, all differentiable in the parameters, ``x`` and the context."""
         parameters = self.unpacked()
-        network = NetworkTrace(
-            self.network.affine_layers(context),  # type: ignore[operator]
-            self.network.activation,  # type: ignore[arg-type]
-            x,
-            scale=F.softplus(parameters["raw_scale"]),
-            derivatives=derivatives,
-        )
+        if isinstance(self.network, NoNetwork):
+            network: NetworkTrace | ZeroNetworkTrace = ZeroNetworkTrace(x)
+        else:
+            network = NetworkTrace(
+                self.network.affine_layers(context),  # type: ignore[operator]
+                self.network.activation,  # type: ignore[arg-type]
+                x,
+                scale=F.softplus(parameters["raw_scale"]),
+                derivatives=derivatives,
+            )
         return PotentialTrace(network, self._quadratic_terms(parameters, context))
 
     def extra_repr(self) -> str:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_cpflow.derivatives import AutogradTrace
-from pyro_cpflow.nn import ICNN, PICNN, gaussian_softplus
+from pyro_cpflow.nn import ICNN, PICNN, NoNetwork, gaussian_softplus
 from pyro_cpflow.potential import ContextQuadratic, ConvexPotential
 
 pytestmark = pytest.mark.float64  # tolerances of float64, whatever --dtype says
@@ -24,6 +24,9 @@ def _potential(kind: str) -> ConvexPotential:
             activation="softplus" if "softplus" in kind else "gaussian_softplus",
         )
         potential = ConvexPotential(network, D, quadratic_rank=2)
+    elif kind.startswith("none"):  # the quadratic and context terms alone
+        terms = ContextQuadratic(C, D, rank=2, diagonal=True)
+        potential = ConvexPotential(NoNetwork(D, C), D, context_terms=terms)
     else:
         network = PICNN(
             D,
@@ -52,12 +55,13 @@ KINDS = [
     "picnn-augmented-quadratic",
     "picnn-augmented-diagonal",
     "picnn-augmented-quadratic-diagonal",
+    "none-quadratic-diagonal",
 ]
 
 
 def _inputs(potential):
     x = 2 * torch.randn(N, D)
-    context = 2 * torch.randn(N, C) if isinstance(potential.network, PICNN) else None
+    context = 2 * torch.randn(N, C) if isinstance(potential.network, (PICNN, NoNetwork)) else None
     return x, context
 
 

@@ -70,7 +70,14 @@ FACTORIES = {
     "conditional_cpflow-diagonal": Factory(
         lambda o: conditional_cpflow(D, C, context_diagonal=True, **o), conditional=True
     ),
+    "conditional_cpflow-gaussian": Factory(
+        lambda o: conditional_cpflow(D, C, **{**o, "hidden_dims": ()}, context_diagonal=True),
+        conditional=True,
+    ),
     "block_triangular_cpflow": Factory(lambda o: block_triangular_cpflow([1, 2], **o)),
+    "block_triangular_cpflow-gaussian": Factory(
+        lambda o: block_triangular_cpflow([1, 2], local_hidden_dims=(), **o)
+    ),
     "block_triangular_cpflow.inv": Factory(lambda o: block_triangular_cpflow([1, 2], **o), inverse=True),
     "cpflow_stack": Factory(lambda o: cpflow_stack(D, num_blocks=2, **o)),
     "cpflow_stack.inv": Factory(lambda o: cpflow_stack(D, num_blocks=2, **o), inverse=True),

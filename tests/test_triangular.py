@@ -38,6 +38,8 @@ def test_arguments_are_checked_by_name():
         BlockTriangularCPFlow(conditional_cpflow(2, 1), [])
     with pytest.raises(ValueError, match=r"rest\[0\] takes a context of dimension 3.*have 2"):
         BlockTriangularCPFlow(cpflow(2), [conditional_cpflow(2, 3)])
+    with pytest.raises(ValueError, match=r"hidden_dims=\(\) leaves only the quadratic"):
+        conditional_cpflow(2, 1, hidden_dims=())
     flow = block_triangular_cpflow([1, 2], hidden_dims=(8,))
     with pytest.raises(ValueError, match="x"):
         flow(torch.randn(4, 2))
