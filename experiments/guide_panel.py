@@ -87,6 +87,7 @@ GUIDES: dict[str, Callable[[Callable[[], None]], Any]] = {
 CPFLOW_VARIANTS: dict[str, Callable[[Callable[[], None]], Any]] = {
     "AutoCPFlow (joint)": functools.partial(AutoCPFlow, structure="joint"),
     "AutoCPFlow (hierarchical, no context diagonal)": functools.partial(AutoCPFlow, context_diagonal=False),
+    "AutoCPFlow (Gaussian local block)": functools.partial(AutoCPFlow, local_hidden_dims=()),
     "AutoCPFlow (2 blocks)": functools.partial(AutoCPFlow, num_blocks=2),
     "AutoCPFlow (network scale 0.5)": functools.partial(AutoCPFlow, initial_scale=0.5),
     "AutoCPFlow (input gain 1)": functools.partial(AutoCPFlow, input_gain=1.0),

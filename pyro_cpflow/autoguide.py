@@ -110,8 +110,10 @@ class AutoCPFlow(AutoContinuous):
         only the scales start there.
     :param flow_options: other keyword arguments of :func:`~pyro_cpflow.cpflow` (``logdet``,
         ``alpha``, ``input_gain``, tolerances...), given to every block; in the hierarchical
-        structure also ``context_diagonal`` of
-        :func:`~pyro_cpflow.factories.block_triangular_cpflow` (default ``True``).
+        structure also ``context_diagonal`` (default ``True``) and ``local_hidden_dims`` of
+        :func:`~pyro_cpflow.factories.block_triangular_cpflow`: ``local_hidden_dims=()``
+        makes the local block a conditional Gaussian of the global one, a smoother
+        log-density for NeuTra (``experiments/RESULTS.md``, "NeuTra: the warped geometry").
 
     >>> import pyro, pyro.distributions as dist
     >>> from pyro.infer import SVI, Trace_ELBO
