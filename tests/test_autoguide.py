@@ -348,11 +348,12 @@ def _randomised(guide):
     return guide
 
 
-def test_hierarchical_density_is_the_jacobian_of_the_whole_map():
+@pytest.mark.parametrize("local", [{}, {"local_hidden_dims": ()}], ids=["picnn", "gaussian"])
+def test_hierarchical_density_is_the_jacobian_of_the_whole_map(local):
     """log q(z) of a sample (cached path) and of the same point scored afresh (inverse path)
     against the base density and slogdet of the autograd Jacobian of eps -> z, through the
     permutation back to the latent's order."""
-    guide = _randomised(SMALL(_funnel_with_sites_around_the_plate)).eval()
+    guide = _randomised(SMALL(_funnel_with_sites_around_the_plate, **local)).eval()
     posterior = guide.get_posterior()
     eps = torch.randn(3, guide.latent_dim)
     transform = dist.transforms.ComposeTransform(posterior.transforms)
