@@ -107,12 +107,12 @@ class BlockTriangularCPFlow(ModuleInverseMixin, VersionedCacheMixin, TransformMo
     def _cache_parameters(self) -> Iterable[Tensor]:
         return module_parameters_and_buffers(self)
 
-    def _block_maps(self, outputs: Sequence[Tensor]) -> list[Transform]:
-        """Each group's map, the later ones conditioned on the ``outputs`` of the groups before."""
-        maps: list[Transform] = [self.blocks[0]]
-        for k in range(1, len(self.sizes)):
-            maps.append(self.blocks[k].condition(torch.cat(list(outputs[:k]), -1)))
-        return maps
+    def _block_map(self, k: int, outputs: Sequence[Tensor]) -> Transform:
+        """Group ``k``'s map: the first block, or a later one conditioned on the ``outputs`` of
+        the groups before it (``outputs[:k]``)."""
+        if k == 0:
+            return self.blocks[0]
+        return self.blocks[k].condition(torch.cat(list(outputs[:k]), -1))
 
     def _split(self, value: Tensor, name: str) -> tuple[Tensor, ...]:
         check_rows(value, name, self.input_dim)
@@ -121,17 +121,16 @@ class BlockTriangularCPFlow(ModuleInverseMixin, VersionedCacheMixin, TransformMo
     def _call(self, x: Tensor) -> Tensor:
         parts, outputs, maps = self._split(x, "x"), [], []
         for k, part in enumerate(parts):
-            block = self.blocks[0] if k == 0 else self.blocks[k].condition(torch.cat(outputs, -1))
-            maps.append(block)
-            outputs.append(block(part))
+            maps.append(self._block_map(k, outputs))
+            outputs.append(maps[k](part))
         self._side_store(x, (parts, outputs, maps))
         return torch.cat(outputs, -1)
 
     def _inverse(self, y: Tensor) -> Tensor:
         outputs = self._split(y, "y")
         inputs = []
-        for k, (block, output) in enumerate(zip(self._block_maps(outputs), outputs, strict=True)):
-            inputs.append(block.inv(output))
+        for k, output in enumerate(outputs):
+            inputs.append(self._block_map(k, outputs).inv(output))
             report = self.blocks[k].diagnostics.inverse
             if report is not None and not report.all_converged:
                 self._mark_unconverged()
@@ -145,11 +144,9 @@ class BlockTriangularCPFlow(ModuleInverseMixin, VersionedCacheMixin, TransformMo
             parts, outputs, maps = kept
         else:
             parts, outputs = self._split(x, "x"), self._split(y, "y")
-            maps = self._block_maps(outputs)
-        total = maps[0].log_abs_det_jacobian(parts[0], outputs[0])
-        for block, part, output in zip(maps[1:], parts[1:], outputs[1:], strict=True):
-            total = total + block.log_abs_det_jacobian(part, output)
-        return total
+            maps = [self._block_map(k, outputs) for k in range(len(self.sizes))]
+        terms = [block.log_abs_det_jacobian(p, o) for block, p, o in zip(maps, parts, outputs, strict=True)]
+        return torch.stack(terms).sum(0)
 
     def clear_cache(self) -> None:
         """Forget this flow's pair and side entries, and the first block's."""
