@@ -50,7 +50,7 @@ from experiments.common import (
     save_run,
 )
 from experiments.guide_models import PanelModel, build
-from experiments.guide_panel import evaluate, fit_svi, nuts_draws
+from experiments.guide_panel import add_svi_budget_options, evaluate, fit_svi, nuts_draws
 from pyro_cpflow import AutoCPFlow
 
 OUT_JSON = RESULTS_DIR / "guide_capacity.json"
@@ -189,9 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.guide_capacity", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--steps", type=positive(int), default=3000, help="SVI steps (the panel's)")
-    parser.add_argument("--particles", type=positive(int), default=4)
-    parser.add_argument("--lr", type=positive(float), default=1e-2)
+    add_svi_budget_options(parser)
     parser.add_argument("--mle-steps", type=positive(int), default=3000)
     parser.add_argument("--mle-lr", type=positive(float), default=3e-3)
     parser.add_argument("--batch", type=positive(int), default=100)

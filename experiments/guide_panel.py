@@ -164,6 +164,14 @@ def train(guide_name: str, panel: PanelModel, args: argparse.Namespace) -> tuple
     return guide, fit_svi(guide, panel, args, f"{panel.name}: {guide_name}")
 
 
+def add_svi_budget_options(parser: argparse.ArgumentParser) -> None:
+    """``--steps``, ``--particles`` and ``--lr``: the budget of :func:`fit_svi`, the panel's by
+    default, for every script that trains guides through it."""
+    parser.add_argument("--steps", type=positive(int), default=3000, help="SVI steps per guide")
+    parser.add_argument("--particles", type=positive(int), default=4, help="vectorised ELBO particles")
+    parser.add_argument("--lr", type=positive(float), default=1e-2, help="ClippedAdam's starting lr")
+
+
 def fit_svi(guide: Any, panel: PanelModel, args: argparse.Namespace, label: str) -> dict[str, Any]:
     """``args.steps`` ClippedAdam steps from ``args.lr`` decayed to a tenth, ``args.particles``
     vectorised particles, from wherever ``guide`` stands; the training record."""
@@ -278,9 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     parser.add_argument("--guides", nargs="+", choices=[*GUIDES, *CPFLOW_VARIANTS], default=list(GUIDES))
-    parser.add_argument("--steps", type=positive(int), default=3000)
-    parser.add_argument("--particles", type=positive(int), default=4)
-    parser.add_argument("--lr", type=positive(float), default=1e-2)
+    add_svi_budget_options(parser)
     parser.add_argument("--eval-samples", type=positive(int), default=5000)
     parser.add_argument("--nuts-samples", type=positive(int), default=3000)
     parser.add_argument("--nuts-warmup", type=positive(int), default=1000)

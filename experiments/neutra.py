@@ -71,7 +71,7 @@ from experiments.common import (
     save_run,
 )
 from experiments.guide_models import build
-from experiments.guide_panel import CPFLOW_VARIANTS, NUTS_CACHE, train
+from experiments.guide_panel import CPFLOW_VARIANTS, NUTS_CACHE, add_svi_budget_options, train
 
 NEUTRA_JSON = RESULTS_DIR / "neutra.json"
 MODEL = "eight_schools"
@@ -286,9 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"samplers to run (default: {', '.join(METHODS)}); also 'NeuTra + <V>' for V an "
         "AutoCPFlow setting of the guide panel's CPFLOW_VARIANTS",
     )
-    parser.add_argument("--steps", type=positive(int), default=3000, help="SVI steps per guide")
-    parser.add_argument("--particles", type=positive(int), default=4)
-    parser.add_argument("--lr", type=positive(float), default=1e-2)
+    add_svi_budget_options(parser)
     parser.add_argument("--samples", type=positive(int), default=1000, help="NUTS draws per chain")
     parser.add_argument("--warmup", type=positive(int), default=500, help="NUTS warm-up steps")
     parser.add_argument("--max-tree-depth", type=positive(int), default=10)

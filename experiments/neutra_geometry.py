@@ -36,8 +36,8 @@ from experiments.common import (
     save_run,
 )
 from experiments.guide_models import build
-from experiments.guide_panel import CPFLOW_VARIANTS, GUIDES, train
-from pyro_cpflow import AutoCPFlow
+from experiments.guide_panel import CPFLOW_VARIANTS, GUIDES, add_svi_budget_options, train
+from pyro_cpflow.autoguide import negative_log_density
 
 OUT_JSON = RESULTS_DIR / "neutra_geometry.json"
 SECTION = "NeuTra: the warped geometry"
@@ -45,15 +45,13 @@ MODEL = "eight_schools"
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
 
 
-def warped_parts(guide: Any, model: Callable[[], None]) -> dict[str, Callable[[Tensor], Tensor]]:
+def warped_parts(guide: Any) -> dict[str, Callable[[Tensor], Tensor]]:
     r"""The model part :math:`-\log p(T(\varepsilon), y)`, the guide part
     :math:`-\log|\det T'(\varepsilon)|` and their sum, each a function of one base point."""
-    density = AutoCPFlow(model)  # its negative log density in the unconstrained space
-    density()
     transform = guide.get_transform()
 
     def model_part(eps: Tensor) -> Tensor:
-        return density._negative_log_density(transform(eps[None])[0])
+        return negative_log_density(guide, transform(eps[None])[0])
 
     def guide_part(eps: Tensor) -> Tensor:
         z = transform(eps[None])
@@ -84,7 +82,7 @@ def measure(guide_name: str, args: argparse.Namespace) -> dict[str, Any]:
     guide.requires_grad_(False)
     pyro.set_rng_seed(args.seed + 1)
     points = torch.randn(args.points, guide.latent_dim)
-    parts = warped_parts(guide, panel.model)
+    parts = warped_parts(guide)
     return {"training": training, **{name: curvature(f, points) for name, f in parts.items()}}
 
 
@@ -124,9 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=[*GUIDES, *CPFLOW_VARIANTS],
         default=["AutoIAFNormal", "AutoCPFlow", "AutoCPFlow (input gain 1)"],
     )
-    parser.add_argument("--steps", type=positive(int), default=3000)
-    parser.add_argument("--particles", type=positive(int), default=4)
-    parser.add_argument("--lr", type=positive(float), default=1e-2)
+    add_svi_budget_options(parser)
     parser.add_argument("--points", type=positive(int), default=100)
     add_run_options(parser, OUT_JSON, "smoke run: 30 steps, 5 points; writes nothing")
     args = parser.parse_args(argv)

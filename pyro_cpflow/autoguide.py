@@ -69,16 +69,38 @@ from .checks import check_not_tracing
 from .factories import block_triangular_cpflow, cpflow, cpflow_stack
 from .pyro_glue import take_stored_parameters
 
-__all__ = ["AutoCPFlow"]
+__all__ = ["AutoCPFlow", "negative_log_density"]
 
 STRUCTURES = ("auto", "joint", "hierarchical")
 """Values of ``AutoCPFlow(structure=...)``."""
+
+HIERARCHICAL_OPTIONS = ("context_diagonal", "local_hidden_dims")
+"""Options of :func:`~pyro_cpflow.factories.block_triangular_cpflow` that only the hierarchical
+structure takes."""
 
 
 def _symmetric_root(matrix: Tensor) -> Tensor:
     """:math:`M^{1/2}` of a symmetric positive definite ``matrix``."""
     eigenvalues, vectors = torch.linalg.eigh(matrix)
     return (vectors * eigenvalues.clamp_min(0).sqrt()) @ vectors.mT
+
+
+def negative_log_density(guide: AutoContinuous, z: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    r""":math:`-\log p(z, \text{data})` of ``guide.model`` at the unconstrained latent vector ``z``
+    of an :class:`~pyro.infer.autoguide.AutoContinuous` guide (any of them: the packing of the
+    latent sites is theirs), with the Jacobians of the maps to each site's support: the
+    guide is run with its latent set to ``z`` and the model replayed on its trace."""
+    guide.sample_latent = lambda *_, **__: z  # an instance attribute shadows the method
+    # blocked: hidden from the handlers of the SVI step (and its particle plate) that
+    # may be running this guide's first call
+    try:
+        with poutine.block():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            replayed = poutine.replay(guide.model, trace=guide_trace)
+            model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+    finally:
+        del guide.sample_latent
+    return guide_trace.log_prob_sum() - model_trace.log_prob_sum()
 
 
 class AutoCPFlow(AutoContinuous):
@@ -176,6 +198,12 @@ class AutoCPFlow(AutoContinuous):
             )
         wanted = self._structure == "hierarchical" or (self._structure == "auto" and self._num_blocks == 1)
         self.structure = "hierarchical" if wanted and has_both else "joint"
+        misplaced = sorted(set(HIERARCHICAL_OPTIONS) & set(self._flow_options))
+        if self.structure == "joint" and misplaced:
+            raise ValueError(
+                f"{', '.join(misplaced)} only apply to structure='hierarchical' (a model with latent "
+                "sites outside and inside plates); this guide built the joint structure"
+            )
         options = {"hidden_dims": self._hidden_dims, **self._flow_options}
         self.permutation: Tensor | None = None
         if self.structure == "hierarchical":
@@ -207,26 +235,11 @@ class AutoCPFlow(AutoContinuous):
             start += size
         return global_positions, local_positions
 
-    def _negative_log_density(self, z: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        r""":math:`-\log p(z, \text{data})` in the unconstrained space (with the Jacobians of
-        the maps to each site's support), by running this guide with its latent set to ``z``."""
-        self.sample_latent = lambda *_, **__: z  # an instance attribute shadows the method
-        # blocked: hidden from the handlers of the SVI step (and its particle plate) that
-        # may be running this guide's first call
-        try:
-            with poutine.block():
-                guide_trace = poutine.trace(self).get_trace(*args, **kwargs)
-                replayed = poutine.replay(self.model, trace=guide_trace)
-                model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-        finally:
-            del self.sample_latent
-        return guide_trace.log_prob_sum() - model_trace.log_prob_sum()
-
     def _laplace_covariance(self, loc: Tensor, *args: Any, **kwargs: Any) -> Tensor | None:
         r""":math:`H^{-1}` for the Hessian :math:`H` of the negative log density at ``loc``, or
         ``None`` where :math:`H` is not positive definite."""
         hessian = torch.autograd.functional.hessian(
-            lambda z: self._negative_log_density(z, *args, **kwargs), loc.clone()
+            lambda z: negative_log_density(self, z, *args, **kwargs), loc.clone()
         ).detach()
         eigenvalues, vectors = torch.linalg.eigh((hessian + hessian.mT) / 2)
         if not bool(torch.isfinite(eigenvalues).all()) or float(eigenvalues[0]) <= 0:

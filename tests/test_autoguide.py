@@ -25,6 +25,7 @@ from pyro.infer.autoguide import (
 )
 
 from pyro_cpflow import AutoCPFlow
+from pyro_cpflow.autoguide import negative_log_density
 
 SMALL = functools.partial(AutoCPFlow, hidden_dims=(8, 8))
 ELBOS = [Trace_ELBO, TraceGraph_ELBO, TraceEnum_ELBO]
@@ -184,7 +185,7 @@ def test_the_negative_log_density_is_the_models_in_the_unconstrained_space():
     a, log_b = z[:2], z[2]
     expected = dist.Normal(torch.tensor([1.0, -1.0]), 2.0).log_prob(a).sum()
     expected = expected + dist.LogNormal(0.5, 0.7).log_prob(log_b.exp()) + log_b  # + log |d b / d log b|
-    assert torch.allclose(guide._negative_log_density(z), -expected)
+    assert torch.allclose(negative_log_density(guide, z), -expected)
 
 
 def test_curvature_initialisation_is_the_laplace_approximation():
@@ -338,6 +339,9 @@ def test_auto_structure_is_hierarchical_only_with_global_and_local_sites():
     pyro.clear_param_store()
     with pytest.raises(ValueError, match="structure='hierarchical' needs latent sites both"):
         SMALL(_regression, structure="hierarchical")()
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="local_hidden_dims only apply to structure='hierarchical'"):
+        SMALL(_regression, local_hidden_dims=())()
 
 
 def _randomised(guide):

@@ -67,13 +67,13 @@ def test_the_warped_potential_of_the_exact_posterior_has_unit_curvature():
     # covariance is diag(scale) T T^T diag(scale) with T unit lower triangular
     guide.scale = cholesky.diagonal()
     guide.scale_tril = cholesky / cholesky.diagonal()[:, None]
-    parts = neutra_geometry.warped_parts(guide, model)
+    parts = neutra_geometry.warped_parts(guide)
     points = torch.randn(4, 2, dtype=torch.float64)
     total = neutra_geometry.curvature(parts["total"], points)
     assert all(abs(v - 1) < 1e-8 for v in total["largest"] + total["smallest"])
     assert max(neutra_geometry.curvature(parts["guide"], points)["largest"]) == 0  # a constant Jacobian
     guide.scale = 2 * cholesky.diagonal()  # a wider guide: the warped potential curves more
-    wider = neutra_geometry.curvature(neutra_geometry.warped_parts(guide, model)["total"], points)
+    wider = neutra_geometry.curvature(neutra_geometry.warped_parts(guide)["total"], points)
     assert min(wider["largest"]) > 3.9
 
 
