@@ -57,9 +57,9 @@ from experiments.common import (
     add_run_options,
     count_parameters,
     markdown_table,
+    parse_run_args,
     positive,
     progress,
-    refuse_overwrite,
     run_header,
     save_run,
 )
@@ -294,11 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-samples", type=positive(int), default=200)
     parser.add_argument("--eval-chunk", type=positive(int), default=25, help="draws per evaluation pass")
     add_run_options(parser, RESULTS_JSON, "smoke run: 30 steps, 4 evaluation draws; writes nothing")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.eval_samples, args.eval_chunk = 30, 4, 4
-    refuse_overwrite(parser, args)
-    return args
+    return parse_run_args(parser, argv, quick={"steps": 30, "eval_samples": 4, "eval_chunk": 4})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -138,6 +138,21 @@ def refuse_overwrite(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"{args.out} holds a run: pass --overwrite to replace it or --out elsewhere")
 
 
+def parse_run_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict[str, Any]
+) -> argparse.Namespace:
+    """``argv`` parsed by ``parser``, with the smoke settings ``quick`` (option name to value)
+    under ``--quick``; stops when a full run would replace another (:func:`refuse_overwrite`)."""
+    args = parser.parse_args(argv)
+    unknown = sorted(set(quick) - set(vars(args)))
+    if unknown:
+        raise ValueError(f"quick settings {unknown} are not options of {parser.prog}")
+    if args.quick:
+        vars(args).update(quick)
+    refuse_overwrite(parser, args)
+    return args
+
+
 def run_header(module: str, argv: Sequence[str] | None, args: argparse.Namespace) -> dict[str, Any]:
     """``command``, ``environment`` and ``settings`` (the options, paths as text) of a run of
     the script ``module`` (e.g. ``experiments.ot``) with ``argv`` (``None``: the process's own

@@ -43,9 +43,9 @@ from experiments.common import (
     RESULTS_DIR,
     add_run_options,
     markdown_table,
+    parse_run_args,
     positive,
     progress,
-    refuse_overwrite,
     run_header,
     save_run,
 )
@@ -197,11 +197,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nuts-samples", type=positive(int), default=8000)
     parser.add_argument("--nuts-warmup", type=positive(int), default=1000)
     add_run_options(parser, OUT_JSON, "smoke run: a few steps and draws; writes nothing")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.mle_steps, args.eval_samples, args.nuts_samples, args.nuts_warmup = 5, 5, 100, 60, 40
+    quick = {"steps": 5, "mle_steps": 5, "eval_samples": 100, "nuts_samples": 60, "nuts_warmup": 40}
+    args = parse_run_args(parser, argv, quick)
     args.log_tau_index = 1  # latents in site order: mu, log tau, theta
-    refuse_overwrite(parser, args)
     return args
 
 

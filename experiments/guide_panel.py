@@ -55,10 +55,10 @@ from experiments.common import (
     RESULTS_DIR,
     add_run_options,
     markdown_table,
+    parse_run_args,
     positive,
     progress,
     read_json,
-    refuse_overwrite,
     run_header,
     save_run,
     write_json,
@@ -294,11 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_options(
         parser, PANEL_JSON, "smoke run: 30 steps, 200 evaluation draws, short NUTS; writes nothing"
     )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.eval_samples, args.nuts_samples, args.nuts_warmup = 30, 200, 100, 100
-    refuse_overwrite(parser, args)
-    return args
+    quick = {"steps": 30, "eval_samples": 200, "nuts_samples": 100, "nuts_warmup": 100}
+    return parse_run_args(parser, argv, quick)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -64,9 +64,9 @@ from experiments.common import (
     RESULTS_DIR,
     add_run_options,
     markdown_table,
+    parse_run_args,
     positive,
     read_json,
-    refuse_overwrite,
     run_header,
     save_run,
 )
@@ -295,11 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         NEUTRA_JSON,
         "smoke run: 30 SVI steps, 30 draws after 30 warm-up, tree depth 4; writes nothing",
     )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.samples, args.warmup, args.max_tree_depth = 30, 30, 30, 4
-    refuse_overwrite(parser, args)
-    return args
+    return parse_run_args(parser, argv, quick={"steps": 30, "samples": 30, "warmup": 30, "max_tree_depth": 4})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -30,8 +30,8 @@ from experiments.common import (
     RESULTS_DIR,
     add_run_options,
     markdown_table,
+    parse_run_args,
     positive,
-    refuse_overwrite,
     run_header,
     save_run,
 )
@@ -125,11 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_svi_budget_options(parser)
     parser.add_argument("--points", type=positive(int), default=100)
     add_run_options(parser, OUT_JSON, "smoke run: 30 steps, 5 points; writes nothing")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.points = 30, 5
-    refuse_overwrite(parser, args)
-    return args
+    return parse_run_args(parser, argv, quick={"steps": 30, "points": 5})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ nothing raised.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -77,6 +78,37 @@ def test_replace_markdown_section_keeps_other_sections(tmp_path):
     assert text.count("## A") == 1 and text.count("## B") == 1
     assert "third" in text and "first" not in text and "second" in text
     assert text.index("## A") < text.index("## B")
+
+
+# ------------------------------------------------------------------ run options
+
+
+def _run_parser(out):
+    parser = argparse.ArgumentParser(prog="script")
+    parser.add_argument("--steps", type=int, default=3000)
+    common.add_run_options(parser, out, "smoke run")
+    return parser
+
+
+def test_parse_run_args_applies_quick_settings_only_under_quick(tmp_path):
+    out = tmp_path / "run.json"
+    assert common.parse_run_args(_run_parser(out), [], quick={"steps": 30}).steps == 3000
+    assert common.parse_run_args(_run_parser(out), ["--quick"], quick={"steps": 30}).steps == 30
+
+
+def test_parse_run_args_names_unknown_quick_settings(tmp_path):
+    with pytest.raises(ValueError, match=r"\['step'\] are not options of script"):
+        common.parse_run_args(_run_parser(tmp_path / "run.json"), ["--quick"], quick={"step": 30})
+
+
+def test_parse_run_args_refuses_to_replace_a_full_run(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    out.write_text("{}")
+    with pytest.raises(SystemExit):
+        common.parse_run_args(_run_parser(out), [], quick={})
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert common.parse_run_args(_run_parser(out), ["--overwrite"], quick={}).overwrite
+    assert common.parse_run_args(_run_parser(out), ["--quick"], quick={}).quick
 
 
 # --------------------------------------------------------------------- toy2d
