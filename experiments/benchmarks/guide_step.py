@@ -1,0 +1,171 @@
+r"""SVI step time of the guide panel's guides, interleaved step by step in one process.
+
+The guide panel (:mod:`experiments.guide_panel`) times each guide in its own training run,
+minutes apart from the others; on a shared machine the speed of the whole machine drifts
+between runs, and the panel's ratio "CP-Flow time vs IAF" moved between 1.7 and 3.4 for the
+same model. Here every guide of a model is built and trained side by side in one process
+and the steps are interleaved: each round steps every guide once (the order rotated from
+round to round), so drift reaches all of them alike. The ratio of a guide to
+``AutoIAFNormal`` is taken per round, and its median and quartiles are reported with the
+median step times.
+
+Each step is the panel's: ``Trace_ELBO`` with 4 vectorised particles, ClippedAdam from
+lr 1e-2, float64, one thread, on the panel's models (:mod:`experiments.guide_models`). The
+guides are the panel's :data:`~experiments.guide_panel.GUIDES` and
+:data:`~experiments.guide_panel.CPFLOW_VARIANTS` by name; a variant that does not apply to a
+model (the local-block options on a model without plates) is reported as such. Parameters
+live in Pyro's param store under each guide's class name, so two settings of one guide class
+are given distinct subclasses.
+
+How to run
+----------
+::
+
+    .venv/bin/python -m experiments.benchmarks.guide_step          # about a minute
+    .venv/bin/python -m experiments.benchmarks.guide_step --quick  # seconds
+
+Results go to ``experiments/benchmarks/results/guide_step.json`` (``--out``) and ``.md``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+from experiments.benchmarks.timing import base_parser, machine_summary, save_results, setup
+from experiments.common import markdown_table
+from experiments.guide_models import MODEL_NAMES, build
+from experiments.guide_panel import CPFLOW_VARIANTS, GUIDES
+
+BASELINE = "AutoIAFNormal"
+DEFAULT_GUIDES = (
+    "AutoIAFNormal",
+    "AutoMultivariateNormal",
+    "AutoCPFlow",
+    "AutoCPFlow (Gaussian local block)",
+)
+PARTICLES, LR = 4, 1e-2
+
+
+def make_guide(label: str, index: int, model: Any) -> Any:
+    """The guide ``label`` for ``model``, its class renamed when it is a CP-Flow setting, so
+    that its parameters do not share names with another setting's in Pyro's param store."""
+    factory = {**GUIDES, **CPFLOW_VARIANTS}[label]
+    if not label.startswith("AutoCPFlow"):
+        return factory(model)
+    from pyro_cpflow import AutoCPFlow
+
+    renamed = type(f"AutoCPFlow{index}", (AutoCPFlow,), {})
+    keywords = getattr(factory, "keywords", {})
+    return renamed(model, **keywords)
+
+
+def build_svis(model_name: str, labels: list[str], seed: int) -> tuple[dict[str, SVI], dict[str, str]]:
+    """One SVI per guide (initialised by a first step), and the reason for each guide left out."""
+    panel = build(model_name)
+    svis, skipped = {}, {}
+    for index, label in enumerate(labels):
+        pyro.set_rng_seed(seed)
+        guide = make_guide(label, index, panel.model)
+        elbo = Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True, max_plate_nesting=1)
+        svi = SVI(panel.model, guide, pyro.optim.ClippedAdam({"lr": LR}), elbo)
+        try:
+            svi.step()
+        except ValueError as error:  # an option that does not apply to this model
+            skipped[label] = str(error).split(";")[0]
+            continue
+        svis[label] = svi
+    return svis, skipped
+
+
+def interleaved_times(svis: dict[str, SVI], warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each guide's step over ``rounds`` rounds, after ``warmup`` untimed ones."""
+    labels = list(svis)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for round_ in range(warmup + rounds):
+        shift = round_ % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            start = time.perf_counter()
+            svis[label].step()
+            elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[label].append(elapsed)
+    return times
+
+
+def summarise(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Median ms per guide and, against :data:`BASELINE`, the per-round ratio's quartiles."""
+    base = times.get(BASELINE)
+    summary = {}
+    for label, values in times.items():
+        entry = {"ms": 1e3 * statistics.median(values)}
+        if base is not None:
+            ratios = [a / b for a, b in zip(values, base, strict=True)]
+            low, _, high = statistics.quantiles(ratios, n=4)
+            entry.update({"ratio_median": statistics.median(ratios), "ratio_q1": low, "ratio_q3": high})
+        summary[label] = entry
+    return summary
+
+
+def main() -> None:
+    started = time.perf_counter()
+    parser = base_parser(__file__, __doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+    parser.add_argument(
+        "--guides", nargs="+", default=list(DEFAULT_GUIDES), choices=[*GUIDES, *CPFLOW_VARIANTS]
+    )
+    parser.add_argument("--rounds", type=int, default=300, help="timed rounds (default 300)")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed rounds first (default 30)")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.rounds, args.warmup = ["eight_schools"], 8, 2
+    if BASELINE not in args.guides:
+        parser.error(f"--guides must include {BASELINE}, the baseline of the ratios")
+    device = setup(args)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    rows, records = [], {}
+    try:
+        for model_name in args.models:
+            pyro.clear_param_store()
+            svis, skipped = build_svis(model_name, args.guides, args.seed)
+            summary = summarise(interleaved_times(svis, args.warmup, args.rounds))
+            records[model_name] = {"guides": summary, "skipped": skipped}
+            for label in args.guides:
+                if label in skipped:
+                    rows.append([model_name, label, "—", "—", f"not built: {skipped[label]}"])
+                    continue
+                entry = summary[label]
+                rows.append(
+                    [
+                        model_name,
+                        label,
+                        f"{entry['ms']:.2f}",
+                        f"{entry['ratio_median']:.2f}",
+                        f"{entry['ratio_q1']:.2f}–{entry['ratio_q3']:.2f}",
+                    ]
+                )
+    finally:
+        torch.set_default_dtype(previous)
+    markdown = (
+        "# SVI step time of the panel's guides, interleaved\n\n"
+        f"{machine_summary(device)}; float64, Trace_ELBO with {PARTICLES} vectorised particles, "
+        f"ClippedAdam lr {LR}; {args.warmup} untimed rounds, then {args.rounds} rounds that step "
+        f"every guide once (order rotated). Ratio: this guide's step over {BASELINE}'s in the "
+        "same round.\n\n"
+        + markdown_table(
+            ["model", "guide", "ms / step (median)", f"ratio to {BASELINE} (median)", "ratio quartiles"],
+            rows,
+        )
+    )
+    print(markdown)
+    save_results(args.out, {"models": records}, markdown, device, args, started)
+
+
+if __name__ == "__main__":
+    main()
