@@ -18,7 +18,7 @@ def float64():
 def test_two_cpflow_settings_train_their_own_parameters(float64):
     pyro.clear_param_store()
     labels = ["AutoIAFNormal", "AutoCPFlow", "AutoCPFlow (Gaussian local block)"]
-    svis, skipped = guide_step.build_svis("eight_schools", labels, seed=0)
+    svis, skipped = guide_step.build_svis(guide_step.SETTINGS["panel"], "eight_schools", labels, 4, seed=0)
     assert skipped == {} and list(svis) == labels
     names = list(pyro.get_param_store().keys())
     default = {n.split(".", 1)[1] for n in names if n.startswith("AutoCPFlow1.")}
@@ -31,9 +31,8 @@ def test_two_cpflow_settings_train_their_own_parameters(float64):
 
 def test_a_local_block_option_on_a_model_without_plates_is_reported_not_built(float64):
     pyro.clear_param_store()
-    svis, skipped = guide_step.build_svis(
-        "diabetes", ["AutoIAFNormal", "AutoCPFlow (Gaussian local block)"], 0
-    )
+    labels = ["AutoIAFNormal", "AutoCPFlow (Gaussian local block)"]
+    svis, skipped = guide_step.build_svis(guide_step.SETTINGS["panel"], "diabetes", labels, 4, 0)
     assert list(svis) == ["AutoIAFNormal"]
     assert "only apply to structure='hierarchical'" in skipped["AutoCPFlow (Gaussian local block)"]
 
@@ -45,3 +44,14 @@ def test_ratios_are_taken_round_by_round():
     assert summary["AutoCPFlow"]["ratio_median"] == 2.0
     assert summary["AutoCPFlow"]["ratio_q1"] == summary["AutoCPFlow"]["ratio_q3"] == 2.0
     assert summary["AutoIAFNormal"]["ms"] == 500.0
+
+
+def test_the_engine_setting_builds_the_normalizing_flow_guide(float64):
+    pyro.clear_param_store()
+    setting = guide_step.SETTINGS["engine"]
+    svis, skipped = guide_step.build_svis(
+        setting, "logistic", ["AutoIAFNormal", guide_step.ENGINE_GUIDE], 1, 0
+    )
+    assert skipped == {}
+    flow_guide = svis[guide_step.ENGINE_GUIDE].guide
+    assert flow_guide.latent_dim == 31 and type(flow_guide).__name__ == "AutoNormalizingFlow"
