@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_cpflow.derivatives import AutogradTrace
+from pyro_cpflow.linalg import cholesky_logdet
 from pyro_cpflow.nn import ICNN, PICNN, NoNetwork, gaussian_softplus
 from pyro_cpflow.potential import ContextQuadratic, ConvexPotential
 
@@ -215,3 +216,24 @@ def test_context_diagonal_starts_at_its_initial_value_and_rejects_bad_arguments(
         ContextQuadratic(C, D, rank=0)
     with pytest.raises(ValueError, match="initial_diagonal"):
         ContextQuadratic(C, D, rank=1, initial_diagonal=0.0)
+
+
+@pytest.mark.parametrize("kind", ["icnn-augmented", "picnn-augmented-quadratic-diagonal"])
+def test_second_derivatives_through_the_hessian_match_autograd(kind):
+    """Third derivatives: the x-gradient of the log-det (what HMC on a NeuTra-warped density
+    takes) differentiated again, through the library's Cholesky log-det and the Hessian's
+    backward pass, against autograd on autograd's Hessian and ``torch.logdet``."""
+    potential = _potential(kind)
+    x, context = _inputs(potential)
+    x.requires_grad_(True)
+    weights = torch.randn(N, D)
+
+    def second(trace, logdet_of):
+        logdet = logdet_of(trace.hessian()).sum()
+        (gradient,) = torch.autograd.grad(logdet, x, create_graph=True)
+        (result,) = torch.autograd.grad((gradient * weights).sum(), x)
+        return result
+
+    expected = second(_oracle(potential, x, context), torch.logdet)
+    ours = second(potential.evaluate(x, context), cholesky_logdet)
+    assert torch.allclose(ours, expected, atol=1e-9, rtol=1e-9)

@@ -112,6 +112,39 @@ def test_gaussian_softplus_derivatives():
     assert torch.autograd.gradgradcheck(gaussian_softplus, (torch.randn(5, requires_grad=True),))
 
 
+@pytest.mark.parametrize("used", [(0, 1, 2), (0,), (1,), (2,), (1, 2), (0, 2)])
+def test_activation_orders_have_the_derivatives_of_their_formulas(used):
+    """(s, s', s'') and their first and second derivatives, through any subset of the outputs,
+    against autograd on the written formulas (and against finite differences)."""
+    activation = get_activation("gaussian_softplus")
+    normal = torch.distributions.Normal(0.0, 1.0)
+
+    def formulas(x):
+        pdf = normal.log_prob(x).exp()
+        return x * normal.cdf(x) + pdf, normal.cdf(x), pdf
+
+    x = 3 * torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 7, 5, dtype=torch.float64)
+
+    def scalar(outputs):
+        return sum((outputs[i] * weights[i]).sum() for i in used)
+
+    (ours,) = torch.autograd.grad(scalar(activation.orders(x)), x, create_graph=True)
+    (expected,) = torch.autograd.grad(scalar(formulas(x)), x, create_graph=True)
+    assert torch.allclose(ours, expected, atol=1e-12, rtol=0)
+    (ours_second,) = torch.autograd.grad((ours**2).sum(), x)
+    (expected_second,) = torch.autograd.grad((expected**2).sum(), x)
+    assert torch.allclose(ours_second, expected_second, atol=1e-10, rtol=0)
+
+    def selected(v):
+        outputs = activation.orders(v)
+        return tuple(outputs[i] for i in used)
+
+    small = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(selected, (small,))
+    assert torch.autograd.gradgradcheck(selected, (small,))
+
+
 def test_bad_configuration_is_rejected():
     with pytest.raises(ValueError, match="unknown activation"):
         get_activation("relu")
