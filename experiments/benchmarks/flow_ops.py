@@ -155,9 +155,9 @@ def main() -> None:
             [
                 "flow",
                 "ATen operations",
-                f"/ {iaf}",
+                "operations / IAF's (d = 10)",
                 "µs / step",
-                f"/ {iaf}",
+                "time / IAF's (d = 10)",
                 "µs / operation",
             ],
             rows,
