@@ -219,7 +219,7 @@ def test_context_diagonal_starts_at_its_initial_value_and_rejects_bad_arguments(
 
 
 @pytest.mark.parametrize("kind", ["icnn-augmented", "picnn-augmented-quadratic-diagonal"])
-def test_second_derivatives_through_the_hessian_match_autograd(kind):
+def test_third_derivatives_through_the_hessian_and_log_det_match_autograd(kind):
     """Third derivatives: the x-gradient of the log-det (what HMC on a NeuTra-warped density
     takes) differentiated again, through the library's Cholesky log-det and the Hessian's
     backward pass, against autograd on autograd's Hessian and ``torch.logdet``."""
