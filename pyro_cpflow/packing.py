@@ -62,22 +62,15 @@ class PackedParameters(nn.Module):
     def unpacked(self) -> dict[str, Tensor]:
         """Every named view of ``packed`` (differentiable), from one ``split``.
 
-        Inside ``torch.compile`` the views are cut by ``narrow`` instead: with torch 2.14's
+        Inside ``torch.compile`` the views are cut by ``narrow`` (:meth:`view`) instead: with torch 2.14's
         inductor, a compiled graph that applies ``softplus`` to a part of a ``split``
         parameter and backpropagates wrote the result into the parameter itself (a CP-Flow's
         scale moved at every compiled step, silently; ``tests/test_packing.py``). In eager mode
         ``split`` stays: its backward pass is one concatenation, where ``narrow`` costs one
         full-size zero-fill per view."""
         if torch.compiler.is_compiling():
-            starts = [0]
-            for size in self._packed_sizes[:-1]:
-                starts.append(starts[-1] + size)
-            parts = tuple(
-                self.packed.narrow(0, start, size)
-                for start, size in zip(starts, self._packed_sizes, strict=True)
-            )
-        else:
-            parts = self.packed.split(self._packed_sizes)
+            return {name: self.view(name) for name in self._packed_names}
+        parts = self.packed.split(self._packed_sizes)
         return {
             name: part.view(shape)
             for name, part, shape in zip(self._packed_names, parts, self._packed_shapes, strict=True)

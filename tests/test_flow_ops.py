@@ -10,6 +10,8 @@ from pyro.distributions.transforms import affine_autoregressive
 from experiments.benchmarks import flow_ops
 from pyro_cpflow import cpflow
 
+pytestmark = pytest.mark.float64  # the flows are built in the default dtype
+
 
 def test_the_counter_counts_every_dispatched_operation():
     x = torch.ones(3, requires_grad=True)
@@ -38,11 +40,3 @@ def test_quick_run_writes_a_table_for_every_flow(tmp_path, monkeypatch):
     records = json.loads(out.read_text())["flows"]
     assert {r["flow"] for r in records} == set(flow_ops.flows())
     assert all(r["operations"] > 0 and r["seconds"] > 0 for r in records)
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
