@@ -43,6 +43,9 @@ bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.logdet_variance
 	$(PY) -m experiments.benchmarks.compile_step
 	$(PY) -m experiments.benchmarks.optimizer_overhead
+	$(PY) -m experiments.benchmarks.guide_step
+	$(PY) -m experiments.benchmarks.guide_step --setting engine --out experiments/benchmarks/results/guide_step_engine.json
+	$(PY) -m experiments.benchmarks.flow_ops
 
 clean:
 	rm -rf $(VENV) .pytest_cache docs/_build docs/tutorials

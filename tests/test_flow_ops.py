@@ -40,3 +40,12 @@ def test_quick_run_writes_a_table_for_every_flow(tmp_path, monkeypatch):
     records = json.loads(out.read_text())["flows"]
     assert {r["flow"] for r in records} == set(flow_ops.flows())
     assert all(r["operations"] > 0 and r["seconds"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("option", ["--rows", "--rounds", "--steps"])
+def test_a_count_that_is_not_positive_is_refused_by_name(option, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["flow_ops", option, "0"])
+    with pytest.raises(SystemExit) as exit_:
+        flow_ops.main()
+    assert exit_.value.code == 2
+    assert f"argument {option}: must be positive, got 0" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """The interleaved guide-step benchmark: separate parameters per guide, ratios per round."""
 
+import sys
+
 import pyro
 import pytest
 import torch
@@ -55,3 +57,11 @@ def test_the_engine_setting_builds_the_normalizing_flow_guide(float64):
     assert skipped == {}
     flow_guide = svis[guide_step.ENGINE_GUIDE].guide
     assert flow_guide.latent_dim == 31 and type(flow_guide).__name__ == "AutoNormalizingFlow"
+
+
+def test_no_timed_rounds_is_refused_by_name(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["guide_step", "--rounds", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        guide_step.main()
+    assert exit_.value.code == 2
+    assert "argument --rounds: must be positive, got 0" in capsys.readouterr().err

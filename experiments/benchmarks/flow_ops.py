@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments.benchmarks.timing import base_parser, machine_summary, save_results, setup
-from experiments.common import markdown_table
+from experiments.common import markdown_table, positive
 from pyro_cpflow import cpflow
 from pyro_cpflow.factories import block_triangular_cpflow
 
@@ -113,9 +113,11 @@ def flows() -> dict[str, tuple[Any, int]]:
 def main() -> None:
     started = time.perf_counter()
     parser = base_parser(__file__, __doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=4, help="rows of x: the panel's particles (default 4)")
-    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (default 5)")
-    parser.add_argument("--steps", type=int, default=200, help="steps per round (default 200)")
+    parser.add_argument(
+        "--rows", type=positive(int), default=4, help="rows of x: the panel's particles (default 4)"
+    )
+    parser.add_argument("--rounds", type=positive(int), default=5, help="timing rounds (default 5)")
+    parser.add_argument("--steps", type=positive(int), default=200, help="steps per round (default 200)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps = 1, 5

@@ -54,7 +54,7 @@ from pyro.infer.autoguide import AutoNormalizingFlow
 from experiments import guide_models
 from experiments.benchmarks import svi_models
 from experiments.benchmarks.timing import base_parser, machine_summary, save_results, setup
-from experiments.common import markdown_table
+from experiments.common import markdown_table, positive
 from experiments.guide_panel import CPFLOW_VARIANTS, GUIDES
 from pyro_cpflow import cpflow
 
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="panel", help="(default panel)")
     parser.add_argument("--models", nargs="+", help="default: every model of the setting")
     parser.add_argument("--guides", nargs="+", choices=ALL_GUIDES, help="default: the setting's")
-    parser.add_argument("--rounds", type=int, default=300, help="timed rounds (default 300)")
+    parser.add_argument("--rounds", type=positive(int), default=300, help="timed rounds (default 300)")
     parser.add_argument("--warmup", type=int, default=30, help="untimed rounds first (default 30)")
     args = parser.parse_args()
     setting = SETTINGS[args.setting]
