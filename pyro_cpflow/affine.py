@@ -40,16 +40,6 @@ class Activation:
         return self.value(x)
 
 
-def _add_to_leading_rows(base: Tensor, extra: Tensor) -> Tensor:
-    """``base`` ``(B, h, d)`` (``B`` may be 1 and broadcast) with ``extra`` ``(N, h_c, d)``
-    added to its first ``h_c`` rows."""
-    rows = extra.shape[-2]
-    if rows == base.shape[-2]:
-        return base + extra
-    tail = base[..., rows:, :]
-    return torch.cat([base[..., :rows, :] + extra, tail.expand(extra.shape[0], *tail.shape[1:])], -2)
-
-
 @dataclass
 class AffineLayer:
     r"""A pre-activation :math:`u = P(z \odot \gamma) + [W_b (x \odot \eta_b)]_b + o`.
@@ -152,10 +142,24 @@ class AffineLayer:
         rows = max(block.shape[0] for block in blocks)
         return torch.cat([block.expand(rows, *block.shape[1:]) for block in blocks], -2)
 
-    def propagate_jacobian(self, previous: Tensor) -> Tensor:
-        """:math:`J = \\partial u / \\partial x` given ``previous`` :math:`= \\partial z / \\partial x`."""
-        gated = previous if self.convex_gate is None else previous * self.convex_gate[..., None]
-        return _add_to_leading_rows(self.input_jacobian(), self.convex_weight @ gated)  # type: ignore[operator]
+    def convex_jacobian(self, slopes: Tensor, previous: Tensor) -> Tensor:
+        r"""The convex term's Jacobian :math:`P \operatorname{diag}(\gamma \odot s') J`, ``(N, h_c, d)``,
+        given the previous layer's slopes :math:`s'` ``(N, h_prev)`` and the Jacobian :math:`J`
+        ``(N, h_prev, d)`` or ``(1, h_prev, d)`` of its pre-activations.
+
+        When :math:`J` is one matrix for every row, there is no gate and the rows outnumber
+        the convex units, this is one product :math:`s' R` with
+        :math:`R_{j,(i,k)} = P_{ij} J_{jk}` (``(h_prev, h_c d)``), instead of scaling an
+        ``(N, h_prev, d)`` copy of :math:`J` per row.
+        """
+        weight: Tensor = self.convex_weight  # type: ignore[assignment]
+        rows, (units, width) = slopes.shape[0], weight.shape
+        if previous.shape[0] == 1 and self.convex_gate is None and rows > units:
+            shared = previous[0]
+            mixed = (weight.T[:, :, None] * shared[:, None, :]).reshape(width, -1)
+            return (slopes @ mixed).view(rows, units, shared.shape[-1])
+        gated = slopes if self.convex_gate is None else slopes * self.convex_gate
+        return weight @ (gated[..., None] * previous)
 
     def stacked_with(self, features: AffineLayer) -> AffineLayer:
         """This layer followed by the rows of ``features``, a layer without convex term."""

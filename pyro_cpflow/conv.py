@@ -142,16 +142,15 @@ class ConvAffineLayer:
         """:math:`\\partial u / \\partial x`, ``(1, h H W, C H W)``: dense, for small images only."""
         return self._dense_input_weight()[None]
 
-    def propagate_jacobian(self, previous: Tensor) -> Tensor:
-        """:math:`\\partial u / \\partial x` given ``previous`` :math:`= \\partial z / \\partial x`
-        ``(N, h_prev H W, d)``: the convex kernel applied to every column."""
-        n, rows, d = previous.shape
+    def convex_jacobian(self, slopes: Tensor, previous: Tensor) -> Tensor:
+        r"""The convex term's Jacobian :math:`P \star (s' \odot J)`, ``(N, h_c H W, d)``, given the
+        previous layer's slopes ``(N, h_prev H W)`` and Jacobian ``(N or 1, h_prev H W, d)``:
+        the convex kernel applied to every column."""
+        scaled = slopes[..., None] * previous
+        n, rows, d = scaled.shape
         weight = self.convex_weight
-        columns = previous.transpose(1, 2).reshape(n * d, weight.shape[1], *self.spatial)  # type: ignore[union-attr]
-        convex = F.conv2d(columns, weight, padding=self._padding).reshape(n, d, -1).transpose(1, 2)  # type: ignore[arg-type]
-        jacobian = self._dense_input_weight().expand(n, -1, -1)
-        top = convex.shape[1]
-        return torch.cat([jacobian[:, :top] + convex, jacobian[:, top:]], 1)
+        columns = scaled.transpose(1, 2).reshape(n * d, weight.shape[1], *self.spatial)  # type: ignore[union-attr]
+        return F.conv2d(columns, weight, padding=self._padding).reshape(n, d, -1).transpose(1, 2)  # type: ignore[arg-type]
 
     def detach(self) -> ConvAffineLayer:
         def cut(t: Tensor | None) -> Tensor | None:

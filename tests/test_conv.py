@@ -47,13 +47,15 @@ def test_hessian_is_symmetric_positive_definite_above_alpha(shape):
         assert float(torch.linalg.eigvalsh(hessian).min()) >= alpha * (1 - 1e-9)
 
 
+@pytest.mark.parametrize("rows", [3, 40])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rank", [0, 3])
-def test_engine_matches_autograd(shape, rank):
+def test_engine_matches_autograd(shape, rank, rows):
     """Value, gradient, Hessian-vector products and Hessian of the analytic engine (forward tangent and
-    transposed convolutions) against double backpropagation through the same potential."""
+    transposed convolutions) against double backpropagation through the same potential; at 40
+    rows (more than d) the Hessian forms the terms of the rows shared by all samples at once."""
     potential = ConvexConvPotential(_network(shape), quadratic_rank=rank)
-    x, v = torch.randn(3, potential.input_dim), torch.randn(3, potential.input_dim)
+    x, v = torch.randn(rows, potential.input_dim), torch.randn(rows, potential.input_dim)
     trace, oracle = potential.evaluate(x), AutogradTrace(potential, x)
     assert torch.allclose(trace.value, oracle.value, atol=1e-12)
     assert torch.allclose(trace.gradient, oracle.gradient, atol=1e-12)
@@ -62,13 +64,19 @@ def test_engine_matches_autograd(shape, rank):
     assert torch.allclose(trace.detach().hvp(v), oracle.hvp(v), atol=1e-12)
 
 
-def test_parameter_gradients_of_the_analytic_gradient_match_autograd():
-    """Training differentiates the gradient map itself: its parameter gradients agree."""
+@pytest.mark.parametrize("rows", [3, 40])
+def test_parameter_gradients_of_the_analytic_gradient_and_hessian_match_autograd(rows):
+    """Training differentiates the gradient map and the Hessian (the exact log-det): their
+    parameter gradients agree."""
     potential = ConvexConvPotential(_network((2, 4, 4)))
-    x, w = torch.randn(3, 32), torch.randn(3, 32)
+    x, w, h = torch.randn(rows, 32), torch.randn(rows, 32), torch.randn(rows, 32, 32)
     parameters = list(potential.parameters())
-    ours = torch.autograd.grad((potential.evaluate(x).gradient * w).sum(), parameters)
-    theirs = torch.autograd.grad((AutogradTrace(potential, x).gradient * w).sum(), parameters)
+
+    def scalar(trace):
+        return (trace.gradient * w).sum() + (trace.hessian() * h).sum()
+
+    ours = torch.autograd.grad(scalar(potential.evaluate(x)), parameters)
+    theirs = torch.autograd.grad(scalar(AutogradTrace(potential, x)), parameters)
     for a, b in zip(ours, theirs, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
 
