@@ -38,8 +38,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.inverse_solvers
-	$(PY) -m experiments.benchmarks.engine
-	$(PY) -m experiments.benchmarks.derivatives
+	$(PY) -m experiments.benchmarks.engine --out experiments/benchmarks/results/engine_row_gram.json
+	$(PY) -m experiments.benchmarks.engine --only threshold --out experiments/benchmarks/results/engine_threshold_row_gram.json
+	$(PY) -m experiments.benchmarks.derivatives --out experiments/benchmarks/results/derivatives_row_gram.json
 	$(PY) -m experiments.benchmarks.logdet_variance
 	$(PY) -m experiments.benchmarks.compile_step
 	$(PY) -m experiments.benchmarks.optimizer_overhead

@@ -34,16 +34,16 @@ LOGDET_MODES = ("exact", "stochastic", "auto")
 INVERSE_METHODS = ("newton-cg", "lbfgs")
 FAILURE_POLICIES = ("warn", "raise", "ignore")
 
-EXACT_MAX_DIM_BY_BATCH = ((4, 64), (8, 48), (16, 24), (64, 12), (100, 8), (None, 2))
+EXACT_MAX_DIM_BY_BATCH = ((1, 64), (4, 48), (8, 32), (16, 16), (32, 12), (None, 8))
 """``logdet="auto"`` while training: ``(largest batch, largest d for exact)`` pairs, in order.
 
 From ``experiments/benchmarks/engine.py``, table (g): the time of a training step with the
 exact log-det over that with the stochastic one, per batch size (1 to 256 rows, the sizes
 of SVI particles and of minibatches) and dimension (2 to 64), ICNN (64, 64), float64, one
-thread, at initialisation, re-measured with the whitened stochastic log-det (two full runs of
-2026-12-02 and one of batches 8 and 16, ``results/engine_threshold_batch8.md``). Exact was not
-slower up to these dimensions in every run (the smaller value where the runs disagreed); beyond
-d = 64 it was not measured."""
+thread, at initialisation, re-measured after the Hessian began to form the terms of the rows
+all samples share at once (two runs of 2026-12-03, ``results/engine_row_gram.md`` and
+``results/engine_threshold_row_gram.md``). Exact was not slower up to these dimensions in
+both runs (the smaller value where they disagreed); beyond d = 64 it was not measured."""
 
 
 EXACT_SCORING_MAX_DIM = 64
