@@ -44,9 +44,9 @@ bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.logdet_variance
 	$(PY) -m experiments.benchmarks.compile_step
 	$(PY) -m experiments.benchmarks.optimizer_overhead
-	$(PY) -m experiments.benchmarks.guide_step
+	$(PY) -m experiments.benchmarks.guide_step --out experiments/benchmarks/results/guide_step_one_layer.json
 	$(PY) -m experiments.benchmarks.guide_step --setting engine --out experiments/benchmarks/results/guide_step_engine.json
-	$(PY) -m experiments.benchmarks.flow_ops
+	$(PY) -m experiments.benchmarks.flow_ops --out experiments/benchmarks/results/flow_ops_one_layer.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache docs/_build docs/tutorials

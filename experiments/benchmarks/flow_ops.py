@@ -11,8 +11,10 @@ step asks of a guide's flow: sample, score, differentiate) and times it, for:
 * ``cpflow(d, hidden_dims=(64, 64))``: one CP-Flow block, exact log-det (the mode ``auto``
   takes here): the network, its gradient by the backward sweep, its Hessian by forward
   Jacobian propagation, a Cholesky factorisation, and the backward pass of all of them;
+  and the same block with one hidden layer of 128 (``AutoCPFlow``'s default network);
 * ``block_triangular_cpflow([2, 8])``: the eight-schools structure of ``AutoCPFlow``, with
-  the default conditional local block and with the Gaussian one (``local_hidden_dims=()``).
+  two layers of 64 (the former default) and its conditional local block or the Gaussian one
+  (``local_hidden_dims=()``), and with one layer of 128 (the default).
 
 Times are the fastest of ``--rounds`` rounds that step every flow in turn (so the machine's
 drift meets each alike), each round ``--steps`` steps. The count does not depend on the
@@ -102,9 +104,18 @@ def flows() -> dict[str, tuple[Any, int]]:
         cases[f"Pyro IAF, d = {d}"] = affine_autoregressive(d), d
     for d in (2, 10, 31):
         cases[f"CP-Flow block, d = {d}"] = cpflow(d, hidden_dims=(64, 64), logdet="exact"), d
-    cases["AutoCPFlow hierarchical [2, 8]"] = block_triangular_cpflow([2, 8], hidden_dims=(64, 64)), 10
+    for d in (10, 31):
+        cases[f"CP-Flow block, one layer of 128, d = {d}"] = cpflow(d, hidden_dims=(128,), logdet="exact"), d
+    cases["AutoCPFlow hierarchical [2, 8], two layers of 64"] = (
+        block_triangular_cpflow([2, 8], hidden_dims=(64, 64)),
+        10,
+    )
     cases["AutoCPFlow hierarchical [2, 8], Gaussian local block"] = (
         block_triangular_cpflow([2, 8], hidden_dims=(64, 64), local_hidden_dims=()),
+        10,
+    )
+    cases["AutoCPFlow hierarchical [2, 8], one layer of 128 (the default)"] = (
+        block_triangular_cpflow([2, 8], hidden_dims=(128,)),
         10,
     )
     return cases

@@ -78,7 +78,13 @@ SETTINGS = {
     "panel": Setting(
         guide_models.MODEL_NAMES,
         lambda name: guide_models.build(name).model,
-        ("AutoIAFNormal", "AutoMultivariateNormal", "AutoCPFlow", "AutoCPFlow (Gaussian local block)"),
+        (
+            "AutoIAFNormal",
+            "AutoMultivariateNormal",
+            "AutoCPFlow",
+            "AutoCPFlow (two layers of 64)",
+            "AutoCPFlow (Gaussian local block)",
+        ),
         (4,),
         pyro.optim.ClippedAdam,
     ),
