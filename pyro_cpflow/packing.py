@@ -71,8 +71,8 @@ class PackedParameters(nn.Module):
         if torch.compiler.is_compiling():
             return {name: self.view(name) for name in self._packed_names}
         parts = self.packed.split(self._packed_sizes)
-        return {
-            name: part.view(shape)
+        return {  # a part already of its shape (a vector) needs no view, nor its backward node
+            name: part if part.shape == shape else part.view(shape)
             for name, part, shape in zip(self._packed_names, parts, self._packed_shapes, strict=True)
         }
 
