@@ -45,7 +45,7 @@ bench: $(STAMP)
 	$(PY) -m experiments.benchmarks.compile_step
 	$(PY) -m experiments.benchmarks.optimizer_overhead
 	$(PY) -m experiments.benchmarks.guide_step --out experiments/benchmarks/results/guide_step_one_layer.json
-	$(PY) -m experiments.benchmarks.guide_step --setting engine --out experiments/benchmarks/results/guide_step_engine.json
+	$(PY) -m experiments.benchmarks.guide_step --setting engine --out experiments/benchmarks/results/guide_step_engine_one_layer.json
 	$(PY) -m experiments.benchmarks.flow_ops --out experiments/benchmarks/results/flow_ops_one_layer.json
 
 clean:

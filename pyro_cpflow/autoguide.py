@@ -109,7 +109,7 @@ class AutoCPFlow(AutoContinuous):
     :param model: a Pyro model.
     :param hidden_dims: widths of each block's ICNN (and of the local block's PICNN). The
         default, one hidden layer of 128 units, costs about half the tensor operations of two
-        layers of 64 per step (184 against 352 for a block), and on the guide panel (four
+        layers of 64 per step (180 against 346 for a block), and on the guide panel (four
         models, three seeds: ``experiments/results/guide_panel.json``,
         ``guide_panel_one_layer_seed1.json``, ``guide_panel_one_layer_seed2.json``; two layers
         at seed 0 in ``guide_panel_two_layers.json``) its ELBO was as good or better in 10 of 12

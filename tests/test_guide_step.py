@@ -5,6 +5,7 @@ import sys
 import pyro
 import pytest
 import torch
+from pyro.infer.autoguide import AutoNormalizingFlow
 
 from experiments.benchmarks import guide_step
 
@@ -48,15 +49,19 @@ def test_ratios_are_taken_round_by_round():
     assert summary["AutoIAFNormal"]["ms"] == 500.0
 
 
-def test_the_engine_setting_builds_the_normalizing_flow_guide(float64):
+def test_the_engine_setting_builds_both_normalizing_flow_guides_with_their_own_networks(float64):
     pyro.clear_param_store()
     setting = guide_step.SETTINGS["engine"]
-    svis, skipped = guide_step.build_svis(
-        setting, "logistic", ["AutoIAFNormal", guide_step.ENGINE_GUIDE], 1, 0
-    )
-    assert skipped == {}
-    flow_guide = svis[guide_step.ENGINE_GUIDE].guide
-    assert flow_guide.latent_dim == 31 and type(flow_guide).__name__ == "AutoNormalizingFlow"
+    labels = ["AutoIAFNormal", *guide_step.ENGINE_NETWORKS]
+    svis, skipped = guide_step.build_svis(setting, "logistic", labels, 1, 0)
+    assert skipped == {} and list(svis) == labels
+    for label, hidden in guide_step.ENGINE_NETWORKS.items():
+        flow_guide = svis[label].guide
+        assert flow_guide.latent_dim == 31 and isinstance(flow_guide, AutoNormalizingFlow)
+        assert flow_guide.transform.potential.network.hidden_dims == hidden
+    # each setting trains its own parameters under its own name
+    prefixes = {name.split(".", 1)[0] for name in pyro.get_param_store().keys()}
+    assert {"AutoNormalizingFlow1", "AutoNormalizingFlow2"} <= prefixes
 
 
 def test_no_timed_rounds_is_refused_by_name(monkeypatch, capsys):

@@ -19,8 +19,9 @@ Two settings (``--setting``):
   model (the local-block options on a model without plates) is reported as such.
 * ``engine``: the engine benchmark's part (c), the target of its issue: the models of
   :mod:`experiments.benchmarks.svi_models`, ``AutoNormalizingFlow`` with one
-  ``cpflow(d, hidden_dims=(64, 64))`` (``logdet="auto"``) against ``AutoIAFNormal``, 1 and 8
-  vectorised particles, Adam lr 1e-2.
+  ``cpflow(d, hidden_dims=(64, 64))`` (``logdet="auto"``; the network of the engine's training
+  benchmark) and with one of ``hidden_dims=(128,)`` (``AutoCPFlow``'s default network) against
+  ``AutoIAFNormal``, 1 and 8 vectorised particles, Adam lr 1e-2.
 
 Both in float64 on one thread. Parameters live in Pyro's param store under each guide's
 class name, so two settings of one guide class are given distinct subclasses.
@@ -60,6 +61,8 @@ from pyro_cpflow import cpflow
 
 BASELINE = "AutoIAFNormal"
 ENGINE_GUIDE = "AutoNormalizingFlow (CP-Flow)"
+ENGINE_NETWORKS = {ENGINE_GUIDE: (64, 64), "AutoNormalizingFlow (CP-Flow, one layer of 128)": (128,)}
+"""The engine setting's CP-Flow guides: the training benchmark's network, and AutoCPFlow's."""
 LR = 1e-2
 
 
@@ -91,19 +94,20 @@ SETTINGS = {
     "engine": Setting(
         svi_models.MODEL_NAMES,
         svi_models.build_model,
-        ("AutoIAFNormal", ENGINE_GUIDE),
+        ("AutoIAFNormal", *ENGINE_NETWORKS),
         (1, 8),
         pyro.optim.Adam,
     ),
 }
-ALL_GUIDES = (*GUIDES, *CPFLOW_VARIANTS, ENGINE_GUIDE)
+ALL_GUIDES = (*GUIDES, *CPFLOW_VARIANTS, *ENGINE_NETWORKS)
 
 
 def make_guide(label: str, index: int, model: Any) -> Any:
     """The guide ``label`` for ``model``, its class renamed when it is a CP-Flow setting, so
     that its parameters do not share names with another setting's in Pyro's param store."""
-    if label == ENGINE_GUIDE:
-        return AutoNormalizingFlow(model, functools.partial(cpflow, hidden_dims=(64, 64)))
+    if label in ENGINE_NETWORKS:
+        renamed_flow = type(f"AutoNormalizingFlow{index}", (AutoNormalizingFlow,), {})
+        return renamed_flow(model, functools.partial(cpflow, hidden_dims=ENGINE_NETWORKS[label]))
     factory = {**GUIDES, **CPFLOW_VARIANTS}[label]
     if not label.startswith("AutoCPFlow"):
         return factory(model)
