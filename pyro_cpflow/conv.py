@@ -147,7 +147,7 @@ class ConvAffineLayer:
         previous layer's slopes ``(N, h_prev H W)`` and Jacobian ``(N or 1, h_prev H W, d)``:
         the convex kernel applied to every column."""
         scaled = slopes[..., None] * previous
-        n, rows, d = scaled.shape
+        n, _, d = scaled.shape
         weight = self.convex_weight
         columns = scaled.transpose(1, 2).reshape(n * d, weight.shape[1], *self.spatial)  # type: ignore[union-attr]
         return F.conv2d(columns, weight, padding=self._padding).reshape(n, d, -1).transpose(1, 2)  # type: ignore[arg-type]

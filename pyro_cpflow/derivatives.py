@@ -196,9 +196,10 @@ class NetworkTrace:
                     blocks, jacobian = [(leading, curvature)], leading
                 else:
                     tail = inputs[..., units:, :]
-                    if k < last or not (by_rows and tail.shape[0] == 1):
+                    tail_shared = by_rows and tail.shape[0] == 1
+                    if k < last or not tail_shared:  # the whole J_k: a later layer or this term needs it
                         jacobian = torch.cat([leading, tail.expand(leading.shape[0], -1, -1)], -2)
-                    if by_rows and tail.shape[0] == 1:
+                    if tail_shared:
                         blocks = [(leading, curvature[..., :units]), (tail, curvature[..., units:])]
                     else:
                         blocks = [(jacobian, curvature)]
