@@ -66,7 +66,7 @@ __all__ = [
 ROW_GRAM_MIN_ENTRIES = 128
 """Smallest ``N d`` at which :meth:`NetworkTrace.hessian` forms the terms of rows shared by
 every sample as one product with their outer products: below it, the extra set-up costs
-more than it saves (measured on the CPU with the ICNN (64, 64), a whole exact training step:
+more than it saves (ad-hoc A/B runs on the CPU with the ICNN (64, 64), a whole exact training step:
 1-2% slower at ``N d <= 32``, level at 128, 1.5x faster at ``N d = 1600`` and 2x at 4096)."""
 
 
