@@ -84,9 +84,10 @@ GUIDES: dict[str, Callable[[Callable[[], None]], Any]] = {
 }
 """Every guide with its defaults: the panel."""
 
-FORMER_DEFAULT = {"hidden_dims": (64, 64)}
-"""AutoCPFlow's network before its default became one layer of 128: the variants below were
-measured with it, so they keep it, and their committed results stay reproducible."""
+FORMER_DEFAULT = {"hidden_dims": (64, 64), "affine": "diagonal"}
+"""AutoCPFlow's network and affine map before its defaults became one layer of 128 and, for
+models without plates, the triangular affine map: the variants below were measured with them,
+so they keep them, and their committed results stay reproducible."""
 
 
 def _variant(**options: Any) -> Callable[[Callable[[], None]], Any]:
@@ -106,6 +107,10 @@ CPFLOW_VARIANTS: dict[str, Callable[[Callable[[], None]], Any]] = {
     "AutoCPFlow (factor std 1)": _variant(initial_factor_std=1.0),
     "AutoCPFlow (init scale 1)": _variant(init_scale=1.0),
     "AutoCPFlow (curvature init)": _variant(init_curvature=True),
+    # the affine map, with the default network
+    "AutoCPFlow (diagonal affine)": functools.partial(AutoCPFlow, affine="diagonal"),
+    "AutoCPFlow (triangular, full-rank quadratic)": functools.partial(AutoCPFlow, quadratic_rank=None),
+    "AutoCPFlow (triangular, no quadratic)": functools.partial(AutoCPFlow, quadratic_rank=0),
 }
 """Other settings of AutoCPFlow, for ``--guides`` (not in the default panel)."""
 

@@ -25,7 +25,7 @@ from pyro.infer.autoguide import (
 )
 
 from pyro_cpflow import AutoCPFlow
-from pyro_cpflow.autoguide import negative_log_density
+from pyro_cpflow.autoguide import TRIANGULAR_QUADRATIC_RANK, negative_log_density
 
 SMALL = functools.partial(AutoCPFlow, hidden_dims=(8, 8))
 ELBOS = [Trace_ELBO, TraceGraph_ELBO, TraceEnum_ELBO]
@@ -188,27 +188,33 @@ def test_the_negative_log_density_is_the_models_in_the_unconstrained_space():
     assert torch.allclose(negative_log_density(guide, z), -expected)
 
 
-def test_curvature_initialisation_is_the_laplace_approximation():
-    """On a Gaussian posterior started at its mean, the start is the posterior's scale and
-    correlation (the quadratic exactly; the network adds a little curvature)."""
+@pytest.mark.parametrize("affine", ["diagonal", "triangular"])
+def test_curvature_initialisation_is_the_laplace_approximation(affine):
+    """On a Gaussian posterior started at its mean, the Gaussian part of the start is the
+    posterior's covariance exactly (the network adds a little curvature)."""
     mean = torch.tensor([1.0, -1.0, 0.5])
     covariance = torch.tensor([[1.0, 0.8, 0.0], [0.8, 1.0, 0.3], [0.0, 0.3, 0.5]]) * 0.2
 
     def model():
         pyro.sample("x", dist.MultivariateNormal(mean, covariance))
 
-    guide = SMALL(model, init_curvature=True, init_loc_fn=init_to_value(values={"x": mean}))
+    guide = SMALL(model, affine=affine, init_curvature=True, init_loc_fn=init_to_value(values={"x": mean}))
     guide()
-    scale = covariance.diagonal().sqrt()
-    assert torch.allclose(guide.scale, scale, atol=1e-5)
-    correlation = covariance / scale[:, None] / scale[None, :]
-    root = guide.flow.potential.quadratic_matrix().detach()
-    assert torch.allclose(root @ root, correlation, atol=1e-5)
+    assert guide.affine == affine
+    quadratic = guide.flow.potential.quadratic_matrix().detach()
+    if affine == "diagonal":
+        scale = covariance.diagonal().sqrt()
+        assert torch.allclose(guide.scale, scale, atol=1e-5)
+        linear = torch.diag(scale) @ quadratic
+    else:
+        linear = guide.scale[:, None] * guide.scale_tril @ quadratic
+        assert torch.equal(guide.scale_tril.detach(), guide.scale_tril.detach().tril())
+    assert torch.allclose(linear @ linear.T, covariance, atol=1e-5)
     samples = guide.get_posterior().sample((20000,))
     assert torch.allclose(torch.cov(samples.T), covariance, atol=0.03)
     # without it, the isotropic start of init_scale
     pyro.clear_param_store()
-    plain = SMALL(model, init_loc_fn=init_to_value(values={"x": mean}))
+    plain = SMALL(model, affine=affine, init_loc_fn=init_to_value(values={"x": mean}))
     plain()
     assert torch.allclose(plain.scale, torch.full((3,), 0.1))
 
@@ -286,6 +292,7 @@ def test_state_dict_round_trip_with_weights_only_load(tmp_path):
         {"num_blocks": 0},
         {"structure": "triangular"},
         {"structure": "hierarchical", "num_blocks": 2},
+        {"affine": "full"},
     ],
 )
 def test_bad_arguments_name_themselves(bad):
@@ -342,6 +349,49 @@ def test_auto_structure_is_hierarchical_only_with_global_and_local_sites():
     pyro.clear_param_store()
     with pytest.raises(ValueError, match="local_hidden_dims only apply to structure='hierarchical'"):
         SMALL(_regression, local_hidden_dims=())()
+
+
+def test_auto_affine_is_triangular_in_the_joint_structure_with_a_low_rank_quadratic():
+    guide = SMALL(_regression)
+    guide()
+    assert (guide.structure, guide.affine) == ("joint", "triangular")
+    assert guide.flow.potential.factor.shape == (3, min(TRIANGULAR_QUADRATIC_RANK, 3))
+    assert torch.equal(guide.scale_tril, torch.eye(3))
+    pyro.clear_param_store()
+    chosen = SMALL(_regression, quadratic_rank=1, num_blocks=2)
+    chosen()
+    assert chosen.affine == "triangular"
+    assert all(block.potential.factor.shape == (3, 1) for block in chosen.flow.parts)
+    pyro.clear_param_store()
+    diagonal = SMALL(_regression, affine="diagonal")
+    diagonal()
+    assert diagonal.flow.potential.factor.shape == (3, 3)  # cpflow's own default rank
+    assert not hasattr(diagonal, "scale_tril")
+    pyro.clear_param_store()
+    hierarchical = SMALL(_funnel_with_sites_around_the_plate)
+    hierarchical()
+    assert (hierarchical.structure, hierarchical.affine) == ("hierarchical", "diagonal")
+
+
+@pytest.mark.parametrize("affine", ["diagonal", "triangular"])
+def test_joint_density_is_the_jacobian_of_the_whole_map(affine):
+    """log q(z) of a sample (cached path) and of the same point scored afresh (inverse path)
+    against the base density and slogdet of the autograd Jacobian of eps -> z."""
+    guide = _randomised(SMALL(_three_site_model, affine=affine)).eval()
+    if affine == "triangular":
+        with torch.no_grad():
+            guide.scale_tril = guide.scale_tril + torch.randn(guide.latent_dim, guide.latent_dim).tril(-1)
+    posterior = guide.get_posterior()
+    eps = torch.randn(3, guide.latent_dim)
+    z = dist.transforms.ComposeTransform(posterior.transforms)(eps)
+    jacobian = torch.stack(
+        [torch.autograd.functional.jacobian(lambda e: guide.get_transform()(e[None])[0], e) for e in eps]
+    )
+    expected = dist.Normal(0.0, 1.0).log_prob(eps).sum(-1) - torch.linalg.slogdet(jacobian).logabsdet
+    if affine == "triangular":  # the map mixes the coordinates after the flow
+        assert (jacobian - jacobian.mT).abs().max() > 1e-2
+    assert torch.allclose(posterior.log_prob(z), expected, atol=1e-8)
+    assert torch.allclose(guide.get_posterior().log_prob(z.detach().clone()), expected, atol=1e-7)
 
 
 def _randomised(guide):
