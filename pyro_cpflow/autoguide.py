@@ -25,12 +25,13 @@ near-collinear coefficients) through :math:`Q = cI + LL^\top`. A likely reason, 
 here: :math:`Q` is a symmetric root whose eigenvalues must spread by the square root of the
 correlation matrix's condition number, while a correlation :math:`\rho` needs entries of
 :math:`U` of order :math:`\rho/\sqrt{1-\rho^2}`, far for Adam, but only one well-scaled
-direction of a low-rank :math:`L`. On the guide panel, mean ELBO of three seeds at 3000 steps: the logistic
-regression −57.10 with :math:`U` and :math:`Q` of rank 4, −57.15 with a full-rank :math:`Q`,
-−57.10 with none (AutoMultivariateNormal −57.10), −57.24 with the diagonal map and a
-full-rank :math:`Q`; the diabetes regression −502.86 with :math:`U` and rank 4, −503.05 with
-no :math:`Q` (AutoMultivariateNormal −503.08), −502.88 with the diagonal map
-(``experiments/RESULTS.md``, "The guide's affine map").
+direction of a low-rank :math:`L`. On the guide panel, mean ELBO of three seeds at 3000
+steps: the logistic regression −57.10 with :math:`U` and :math:`Q` of rank 4, −57.15 with a
+full-rank :math:`Q`, −57.10 with none (AutoMultivariateNormal −57.10), −57.24 with the
+diagonal map and a full-rank :math:`Q`; the diabetes regression −502.86 with :math:`U` and
+rank 4, −503.05 with no :math:`Q` (AutoMultivariateNormal −503.08), −502.88 with the diagonal
+map (``experiments/RESULTS.md``, "The guide's affine map"). A guide saved before this default
+loads into ``AutoCPFlow(..., affine="diagonal")``.
 
 **Structure.** For a model whose latent sites are all outside plates (a regression), :math:`f =
 \nabla F` is one gradient map of all :math:`d` coordinates (``structure="joint"``). For a
@@ -166,7 +167,7 @@ class AutoCPFlow(AutoContinuous):
         the flow's ``quadratic_rank`` defaults to :data:`TRIANGULAR_QUADRATIC_RANK`;
         ``"auto"`` (default): triangular in the joint structure, diagonal in the
         hierarchical one (whose blocks keep their own correlations, and where :math:`U`
-        measured no better). ``guide.affine`` says which was built after the first call.
+        did no better in ad-hoc runs). ``guide.affine`` says which was built after the first call.
     :param init_loc_fn: a per-site initialisation (see :mod:`pyro.infer.autoguide.initialization`);
         the guide's location starts there.
     :param init_scale: the guide's initial standard deviation in the unconstrained space.
