@@ -123,7 +123,7 @@ def build_guide(name: str, vae: DigitsVAE, args: argparse.Namespace) -> Any:
         return AutoAmortizedCPFlow(
             vae.model,
             encoder=encoder(args.hidden, args.context_dim),
-            hidden_dims=(args.flow_hidden,) * 2,
+            hidden_dims=(args.flow_hidden,) * args.flow_layers,
             **amortized,
         )
     if name == "AutoAmortizedNormal":
@@ -259,7 +259,7 @@ def section(results: dict[str, Any]) -> str:
         f"{s['batch_size']} (plate subsampling, ELBO scaled by N/B), one particle, float64. "
         "The amortized guides share the encoder (MLP of the pixels, "
         f"{s['context_dim']} context features); the CP-Flow adds a conditional block with PICNN "
-        f"widths {s['flow_hidden']}x2. Evaluated in eval mode (exact densities) on "
+        f"widths {s['flow_hidden']}x{s.get('flow_layers', 2)}. Evaluated in eval mode (exact densities) on "
         f"{s['eval_samples']} draws per image: ELBO per image in nats with its Monte Carlo "
         "standard error; log p̂ the importance-weighted (IWAE) bound from the same draws; gap = "
         "log p̂ − ELBO, in expectation a lower bound on KL(q ‖ posterior) under each guide's own decoder. "
@@ -290,6 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=positive(int), default=128, help="encoder and decoder width")
     parser.add_argument("--context-dim", type=positive(int), default=32, help="encoder features")
     parser.add_argument("--flow-hidden", type=positive(int), default=64, help="PICNN width")
+    parser.add_argument("--flow-layers", type=positive(int), default=2, help="PICNN hidden layers")
     parser.add_argument("--test-size", type=positive(int), default=297)
     parser.add_argument("--eval-samples", type=positive(int), default=200)
     parser.add_argument("--eval-chunk", type=positive(int), default=25, help="draws per evaluation pass")
