@@ -124,6 +124,7 @@ def build_guide(name: str, vae: DigitsVAE, args: argparse.Namespace) -> Any:
             vae.model,
             encoder=encoder(args.hidden, args.context_dim),
             hidden_dims=(args.flow_hidden,) * args.flow_layers,
+            **({"learn_quadratic": True} if args.learn_quadratic else {}),
             **amortized,
         )
     if name == "AutoAmortizedNormal":
@@ -324,6 +325,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context-dim", type=positive(int), default=32, help="encoder features")
     parser.add_argument("--flow-hidden", type=positive(int), default=64, help="PICNN width")
     parser.add_argument("--flow-layers", type=positive(int), default=2, help="PICNN hidden layers")
+    parser.add_argument(
+        "--learn-quadratic",
+        action="store_true",
+        help="learn the flow's quadratic (AutoAmortizedCPFlow's default before 2026-12-03)",
+    )
     parser.add_argument("--test-size", type=positive(int), default=297)
     parser.add_argument("--eval-samples", type=positive(int), default=200)
     parser.add_argument("--eval-chunk", type=positive(int), default=25, help="draws per evaluation pass")

@@ -26,7 +26,9 @@ unconstrained coordinates to its support, as in Pyro's autoguides. The density i
 the VAE experiments): the flow's input is then always standard normal, whatever the units
 and the location of the latents, which is what the network's ``input_gain`` assumes and what
 :class:`~pyro_cpflow.AutoCPFlow` does; the heads carry the per-datum location and scale and
-the flow only the shape. The flow starts near the identity, so
+the flow only the shape, and its quadratic is fixed at :math:`Q = I` (``learn_quadratic=False``),
+so that no shared scale or correlation of the flow competes with the heads (a learned one let
+latents of a VAE collapse). The flow starts near the identity, so
 :class:`AutoAmortizedCPFlow` starts as :class:`AutoAmortizedNormal` (no flow), the
 amortized diagonal Gaussian of a plain VAE, with the same encoder and heads: the flow's
 gain over it is measured, not assumed (``experiments/amortized_guide.py``).
@@ -335,6 +337,12 @@ class AutoAmortizedCPFlow(AutoAmortizedNormal):
         after them already standardise).
     :param flow_options: other keyword arguments of :func:`~pyro_cpflow.conditional_cpflow`
         (``logdet``, ``alpha``, ``input_gain``, ``context_quadratic_rank``, tolerances...).
+        Unless ``quadratic_rank`` or ``learn_quadratic`` is given, the flow's quadratic is fixed
+        at :math:`Q = I` (``learn_quadratic=False``): the heads carry every scale. A learned
+        :math:`Q` shares an overall scale with :math:`s(h)`, and on the digits VAE
+        (``experiments/RESULTS.md``, "Amortized guide across seeds") it let one or two of the
+        four latents collapse at every seed (held-out ELBO −141.2, −143.0, −137.6 against
+        −126.4, −129.0, −126.5 with :math:`Q = I`).
 
     A hierarchical model with a global latent: :class:`~pyro_cpflow.AutoCPFlow` (or
     ``AutoNormal``) guides it, this guide the group effects.
@@ -394,6 +402,8 @@ class AutoAmortizedCPFlow(AutoAmortizedNormal):
 
     def _setup_flow(self, context: Tensor) -> None:
         options = {"hidden_dims": self._hidden_dims, **self._flow_options}
+        if "quadratic_rank" not in options:
+            options.setdefault("learn_quadratic", False)
         if self._num_blocks == 1:
             flow = conditional_cpflow(self.latent_dim, self.context_dim, **options)
         else:

@@ -21,12 +21,13 @@ __all__ = [
 ]
 
 
-_POTENTIAL_OPTIONS = ("initial_scale", "initial_factor_std")
+_POTENTIAL_OPTIONS = ("initial_scale", "initial_factor_std", "learn_quadratic")
 
 
 def _split_options(input_dim: int, alpha: float, quadratic_rank: int | None, options: dict) -> dict:
     """Pop the :class:`~pyro_cpflow.potential.ConvexPotential` options out of ``options``."""
-    rank = min(input_dim, 64) if quadratic_rank is None else quadratic_rank
+    default_rank = min(input_dim, 64) if options.get("learn_quadratic", True) else 0
+    rank = default_rank if quadratic_rank is None else quadratic_rank
     potential = {"input_dim": input_dim, "alpha": alpha, "quadratic_rank": rank}
     potential.update({key: options.pop(key) for key in _POTENTIAL_OPTIONS if key in options})
     return potential
@@ -49,10 +50,11 @@ def cpflow(
     :param augmented: input-augmented ICNN (Huang et al. 2021, eq. 7).
     :param activation: ``"gaussian_softplus"`` or ``"softplus"``.
     :param alpha: strong-convexity floor of the potential.
-    :param quadratic_rank: columns of the learnable factor ``L`` (default ``min(d, 64)``).
+    :param quadratic_rank: columns of the learnable factor ``L`` (default ``min(d, 64)``; 0 with
+        ``learn_quadratic=False``).
     :param input_gain: initial sharpness of the network's input features (see
         :class:`~pyro_cpflow.nn.ICNN`); it assumes roughly standardised inputs.
-    :param options: ``initial_scale`` and ``initial_factor_std`` of
+    :param options: ``initial_scale``, ``initial_factor_std`` and ``learn_quadratic`` of
         :class:`~pyro_cpflow.potential.ConvexPotential`, and the
         :class:`~pyro_cpflow.options.FlowOptions` (``logdet``, tolerances...).
 

@@ -265,10 +265,16 @@ class ConvexPotential(PackedParameters):
         :math:`L \sqrt r`, so that :math:`L L^\top \approx` ``initial_factor_std**2 * I``.
     :param context_terms: optional :class:`ContextQuadratic` adding context-dependent
         quadratic and linear terms (conditional potentials only).
+    :param learn_quadratic: ``False`` fixes :math:`Q = I` (:math:`\beta = 1 - \alpha`, no
+        :math:`L`; ``quadratic_rank`` must be 0): for a flow followed by learned scales that
+        would otherwise share an overall scale with :math:`Q`
+        (:class:`~pyro_cpflow.AutoAmortizedCPFlow`, where that shared scale let latents
+        collapse: ``experiments/RESULTS.md``, "Amortized guide across seeds").
 
     The quadratic starts at :math:`Q \approx I`, so :math:`\nabla F` starts near the
-    identity. ``raw_scale``, ``raw_beta``, ``factor`` and ``shift`` are views of one packed
-    parameter (:class:`~pyro_cpflow.packing.PackedParameters`), each its own state-dict entry.
+    identity. ``raw_scale``, ``raw_beta`` (when learned), ``factor`` and ``shift`` are views of
+    one packed parameter (:class:`~pyro_cpflow.packing.PackedParameters`), each its own
+    state-dict entry.
 
     >>> from pyro_cpflow.nn import ICNN
     >>> potential = ConvexPotential(ICNN(3, [8, 8]), 3)
@@ -286,26 +292,33 @@ class ConvexPotential(PackedParameters):
         initial_scale: float = 0.1,
         initial_factor_std: float = 0.3,
         context_terms: ContextQuadratic | None = None,
+        learn_quadratic: bool = True,
     ) -> None:
         super().__init__()
         if not alpha > 0:
             raise ValueError(f"alpha must be positive (it bounds the Hessian below), got {alpha}")
-        rank = input_dim if quadratic_rank is None else quadratic_rank
+        rank = (input_dim if learn_quadratic else 0) if quadratic_rank is None else quadratic_rank
         if not 0 <= rank <= input_dim:
             raise ValueError(f"quadratic_rank must lie in [0, {input_dim}], got {rank}")
+        if not learn_quadratic and rank:
+            raise ValueError(f"learn_quadratic=False fixes Q = I: quadratic_rank must be 0, got {rank}")
+        if not alpha < 1 and not learn_quadratic:
+            raise ValueError(f"learn_quadratic=False fixes Q = I, which needs alpha < 1, got {alpha}")
         self.network = network
         self.input_dim = input_dim
         self.alpha = float(alpha)
+        self.learn_quadratic = bool(learn_quadratic)
         start_beta = max(1.0 - alpha - (initial_factor_std**2 if rank else 0.0), 1e-3)
         factor = torch.randn(input_dim, rank) * (initial_factor_std / math.sqrt(max(rank, 1)))
-        self.pack(
-            {
-                "raw_scale": torch.tensor(inverse_softplus(initial_scale)),
-                "raw_beta": torch.tensor(inverse_softplus(start_beta)),
-                "factor": factor,
-                "shift": torch.zeros(input_dim),
-            }
-        )
+        tensors = {
+            "raw_scale": torch.tensor(inverse_softplus(initial_scale)),
+            "raw_beta": torch.tensor(inverse_softplus(start_beta)),
+            "factor": factor,
+            "shift": torch.zeros(input_dim),
+        }
+        if not learn_quadratic:
+            del tensors["raw_beta"]
+        self.pack(tensors)
         self.context_terms = context_terms
 
     @property
@@ -315,7 +328,11 @@ class ConvexPotential(PackedParameters):
 
     @property
     def raw_beta(self) -> Tensor:
-        """The raw (unconstrained) :math:`\\beta`, a view of ``packed``."""
+        """The raw (unconstrained) :math:`\\beta`, a view of ``packed`` (when it is learned)."""
+        if not self.learn_quadratic:
+            raise RuntimeError(
+                "raw_beta: this potential's quadratic is fixed at Q = I (learn_quadratic=False)"
+            )
         return self.view("raw_beta")
 
     @property
@@ -335,7 +352,9 @@ class ConvexPotential(PackedParameters):
 
     @property
     def beta(self) -> Tensor:
-        """:math:`\\beta`, the learnable isotropic curvature above the floor."""
+        """:math:`\\beta`, the isotropic curvature above the floor (``1 - alpha`` when fixed)."""
+        if not self.learn_quadratic:
+            return self.shift.new_tensor(1.0 - self.alpha)
         return F.softplus(self.raw_beta)
 
     @torch.no_grad()
@@ -355,6 +374,10 @@ class ConvexPotential(PackedParameters):
                 [0.5000, 1.0000]], grad_fn=<...>)
         """
         d, rank = self.input_dim, self.factor.shape[1]
+        if not self.learn_quadratic:
+            raise ValueError(
+                "set_quadratic: this potential's quadratic is fixed at Q = I (learn_quadratic=False)"
+            )
         if matrix.shape != (d, d):
             raise ValueError(f"matrix must have shape ({d}, {d}), got {tuple(matrix.shape)}")
         eigenvalues, vectors = torch.linalg.eigh((matrix + matrix.mT) / 2)
@@ -382,7 +405,10 @@ class ConvexPotential(PackedParameters):
         if with_context and self.context_terms is not None:
             context_factor, context_diagonal, context_shift = self.context_terms.terms(context)
             shift = shift + context_shift
-        coefficient = self.alpha + F.softplus(parameters["raw_beta"])
+        if "raw_beta" in parameters:
+            coefficient = self.alpha + F.softplus(parameters["raw_beta"])
+        else:  # fixed: alpha + (1 - alpha)
+            coefficient = parameters["shift"].new_tensor(1.0)
         return QuadraticTerms(coefficient, parameters["factor"], shift, context_factor, context_diagonal)
 
     def evaluate(self, x: Tensor, context: Tensor | None = None, derivatives: bool = True) -> PotentialTrace:
@@ -403,7 +429,8 @@ class ConvexPotential(PackedParameters):
         return PotentialTrace(network, self._quadratic_terms(parameters, context))
 
     def extra_repr(self) -> str:
-        return f"input_dim={self.input_dim}, alpha={self.alpha}, quadratic_rank={self.factor.shape[1]}"
+        fixed = "" if self.learn_quadratic else ", learn_quadratic=False"
+        return f"input_dim={self.input_dim}, alpha={self.alpha}, quadratic_rank={self.factor.shape[1]}{fixed}"
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """:math:`F(x)` for ``x`` of shape ``(N, d)`` (and ``context`` ``(N, c)``); returns ``(N,)``."""
