@@ -341,8 +341,9 @@ class AutoAmortizedCPFlow(AutoAmortizedNormal):
         at :math:`Q = I` (``learn_quadratic=False``): the heads carry every scale. A learned
         :math:`Q` shares an overall scale with :math:`s(h)`, and on the digits VAE
         (``experiments/RESULTS.md``, "Amortized guide across seeds") it let one or two of the
-        four latents collapse at every seed (held-out ELBO −141.2, −143.0, −137.6 against
-        −126.4, −129.0, −126.5 with :math:`Q = I`).
+        four latents collapse at every seed (held-out ELBO −141.18, −143.01, −137.61 against
+        −126.30, −129.05, −126.49 with :math:`Q = I`; the amortized Gaussian −124.97, −126.72,
+        −130.44).
 
     A hierarchical model with a global latent: :class:`~pyro_cpflow.AutoCPFlow` (or
     ``AutoNormal``) guides it, this guide the group effects.
