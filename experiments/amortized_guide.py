@@ -124,7 +124,7 @@ def build_guide(name: str, vae: DigitsVAE, args: argparse.Namespace) -> Any:
             vae.model,
             encoder=encoder(args.hidden, args.context_dim),
             hidden_dims=(args.flow_hidden,) * args.flow_layers,
-            **({"learn_quadratic": True} if args.learn_quadratic else {}),
+            learn_quadratic=args.learn_quadratic,
             **amortized,
         )
     if name == "AutoAmortizedNormal":

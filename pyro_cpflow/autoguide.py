@@ -257,9 +257,10 @@ class AutoCPFlow(AutoContinuous):
                 f"{', '.join(misplaced)} only apply to structure='hierarchical' (a model with latent "
                 "sites outside and inside plates); this guide built the joint structure"
             )
-        self.affine = self._affine if self._affine != "auto" else "diagonal"
-        if self._affine == "auto" and self.structure == "joint":
-            self.affine = "triangular"
+        if self._affine == "auto":
+            self.affine = "triangular" if self.structure == "joint" else "diagonal"
+        else:
+            self.affine = self._affine
         options = {"hidden_dims": self._hidden_dims, **self._flow_options}
         if self.affine == "triangular" and self.structure == "joint":
             options.setdefault("quadratic_rank", min(TRIANGULAR_QUADRATIC_RANK, self.latent_dim))

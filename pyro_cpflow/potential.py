@@ -405,7 +405,7 @@ class ConvexPotential(PackedParameters):
         if with_context and self.context_terms is not None:
             context_factor, context_diagonal, context_shift = self.context_terms.terms(context)
             shift = shift + context_shift
-        if "raw_beta" in parameters:
+        if self.learn_quadratic:
             coefficient = self.alpha + F.softplus(parameters["raw_beta"])
         else:  # fixed: alpha + (1 - alpha)
             coefficient = parameters["shift"].new_tensor(1.0)
