@@ -245,6 +245,7 @@ def lanczos_conjugate_gradient(
     rtol: float = 1e-6,
     max_iter: int | None = None,
     check_every: int = 1,
+    first_product: Tensor | None = None,
 ) -> CGResult:
     r"""CG on :math:`A_i w_i = u_i` in lock-step, with the Lanczos matrices of its coefficients.
 
@@ -274,6 +275,8 @@ def lanczos_conjugate_gradient(
     :param max_iter: default ``2 d``.
     :param check_every: as for :func:`conjugate_gradient` (``0``: exactly ``max_iter`` steps,
         no host synchronisation).
+    :param first_product: :math:`A_i u_i`, when the caller has it already: the first step
+        then costs no product.
     :returns: a :class:`CGResult` with ``lanczos`` set; ``iterations`` counts the steps each
         sample needed.
 
@@ -300,7 +303,7 @@ def lanczos_conjugate_gradient(
     for iteration in range(max_iter):
         if check_every and iteration % check_every == 0 and not bool((inner > tolerance_sq).any()):
             break
-        product = matvec(direction)
+        product = first_product if iteration == 0 and first_product is not None else matvec(direction)
         step = inner / (direction * product).sum(-1).clamp_min(tiny)
         solution.addcmul_(step[:, None], direction)
         residual.addcmul_(step[:, None], product, value=-1.0)
@@ -476,7 +479,9 @@ def stochastic_logdet(
     + \mathrm{tr}(Q^{-1}\partial Q) = \partial \log\det H`: the stochastic part estimates only
     :math:`\partial\log\det(Q^{-1}H)`, which vanishes where the network term does, and the
     quadratic's share is exact. Memory does not grow with the CG iterations: the products
-    inside CG are constants, one product with a graph forms :math:`s`.
+    inside CG are constants, one product with a graph forms :math:`s`. That product, :math:`Hv`,
+    is formed first, because it also gives CG's first step for free:
+    :math:`A\varepsilon = S^{-1} H S^{-\top}\varepsilon = S^{-1}(Hv)`.
 
     Without a preconditioner, :math:`S = I`: :math:`s = w^\top H v` with :math:`v = \varepsilon`.
     The value is exact in expectation up to the quadrature error, which is small once CG
@@ -512,19 +517,28 @@ def stochastic_logdet(
     results, conditions = [], []
     for _ in range(num_probes):
         probe = rademacher(x.shape, x)
+        first_product = None
+        if surrogate is not None:  # v = S^-T eps and H v first: H v is also CG's first product
+            direction = probe if unwhiten is None else unwhiten(probe)
+            product = trace.hvp(direction)
+            first_product = product.detach()
+            if preconditioner is not None:
+                first_product = preconditioner.whiten(first_product)
         result = lanczos_conjugate_gradient(
-            operator, probe, rtol=rtol, max_iter=max_iter, check_every=check_every
+            operator,
+            probe,
+            rtol=rtol,
+            max_iter=max_iter,
+            check_every=check_every,
+            first_product=first_product,
         )
         results.append(result)
         quadrature, condition = _quadrature_and_condition(result.lanczos)  # type: ignore[arg-type]
         value = value + quadrature
         conditions.append(condition)
         if surrogate is not None:
-            if unwhiten is None:
-                solution, direction = result.solution, probe
-            else:  # one solve for both: w = S^-T w_hat, v = S^-T eps
-                solution, direction = unwhiten(torch.cat([result.solution, probe])).split(n)
-            surrogate = surrogate + (solution * trace.hvp(direction)).sum(-1)
+            solution = result.solution if unwhiten is None else unwhiten(result.solution)  # w = S^-T w_hat
+            surrogate = surrogate + (solution * product).sum(-1)
             if preconditioner is not None:
                 surrogate = surrogate - (direction * preconditioner.matvec(direction)).sum(-1)
     value = value / num_probes

@@ -168,6 +168,25 @@ def test_lockstep_cg_counts_and_cuts_per_sample_and_can_run_without_syncs():
     assert not bool(broken.converged[torch.arange(20) != 3].any())
 
 
+def test_lockstep_cg_takes_a_known_first_product_and_saves_that_product():
+    a = _spd_batch(20, 8, condition=100.0)
+    b = torch.randn(20, 8)
+    products = []
+
+    def counted(v):
+        products.append(v)
+        return _matvec(a)(v)
+
+    plain = lanczos_conjugate_gradient(counted, b, rtol=1e-10, max_iter=40)
+    used = len(products)
+    products.clear()
+    reused = lanczos_conjugate_gradient(counted, b, rtol=1e-10, max_iter=40, first_product=_matvec(a)(b))
+    assert len(products) == used - 1
+    assert torch.equal(reused.iterations, plain.iterations)
+    assert torch.allclose(reused.solution, plain.solution, atol=1e-12)
+    assert torch.allclose(lanczos_quadrature(reused.lanczos), lanczos_quadrature(plain.lanczos), atol=1e-10)
+
+
 def test_samples_that_stop_early_keep_a_closed_quadrature():
     """A probe in a 2-d invariant subspace converges in 2 iterations, next to samples that need 6."""
     a = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])).repeat(3, 1, 1)
