@@ -159,11 +159,19 @@ def _stack_options(kwargs: dict) -> StackOptions:
     return StackOptions(**values)
 
 
-def cpflow_stack(input_dim: int, num_blocks: int, actnorm: str = "between", **kwargs) -> CPFlowStack:
+def cpflow_stack(
+    input_dim: int,
+    num_blocks: int,
+    actnorm: str = "between",
+    block_hidden_dims: Sequence[Sequence[int]] | None = None,
+    **kwargs,
+) -> CPFlowStack:
     """``num_blocks`` CP-Flow blocks with data-initialised :class:`ActNorm` layers.
 
     :param actnorm: ``"between"`` the blocks (default), ``"around"`` them (also before the
         first and after the last, as in the reference VAE code) or ``"none"``.
+    :param block_hidden_dims: the ``hidden_dims`` of each block, when the blocks differ
+        (``num_blocks`` sequences; without it, ``hidden_dims`` serves every block).
 
     Other keyword arguments go to :func:`cpflow`, except ``refine_max_iter``, which goes
     with ``inverse_tol`` and ``on_failure`` to the stack's own
@@ -175,9 +183,24 @@ def cpflow_stack(input_dim: int, num_blocks: int, actnorm: str = "between", **kw
     >>> stack = cpflow_stack(2, num_blocks=2, hidden_dims=(8, 8))
     >>> [type(t).__name__ for t in stack]
     ['CPFlow', 'ActNorm', 'CPFlow']
+    >>> uneven = cpflow_stack(2, num_blocks=2, block_hidden_dims=[(16, 16, 16), (8, 8)])
+    >>> [t.potential.network.hidden_dims for t in uneven if isinstance(t, CPFlow)]
+    [(16, 16, 16), (8, 8)]
     """
     options = _stack_options(kwargs)
-    blocks = [cpflow(input_dim, **kwargs) for _ in range(num_blocks)]
+    if block_hidden_dims is None:
+        widths: list[dict] = [{}] * num_blocks
+    else:
+        if "hidden_dims" in kwargs:
+            raise ValueError(
+                "pass either hidden_dims (every block) or block_hidden_dims (each block), not both"
+            )
+        widths = [{"hidden_dims": tuple(dims)} for dims in block_hidden_dims]
+        if len(widths) != num_blocks:
+            raise ValueError(
+                f"block_hidden_dims must hold one sequence per block ({num_blocks}), got {len(widths)}"
+            )
+    blocks = [cpflow(input_dim, **width, **kwargs) for width in widths]
     return CPFlowStack(_with_actnorm(blocks, input_dim, actnorm), cache_size=1, options=options)
 
 

@@ -191,6 +191,31 @@ def test_stack_options_are_validated_and_shared():
     assert other.options.inverse_tol == 1e-6
 
 
+def test_stack_blocks_of_different_widths():
+    """``block_hidden_dims`` gives each block its own network; the stack is still a flow:
+    log-det against slogdet of the autograd Jacobian of the whole map, inverse round trip."""
+    stack = cpflow_stack(D, num_blocks=2, block_hidden_dims=[(12, 12, 12), (6, 6)], logdet="exact")
+    blocks = [t for t in stack if isinstance(t, CPFlow)]
+    assert [b.potential.network.hidden_dims for b in blocks] == [(12, 12, 12), (6, 6)]
+    with torch.no_grad():
+        for name, p in stack.named_parameters():
+            if "loc" not in name and "log_scale" not in name:
+                p.add_(0.5 * torch.randn_like(p))
+    x = torch.randn(5, D)
+    y = stack(x)
+    jacobians = torch.stack(
+        [torch.autograd.functional.jacobian(lambda r: stack(r[None])[0], row) for row in x]
+    )
+    assert torch.allclose(stack.log_abs_det_jacobian(x, y), torch.linalg.slogdet(jacobians)[1], atol=1e-8)
+    stack.clear_cache()
+    with torch.no_grad():
+        assert torch.allclose(stack.inv(y), x, atol=1e-7)
+    with pytest.raises(ValueError, match="block_hidden_dims must hold one sequence per block"):
+        cpflow_stack(D, num_blocks=3, block_hidden_dims=[(8,), (8,)])
+    with pytest.raises(ValueError, match="either hidden_dims"):
+        cpflow_stack(D, num_blocks=2, hidden_dims=(8,), block_hidden_dims=[(8,), (8,)])
+
+
 def test_stack_cache_follows_stack_options_and_in_place_edits():
     stack = _randomized_stack(data_scale=1.0)
     y = torch.randn(5, D)
