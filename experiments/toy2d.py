@@ -88,15 +88,27 @@ def _interleave(layers: Sequence[nn.Module], dim: int) -> T.ComposeTransformModu
 
 
 def cpflow_model(
-    dim: int, gain: float, blocks: int = 1, hidden_dims: Sequence[int] = (112, 112), **options: Any
+    dim: int,
+    gain: float,
+    blocks: int = 1,
+    hidden_dims: Sequence[int] = (112, 112),
+    last_block_hidden_dims: Sequence[int] | None = None,
+    **options: Any,
 ) -> nn.Module:
     """``ActNorm``, then one CP-Flow block (``blocks=1``) or a :func:`~pyro_cpflow.cpflow_stack`
     of ``blocks`` with ActNorm between them; exact log-dets, networks of input gain ``gain``.
 
-    ``options`` go to :func:`~pyro_cpflow.cpflow` (``activation``, ``alpha``,
-    ``initial_scale``...).
+    Every block has ``hidden_dims``, except the last when ``last_block_hidden_dims`` is given
+    (``blocks >= 2``). ``options`` go to :func:`~pyro_cpflow.cpflow` (``activation``,
+    ``alpha``, ``initial_scale``...).
     """
-    options = dict(hidden_dims=tuple(hidden_dims), logdet="exact", input_gain=gain, **options)
+    options = dict(logdet="exact", input_gain=gain, **options)
+    if last_block_hidden_dims is not None:
+        if blocks < 2:
+            raise ValueError(f"last_block_hidden_dims needs blocks >= 2, got blocks={blocks}")
+        widths = [tuple(hidden_dims)] * (blocks - 1) + [tuple(last_block_hidden_dims)]
+        return _standardised(list(cpflow_stack(dim, blocks, block_hidden_dims=widths, **options)), dim)
+    options["hidden_dims"] = tuple(hidden_dims)
     if blocks == 1:
         return _standardised([cpflow(dim, **options)], dim)
     return _standardised(list(cpflow_stack(dim, blocks, **options)), dim)
