@@ -198,3 +198,13 @@ def test_later_variant_fields_keep_the_first_runs_fingerprints():
         if hasattr(m, "raw_scale")
     ]
     assert scales and all(s == pytest.approx(1.0) for s in scales)
+
+
+def test_a_smaller_last_block():
+    name = "CP-Flow (56x4, then 32x3, gain 16, lr 0.08)"
+    assert conv.model_spec(name).endswith("last_block_hidden_dims=(32, 32, 32))")
+    module, _ = conv.build(name, 0)
+    widths = [m.hidden_dims for m in module.modules() if hasattr(m, "hidden_dims")]
+    assert widths == [(56, 56, 56, 56), (32, 32, 32)]
+    with pytest.raises(ValueError, match="last_block_hidden_dims needs blocks >= 2"):
+        conv.toy2d.cpflow_model(2, 16.0, blocks=1, last_block_hidden_dims=(8,))
