@@ -825,6 +825,17 @@ READINGS: dict[str, str] = {
         "standard error on every set) is missed on checkerboard, and on moons it depends on the "
         "held-out set."
     ),
+    "toy2d_convergence_3000_checkerboard.json": (
+        "Reading (5 seeds, 3000 steps). Three blocks of 64x2 (7530 parameters; at 1500 steps, seed "
+        "0, the ablations' best CP-Flow on checkerboard) are level with NSF at 3000 steps: -3.5536 ± "
+        "0.0047 against -3.5531 ± 0.0104, paired per seed -0.0005 ± 0.0128 (on the fresh held-out "
+        "sets -0.0033 ± 0.0134). Two blocks of 56x3 trail by 0.012 at either peak rate (0.08: "
+        "-3.5654 ± 0.0042; 0.04: -3.5642 ± 0.0022), so the rate is not what the longer budget "
+        "needs, the third block is. Not run: three blocks at 3000 steps on the other five sets (at "
+        "1500 steps they were behind two blocks on moons, -2.4078 ± 0.0002 against -2.4071 ± 0.0011 "
+        "over three seeds), which a full run at this budget, about two hours of one core, would "
+        "need."
+    ),
     "toy2d_convergence.json": (
         "Reading (10 seeds). With two blocks of 56x3 CP-Flow has the best mean on five sets, ahead of"
         " the best other model by 0.017 on 8gaussians (NAF), 0.022 on checkerboard (NSF), 0.119 on "
