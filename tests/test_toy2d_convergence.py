@@ -92,9 +92,12 @@ def test_the_finished_models_are_scored_again_on_fresh_held_out_sets(quick_run):
         for seed, run in entry["models"][model_name]["seeds"].items():
             assert _finite(run["fresh_test_loglik"]) and run["fresh_test_loglik"] != run["test_loglik"]
             replay = {"datasets": {"moons": {"models": {model_name: {"seeds": {seed: {}}}}}}}
-            conv.fresh_held_out_scores(
-                replay, [("moons", model_name, int(seed))], tmp_path / "runs", settings["n_test"]
-            )
+            fresh = {
+                "moons": conv.held_out_set(
+                    "moons", settings["n_test"], torch.float64, conv.FRESH_HELD_OUT_SEED
+                )
+            }
+            conv.fresh_held_out_scores(replay, [("moons", model_name, int(seed))], tmp_path / "runs", fresh)
             assert (
                 replay["datasets"]["moons"]["models"][model_name]["seeds"][seed]["fresh_test_loglik"]
                 == run["fresh_test_loglik"]
