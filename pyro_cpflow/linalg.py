@@ -289,6 +289,10 @@ def lanczos_conjugate_gradient(
         raise ValueError(f"rhs must have shape (N, d), got {tuple(rhs.shape)}")
     if check_every < 0:
         raise ValueError(f"check_every must be >= 0, got {check_every}")
+    if first_product is not None and first_product.shape != rhs.shape:
+        raise ValueError(
+            f"first_product must have the shape of rhs {tuple(rhs.shape)}, got {tuple(first_product.shape)}"
+        )
     max_iter = 2 * rhs.shape[1] if max_iter is None else max_iter
     tiny = torch.finfo(rhs.dtype).tiny
     solution = torch.zeros_like(rhs)

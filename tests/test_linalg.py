@@ -185,6 +185,8 @@ def test_lockstep_cg_takes_a_known_first_product_and_saves_that_product():
     assert torch.equal(reused.iterations, plain.iterations)
     assert torch.allclose(reused.solution, plain.solution, atol=1e-12)
     assert torch.allclose(lanczos_quadrature(reused.lanczos), lanczos_quadrature(plain.lanczos), atol=1e-10)
+    with pytest.raises(ValueError, match="first_product must have the shape of rhs"):
+        lanczos_conjugate_gradient(counted, b, first_product=b[:3])
 
 
 def test_samples_that_stop_early_keep_a_closed_quadrature():
