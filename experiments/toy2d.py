@@ -179,15 +179,20 @@ def build_model(
 # ---------------------------------------------------------------------- evaluation
 
 
-def _chunked_log_prob(distribution: dist.Distribution, x: Tensor, chunk: int = 4096) -> Tensor:
+def pointwise_loglik(distribution: dist.Distribution, x: Tensor, chunk: int = 4096) -> Tensor:
+    """The log-likelihood of each point of ``x`` (no graph; in chunks of ``chunk`` points)."""
     with torch.no_grad():
         return torch.cat([distribution.log_prob(part).detach() for part in x.split(chunk)])
 
 
+def mean_and_stderr_of(values: Tensor) -> tuple[float, float]:
+    """The mean of per-point log-likelihoods and its standard error over the points."""
+    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
+
+
 def held_out_loglik(distribution: dist.Distribution, x: Tensor) -> tuple[float, float]:
     """Mean held-out log-likelihood (nats) and its standard error."""
-    values = _chunked_log_prob(distribution, x)
-    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
+    return mean_and_stderr_of(pointwise_loglik(distribution, x))
 
 
 def gaussian_fit(x: Tensor) -> dist.MultivariateNormal:
@@ -202,7 +207,7 @@ def density_grid(
     axis = torch.linspace(-limit, limit, size, device=device, dtype=dtype)
     yy, xx = torch.meshgrid(axis, axis, indexing="ij")
     points = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)
-    return _chunked_log_prob(distribution, points).exp().reshape(size, size).cpu()
+    return pointwise_loglik(distribution, points).exp().reshape(size, size).cpu()
 
 
 # ---------------------------------------------------------------------- experiment

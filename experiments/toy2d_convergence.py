@@ -446,18 +446,95 @@ def train_unit(
     return result
 
 
-def fresh_held_out_scores(
-    record: dict[str, Any], units: Sequence[tuple[str, str, int]], run_dir: Path, fresh: dict[str, Tensor]
-) -> None:
-    """Score every finished unit's model on ``fresh[data set]``, the fresh held-out set
-    (:data:`FRESH_HELD_OUT_SEED`), adding ``fresh_test_loglik`` to its result."""
+Unit = tuple[str, str, int]
+"""``(data set, model, seed)``: one training run."""
+
+
+def pointwise_logliks(
+    run_dir: Path, units: Sequence[Unit], held_out: dict[str, Tensor]
+) -> dict[Unit, Tensor]:
+    """The log-likelihood of each point of ``held_out[data set]`` under every finished unit's
+    model, loaded from its checkpoint in ``run_dir``."""
+    points = {}
     for data_name, model_name, seed in units:
         state = load_checkpoint(unit_path(run_dir, data_name, model_name, seed), map_location="cpu")
         module, distribution = build(model_name, 0)
         module.load_state_dict(state["module"])
-        loglik, stderr = _evaluate(module, distribution, fresh[data_name])
+        module.eval()
+        points[data_name, model_name, seed] = toy2d.pointwise_loglik(distribution, held_out[data_name])
+    return points
+
+
+def fresh_held_out_scores(record: dict[str, Any], fresh_points: dict[Unit, Tensor]) -> None:
+    """Add ``fresh_test_loglik`` (and its standard error over the points) to every unit's
+    result, from its per-point log-likelihoods on the fresh held-out set
+    (:data:`FRESH_HELD_OUT_SEED`, :func:`pointwise_logliks`)."""
+    for (data_name, model_name, seed), values in fresh_points.items():
         result = record["datasets"][data_name]["models"][model_name]["seeds"][str(seed)]
-        result["fresh_test_loglik"], result["fresh_test_loglik_stderr"] = loglik, stderr
+        result["fresh_test_loglik"], result["fresh_test_loglik_stderr"] = toy2d.mean_and_stderr_of(values)
+
+
+def paired_difference(a: Tensor, b: Tensor) -> dict[str, float]:
+    r"""The mean log-likelihood of model ``a`` minus model ``b`` and its standard errors, from
+    per-point values of shape ``(seeds, points)``: the same seeds (training batches) and the
+    same held-out points for both, so the comparison is paired in both.
+
+    With :math:`d_{sx}` the difference at seed :math:`s` and point :math:`x`, the estimate is
+    :math:`\bar d = \frac{1}{SN}\sum_{s,x} d_{sx}`. Its spread over training seeds, the held-out
+    sample fixed, is :math:`\mathrm{sd}_s(\bar d_{s\cdot})/\sqrt{S}`; its spread over held-out
+    samples, the seeds fixed, is :math:`\mathrm{sd}_x(\bar d_{\cdot x})/\sqrt{N}`. Both vary in a
+    replication, so ``stderr`` adds them in quadrature (an interaction term is counted in both,
+    which errs on the wide side).
+
+    Example::
+
+        >>> a, b = torch.zeros(3, 4), torch.tensor([[0.0, 0.0, 0.0, 0.4]]).expand(3, 4)
+        >>> round(paired_difference(a, b)["mean"], 6)
+        -0.1
+    """
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(
+            f"a and b must both have shape (seeds, points); got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
+    difference = a - b
+    seeds, points = difference.shape
+    seed_stderr = float(difference.mean(1).std() / math.sqrt(seeds)) if seeds > 1 else math.nan
+    sample_stderr = float(difference.mean(0).std() / math.sqrt(points))
+    return {
+        "mean": float(difference.mean()),
+        "seed_stderr": seed_stderr,
+        "sample_stderr": sample_stderr,
+        "stderr": math.hypot(seed_stderr, sample_stderr),
+    }
+
+
+def _seed_rows(points: dict[Unit, Tensor], data_name: str, model_name: str, seeds: Sequence[int]) -> Tensor:
+    """A model's per-point values on a data set, one row per seed."""
+    return torch.stack([points[data_name, model_name, s] for s in seeds])
+
+
+def paired_comparisons(
+    record: dict[str, Any], first_points: dict[Unit, Tensor], fresh_points: dict[Unit, Tensor]
+) -> None:
+    """Every CP-Flow model against every other model of each data set (:func:`paired_difference`)
+    on the first held-out set, on the fresh one, and on both pooled, under the data set's
+    ``paired`` key (``"<CP-Flow> | <other>"``)."""
+    for data_name, entry in record["datasets"].items():
+        seeds = sorted({s for d, _, s in first_points if d == data_name})
+        rows = {
+            m: (_seed_rows(first_points, data_name, m, seeds), _seed_rows(fresh_points, data_name, m, seeds))
+            for m in entry["models"]
+        }
+        pairs = {}
+        for cp in (m for m in rows if m.startswith("CP-Flow")):
+            for other in (m for m in rows if not m.startswith("CP-Flow")):
+                (cp_first, cp_fresh), (other_first, other_fresh) = rows[cp], rows[other]
+                pairs[f"{cp} | {other}"] = {
+                    "first": paired_difference(cp_first, other_first),
+                    "fresh": paired_difference(cp_fresh, other_fresh),
+                    "pooled": paired_difference(torch.cat(rows[cp], 1), torch.cat(rows[other], 1)),
+                }
+        entry["paired"] = pairs
 
 
 def density_grid_of(run_dir: Path, data_name: str, model_name: str, seed: int) -> Tensor | None:
@@ -612,6 +689,49 @@ def gap_lines(record: dict[str, Any], key: str = "equal_steps") -> list[str]:
             )
         lines.append(line + ".")
     return lines
+
+
+def _pooled_mean(row: dict[str, Any]) -> float:
+    return (row["equal_steps"]["mean"] + row["fresh"]["mean"]) / 2
+
+
+def _signed(stats: dict[str, float]) -> str:
+    return f"{stats['mean']:+.4f} ± {stats['stderr']:.4f}"
+
+
+def paired_lines(record: dict[str, Any]) -> list[str]:
+    """Per data set: the best CP-Flow against the best other model (each by its mean over both
+    held-out sets), paired by seed and by held-out point (:func:`paired_difference`)."""
+    lines = []
+    for data_name, entry in record["datasets"].items():
+        rows = record["summary"][data_name]["models"]
+        if "paired" not in entry or any("fresh" not in row for row in rows.values()):
+            continue  # runs from before the paired comparisons
+        cp = max((m for m in rows if m.startswith("CP-Flow")), key=lambda m: _pooled_mean(rows[m]))
+        other = max((m for m in rows if not m.startswith("CP-Flow")), key=lambda m: _pooled_mean(rows[m]))
+        pair = entry["paired"][f"{cp} | {other}"]
+        pooled = pair["pooled"]
+        ratio = pooled["mean"] / pooled["stderr"]
+        verdict = (
+            "level (within one standard error)"
+            if abs(ratio) <= 1
+            else f"{'ahead' if ratio > 0 else 'behind'} by {abs(ratio):.1f} standard errors"
+        )
+        lines.append(
+            f"* {data_name}: {cp} minus {other}: {_signed(pair['first'])} on the first held-out set, "
+            f"{_signed(pair['fresh'])} on the fresh one, {_signed(pooled)} on both (seeds ± "
+            f"{pooled['seed_stderr']:.4f}, held-out points ± {pooled['sample_stderr']:.4f}): {verdict}."
+        )
+    if not lines:
+        return []
+    return [
+        "Paired differences (nats): the best CP-Flow against the best other model, each chosen by "
+        "its mean over both held-out sets; the same seeds and batches and the same held-out points "
+        "for both, the standard error counting the spread over seeds and over held-out samples:",
+        "",
+        *lines,
+        "",
+    ]
 
 
 def model_rows_table(record: dict[str, Any]) -> str:
@@ -918,6 +1038,7 @@ def markdown_section(
         "",
         *gap_lines(record),
         "",
+        *paired_lines(record),
         *longer_run_lines(record, longer),
         *reading_lines(record)[1:],
         *([""] if reading_lines(record) else []),
@@ -1215,7 +1336,9 @@ def run(
         for d, m, s in units:
             result = train_unit(d, m, s, args, tests[d], unit_path(run_dir, d, m, s), bar)
             record["datasets"][d]["models"][m]["seeds"][str(s)] = result
-    fresh_held_out_scores(record, units, run_dir, fresh)  # where no choice was made
+    fresh_points = pointwise_logliks(run_dir, units, fresh)  # where no choice was made
+    fresh_held_out_scores(record, fresh_points)
+    paired_comparisons(record, pointwise_logliks(run_dir, units, tests), fresh_points)
     record["seconds"] = clock["seconds"]
     runs = [r for d in record["datasets"].values() for e in d["models"].values() for r in e["seeds"].values()]
     record["train_cpu_seconds_total"] = sum(r["train_cpu_seconds"] for r in runs)

@@ -97,7 +97,8 @@ def test_the_finished_models_are_scored_again_on_fresh_held_out_sets(quick_run):
                     "moons", settings["n_test"], torch.float64, conv.FRESH_HELD_OUT_SEED
                 )
             }
-            conv.fresh_held_out_scores(replay, [("moons", model_name, int(seed))], tmp_path / "runs", fresh)
+            unit = ("moons", model_name, int(seed))
+            conv.fresh_held_out_scores(replay, conv.pointwise_logliks(tmp_path / "runs", [unit], fresh))
             assert (
                 replay["datasets"]["moons"]["models"][model_name]["seeds"][seed]["fresh_test_loglik"]
                 == run["fresh_test_loglik"]
@@ -113,6 +114,55 @@ def test_the_finished_models_are_scored_again_on_fresh_held_out_sets(quick_run):
     assert conv._evaluate(module, distribution, test)[0] == pytest.approx(run["test_loglik"], abs=1e-12)
     section = conv.markdown_section(record, tmp_path / "RESULTS.md")
     assert "fresh held-out sets" in section and section.count("| moons |") == 3
+
+
+def test_the_paired_comparisons_agree_with_the_recorded_scores(quick_run):
+    """The per-point values behind the paired differences give back, seed by seed, the scores
+    recorded at the last training step and on the fresh sets: the pairs compare those models."""
+    _, record = quick_run
+    entry = record["datasets"]["moons"]
+    pair = entry["paired"][f"{MODELS[0]} | {MODELS[1]}"]
+    assert list(entry["paired"]) == [f"{MODELS[0]} | {MODELS[1]}"]
+    runs = [entry["models"][m]["seeds"] for m in MODELS]
+    for held_out, key in (("first", "test_loglik"), ("fresh", "fresh_test_loglik")):
+        per_seed = [runs[0][s][key] - runs[1][s][key] for s in ("0", "1")]
+        assert pair[held_out]["mean"] == pytest.approx(sum(per_seed) / 2, abs=1e-10)
+        assert pair[held_out]["seed_stderr"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2, rel=1e-6)
+        stats = pair[held_out]
+        assert stats["stderr"] == pytest.approx(math.hypot(stats["seed_stderr"], stats["sample_stderr"]))
+    pooled = pair["pooled"]
+    assert pooled["mean"] == pytest.approx((pair["first"]["mean"] + pair["fresh"]["mean"]) / 2, abs=1e-10)
+    assert pooled["sample_stderr"] < min(pair["first"]["sample_stderr"], pair["fresh"]["sample_stderr"])
+    assert "Paired differences" in conv.markdown_section(record, Path("RESULTS.md"))
+
+
+def test_the_paired_standard_error_matches_the_spread_over_replications():
+    """Replicate a comparison many times, each with new training seeds (a random offset per
+    seed) and a new held-out sample (two Gaussian models scored on Gaussian data): the
+    standard errors of :func:`paired_difference` match the spread of its mean, each term alone
+    and both together."""
+    generator = torch.Generator().manual_seed(0)
+    normal_a = torch.distributions.Normal(0.0, 1.0)
+    normal_b = torch.distributions.Normal(0.3, 1.5)
+
+    def replicate(seed_spread: float, sample: bool, points: torch.Tensor) -> dict[str, float]:
+        x = torch.randn(500, generator=generator) if sample else points
+        offsets = seed_spread * torch.randn(5, 1, generator=generator)
+        a = normal_a.log_prob(x).expand(5, -1) + offsets
+        return conv.paired_difference(a, normal_b.log_prob(x).expand(5, -1))
+
+    fixed = torch.randn(500, generator=generator)
+    for seed_spread, sample, term in (
+        (0.05, False, "seed_stderr"),
+        (0.0, True, "sample_stderr"),
+        (0.03, True, "stderr"),
+    ):
+        results = [replicate(seed_spread, sample, fixed) for _ in range(2000)]
+        means = torch.tensor([r["mean"] for r in results])
+        estimated = sum(r[term] for r in results) / len(results)
+        assert means.std().item() == pytest.approx(estimated, rel=0.08), term
+    with pytest.raises(ValueError, match="shape"):
+        conv.paired_difference(torch.zeros(2, 3), torch.zeros(3, 2))
 
 
 def test_an_interrupted_unit_resumes_exactly(tmp_path):
