@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -343,7 +344,7 @@ def plot_grid(result: ToyResult, path: Path, limit: float) -> Path:
             )
         axes[r, 0].set_ylabel(data_name)
     for c, title in enumerate(["data", *models]):
-        axes[0, c].set_title(title, fontsize=9)
+        axes[0, c].set_title(textwrap.fill(title, 24), fontsize=9)  # long variant names wrap
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
