@@ -134,6 +134,19 @@ def test_the_paired_comparisons_agree_with_the_recorded_scores(quick_run):
     assert pooled["mean"] == pytest.approx((pair["first"]["mean"] + pair["fresh"]["mean"]) / 2, abs=1e-10)
     assert pooled["sample_stderr"] < min(pair["first"]["sample_stderr"], pair["fresh"]["sample_stderr"])
     assert "Paired differences" in conv.markdown_section(record, Path("RESULTS.md"))
+    # an ablation's section lists them too, and with a companion run the choice per data set
+    ablation = {**record, "settings": {**record["settings"], "ablation": True}}
+    section = conv.markdown_section(ablation, Path("RESULTS.md"), companion=record)
+    assert "Paired differences" in section and "chosen per data set" in section
+    (row,) = [line for line in section.splitlines() if line.startswith("| moons | ")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == MODELS[0] and cells[4] == conv._signed(pair["first"])
+    assert cells[5] in ("ahead", "within", "outside")
+    if pair["first"]["mean"] > 0:  # CP-Flow's mean is the higher one
+        assert cells[5] == "ahead"
+    other = {**record, "settings": {**record["settings"], "steps": 32}}
+    with pytest.raises(ValueError, match="steps"):
+        conv.block_choice_lines(ablation, other)
 
 
 def test_the_paired_standard_error_matches_the_spread_over_replications():
