@@ -1051,6 +1051,21 @@ READINGS: dict[str, str] = {
         "the fresh held-out sets, which the choice did not see. The baselines were given one "
         "architecture each (and the best peak rate of a sweep over all sets), not a per-set choice."
     ),
+    "toy2d_convergence_6000_budget_check.json": (
+        "Reading (3 seeds, 6000 steps). The budget doubled again on the two sets that were closest "
+        "at 3000 steps, for the CP-Flow chosen there (one block on moons, three on checkerboard), "
+        "the other CP-Flow and the best baselines. Every model still gains over the same seeds at "
+        "3000 steps: on checkerboard three blocks +0.020, NAF +0.024, NSF +0.035, one block +0.019; "
+        "on moons +0.001 to +0.003. Checkerboard: three blocks are level with NSF, -3.5317 ± 0.0082 "
+        "against -3.5297 ± 0.0079 (paired -0.0020 ± 0.0146; fresh held-out set -0.0041 ± 0.0135), "
+        "their 3000-step lead (+0.008) used up by NSF's larger gain. Moons: one block -2.3996 ± "
+        "0.0001 against NAF's -2.3990 ± 0.0004, paired -0.0006 ± 0.0006 on the first held-out set "
+        "(the gap just outside NAF's standard error over three seeds, within one standard error of "
+        "the paired difference) and +0.0006 ± 0.0006 on the fresh one; three blocks stay 0.0025 "
+        "behind. So the longer budget moves the leaders closer together rather than apart: the "
+        "per-set choice of blocks stays level with the best model on both sets, and the "
+        "checkerboard gains (0.02-0.035 nats) show its sharp edges are not converged for any model."
+    ),
     "toy2d_convergence.json": (
         "Reading (10 seeds). With two blocks of 56x3 CP-Flow has the best mean on five sets, ahead of"
         " the best other model by 0.017 on 8gaussians (NAF), 0.022 on checkerboard (NSF), 0.119 on "
