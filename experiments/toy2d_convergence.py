@@ -717,11 +717,12 @@ def paired_lines(record: dict[str, Any]) -> list[str]:
         pair = entry["paired"][f"{cp} | {other}"]
         pooled = pair["pooled"]
         ratio = pooled["mean"] / pooled["stderr"]
-        verdict = (
-            "level (within one standard error)"
-            if abs(ratio) <= 1
-            else f"{'ahead' if ratio > 0 else 'behind'} by {abs(ratio):.1f} standard errors"
-        )
+        if not math.isfinite(ratio):  # one seed: no spread over seeds
+            verdict = "one seed, no standard error over seeds"
+        elif abs(ratio) <= 1:
+            verdict = "level (within one standard error)"
+        else:
+            verdict = f"{'ahead' if ratio > 0 else 'behind'} by {abs(ratio):.1f} standard errors"
         lines.append(
             f"* {data_name}: {cp} minus {other}: {_signed(pair['first'])} on the first held-out set, "
             f"{_signed(pair['fresh'])} on the fresh one, {_signed(pooled)} on both (seeds ± "

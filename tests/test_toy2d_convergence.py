@@ -134,6 +134,14 @@ def test_the_paired_comparisons_agree_with_the_recorded_scores(quick_run):
     assert pooled["mean"] == pytest.approx((pair["first"]["mean"] + pair["fresh"]["mean"]) / 2, abs=1e-10)
     assert pooled["sample_stderr"] < min(pair["first"]["sample_stderr"], pair["fresh"]["sample_stderr"])
     assert "Paired differences" in conv.markdown_section(record, Path("RESULTS.md"))
+    (line,) = [line for line in conv.paired_lines(record) if line.startswith("* moons")]
+    assert line.endswith(("standard error).", "standard errors."))
+    # one seed has no standard error over seeds: the line says so instead of a ratio of nan
+    one_seed = json.loads(json.dumps(record))
+    for held_out in ("first", "fresh", "pooled"):
+        one_seed["datasets"]["moons"]["paired"][f"{MODELS[0]} | {MODELS[1]}"][held_out]["stderr"] = math.nan
+    (line,) = [line for line in conv.paired_lines(one_seed) if line.startswith("* moons")]
+    assert line.endswith("one seed, no standard error over seeds.") and "nan standard" not in line
     # an ablation's section lists them too, and with a companion run the choice per data set
     ablation = {**record, "settings": {**record["settings"], "ablation": True}}
     section = conv.markdown_section(ablation, Path("RESULTS.md"), companion=record)
