@@ -104,15 +104,13 @@ def cpflow_model(
     ``alpha``, ``initial_scale``...).
     """
     options = dict(logdet="exact", input_gain=gain, **options)
-    if last_block_hidden_dims is not None:
-        if blocks < 2:
-            raise ValueError(f"last_block_hidden_dims needs blocks >= 2, got blocks={blocks}")
-        widths = [tuple(hidden_dims)] * (blocks - 1) + [tuple(last_block_hidden_dims)]
-        return _standardised(list(cpflow_stack(dim, blocks, block_hidden_dims=widths, **options)), dim)
-    options["hidden_dims"] = tuple(hidden_dims)
+    if last_block_hidden_dims is not None and blocks < 2:
+        raise ValueError(f"last_block_hidden_dims needs blocks >= 2, got blocks={blocks}")
     if blocks == 1:
-        return _standardised([cpflow(dim, **options)], dim)
-    return _standardised(list(cpflow_stack(dim, blocks, **options)), dim)
+        return _standardised([cpflow(dim, hidden_dims=tuple(hidden_dims), **options)], dim)
+    last = hidden_dims if last_block_hidden_dims is None else last_block_hidden_dims
+    widths = [tuple(hidden_dims)] * (blocks - 1) + [tuple(last)]
+    return _standardised(list(cpflow_stack(dim, blocks, block_hidden_dims=widths, **options)), dim)
 
 
 _cpflow_one = functools.partial(cpflow_model, blocks=1, hidden_dims=(112, 112))

@@ -456,17 +456,19 @@ Unit = tuple[str, str, int]
 
 
 def pointwise_logliks(
-    run_dir: Path, units: Sequence[Unit], held_out: dict[str, Tensor]
-) -> dict[Unit, Tensor]:
-    """The log-likelihood of each point of ``held_out[data set]`` under every finished unit's
-    model, loaded from its checkpoint in ``run_dir``."""
-    points = {}
+    run_dir: Path, units: Sequence[Unit], held_out_sets: Sequence[dict[str, Tensor]]
+) -> list[dict[Unit, Tensor]]:
+    """The log-likelihood of each point of every ``held_out[data set]`` of ``held_out_sets``
+    under every finished unit's model, each loaded once from its checkpoint in ``run_dir``: one
+    mapping per held-out set, in their order."""
+    points: list[dict[Unit, Tensor]] = [{} for _ in held_out_sets]
     for data_name, model_name, seed in units:
         state = load_checkpoint(unit_path(run_dir, data_name, model_name, seed), map_location="cpu")
         module, distribution = build(model_name, 0)
         module.load_state_dict(state["module"])
         module.eval()
-        points[data_name, model_name, seed] = toy2d.pointwise_loglik(distribution, held_out[data_name])
+        for values, held_out in zip(points, held_out_sets, strict=True):
+            values[data_name, model_name, seed] = toy2d.pointwise_loglik(distribution, held_out[data_name])
     return points
 
 
@@ -687,13 +689,18 @@ def gap_lines(record: dict[str, Any], key: str = "equal_steps") -> list[str]:
         combined = math.hypot(se, rows[cp][key]["stderr"])
         line = f"* {data_name}: {cp} trails {best} by {gap:.3f} nats"
         if math.isfinite(combined):  # standard errors need two seeds or more
-            verdict = "within" if gap <= se else "outside"
+            verdict = _verdict(rows[cp][key], rows[best][key])
             line += (
                 f" ({verdict} the best model's standard error {se:.3f}; "
                 f"{gap / combined:.1f} combined standard errors)"
             )
         lines.append(line + ".")
     return lines
+
+
+def _best(rows: dict[str, Any], cpflow: bool, score: Callable[[dict[str, Any]], float]) -> str:
+    """The CP-Flow model (``cpflow``) or the other model of ``rows`` with the highest ``score``."""
+    return max((m for m in rows if m.startswith("CP-Flow") == cpflow), key=lambda m: score(rows[m]))
 
 
 def _pooled_mean(row: dict[str, Any]) -> float:
@@ -712,8 +719,7 @@ def paired_lines(record: dict[str, Any]) -> list[str]:
         rows = record["summary"][data_name]["models"]
         if "paired" not in entry or any("fresh" not in row for row in rows.values()):
             continue  # runs from before the paired comparisons
-        cp = max((m for m in rows if m.startswith("CP-Flow")), key=lambda m: _pooled_mean(rows[m]))
-        other = max((m for m in rows if not m.startswith("CP-Flow")), key=lambda m: _pooled_mean(rows[m]))
+        cp, other = _best(rows, True, _pooled_mean), _best(rows, False, _pooled_mean)
         pair = entry["paired"][f"{cp} | {other}"]
         pooled = pair["pooled"]
         ratio = pooled["mean"] / pooled["stderr"]
@@ -765,14 +771,10 @@ def block_choice_lines(record: dict[str, Any], companion: dict[str, Any] | None)
     for data_name in record["summary"]:
         models = {**companion["summary"][data_name]["models"], **record["summary"][data_name]["models"]}
         pairs = {**companion["datasets"][data_name]["paired"], **record["datasets"][data_name]["paired"]}
-        cp = max(
-            (m for m in models if m.startswith("CP-Flow")), key=lambda m: models[m]["equal_steps"]["mean"]
-        )
+        cp = _best(models, True, lambda row: row["equal_steps"]["mean"])
         cells = [data_name, cp]
         for key, held_out in (("equal_steps", "first"), ("fresh", "fresh")):
-            other = max(
-                (m for m in models if not m.startswith("CP-Flow")), key=lambda m: models[m][key]["mean"]
-            )
+            other = _best(models, False, lambda row, key=key: row[key]["mean"])
             pair = pairs[f"{cp} | {other}"][held_out]
             cells += [
                 _precise(models[cp][key]),
@@ -1421,8 +1423,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # the default section belongs to the default run; other runs write it under another --section
     if not args.quick and args.results_md and (out == RESULTS_JSON or args.section != TITLE):
         longer = common.read_json(LONGER_JSON) if out == RESULTS_JSON and LONGER_JSON.exists() else None
-        companion = out.with_name(BLOCK_CHOICE_RUNS[out.name]) if out.name in BLOCK_CHOICE_RUNS else None
-        section = markdown_section(record, args.results_md, longer, companion and common.read_json(companion))
+        companion_name = BLOCK_CHOICE_RUNS.get(out.name)
+        companion = common.read_json(out.with_name(companion_name)) if companion_name else None
+        section = markdown_section(record, args.results_md, longer, companion)
         common.replace_markdown_section(args.results_md, args.section, section)
     print(results_table(record, "equal_steps"))
     return record
@@ -1463,9 +1466,9 @@ def run(
         for d, m, s in units:
             result = train_unit(d, m, s, args, tests[d], unit_path(run_dir, d, m, s), bar)
             record["datasets"][d]["models"][m]["seeds"][str(s)] = result
-    fresh_points = pointwise_logliks(run_dir, units, fresh)  # where no choice was made
-    fresh_held_out_scores(record, fresh_points)
-    paired_comparisons(record, pointwise_logliks(run_dir, units, tests), fresh_points)
+    first_points, fresh_points = pointwise_logliks(run_dir, units, [tests, fresh])
+    fresh_held_out_scores(record, fresh_points)  # where no choice was made
+    paired_comparisons(record, first_points, fresh_points)
     record["seconds"] = clock["seconds"]
     runs = [r for d in record["datasets"].values() for e in d["models"].values() for r in e["seeds"].values()]
     record["train_cpu_seconds_total"] = sum(r["train_cpu_seconds"] for r in runs)

@@ -98,7 +98,7 @@ def test_the_finished_models_are_scored_again_on_fresh_held_out_sets(quick_run):
                 )
             }
             unit = ("moons", model_name, int(seed))
-            conv.fresh_held_out_scores(replay, conv.pointwise_logliks(tmp_path / "runs", [unit], fresh))
+            conv.fresh_held_out_scores(replay, conv.pointwise_logliks(tmp_path / "runs", [unit], [fresh])[0])
             assert (
                 replay["datasets"]["moons"]["models"][model_name]["seeds"][seed]["fresh_test_loglik"]
                 == run["fresh_test_loglik"]
