@@ -1424,7 +1424,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.quick and args.results_md and (out == RESULTS_JSON or args.section != TITLE):
         longer = common.read_json(LONGER_JSON) if out == RESULTS_JSON and LONGER_JSON.exists() else None
         companion_name = BLOCK_CHOICE_RUNS.get(out.name)
-        companion = common.read_json(out.with_name(companion_name)) if companion_name else None
+        companion_path = out.with_name(companion_name) if companion_name else None
+        if companion_path is not None and not companion_path.exists():
+            print(
+                f"{companion_path} is missing (its command is in RESULTS.md): the section is written "
+                "without the choice of blocks per data set"
+            )
+            companion_path = None
+        companion = common.read_json(companion_path) if companion_path else None
         section = markdown_section(record, args.results_md, longer, companion)
         common.replace_markdown_section(args.results_md, args.section, section)
     print(results_table(record, "equal_steps"))

@@ -157,6 +157,36 @@ def test_the_paired_comparisons_agree_with_the_recorded_scores(quick_run):
         conv.block_choice_lines(ablation, other)
 
 
+def test_a_missing_companion_run_is_named_and_the_section_written_without_it(quick_run, monkeypatch, capsys):
+    """An ablation whose companion (:data:`BLOCK_CHOICE_RUNS`) is not there yet: the section is
+    written without the per-set choice, and the missing file is named, not a traceback."""
+    tmp_path, record = quick_run
+    ablation = tmp_path / "ablation.json"
+    ablation.write_text(json.dumps({**record, "settings": {**record["settings"], "ablation": True}}))
+    monkeypatch.setitem(conv.BLOCK_CHOICE_RUNS, "ablation.json", "not-run-yet.json")
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Results\n")
+    conv.main(
+        [
+            "--render-only",
+            "--no-figures",
+            "--out",
+            str(ablation),
+            "--run-dir",
+            str(tmp_path / "runs"),
+            "--results-md",
+            str(results_md),
+            "--section",
+            "Ablation",
+        ]
+    )
+    assert f"{tmp_path / 'not-run-yet.json'} is missing" in capsys.readouterr().out
+    section = results_md.read_text()
+    assert (
+        "## Ablation" in section and "Paired differences" in section and "chosen per data set" not in section
+    )
+
+
 def test_the_paired_standard_error_matches_the_spread_over_replications():
     """Replicate a comparison many times, each with new training seeds (a random offset per
     seed) and a new held-out sample (two Gaussian models scored on Gaussian data): the
